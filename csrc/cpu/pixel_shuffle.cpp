@@ -1,0 +1,23 @@
+// CPU implementations of pixel_shuffle / pixel_unshuffle: one parallel permuted copy.
+#include <torch/library.h>
+
+#include "common/pixel_shuffle.h"
+#include "cpu/strided_gather.h"
+#include "ops.h"
+
+namespace vlmkern {
+
+at::Tensor pixel_shuffle_cpu(const at::Tensor& x, int64_t scale) {
+  return pixel_shuffle_impl(x, scale, /*inverse=*/false, cpu_strided_gather);
+}
+
+at::Tensor pixel_unshuffle_cpu(const at::Tensor& y, int64_t scale) {
+  return pixel_shuffle_impl(y, scale, /*inverse=*/true, cpu_strided_gather);
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {
+  m.impl("pixel_shuffle", &pixel_shuffle_cpu);
+  m.impl("pixel_unshuffle", &pixel_unshuffle_cpu);
+}
+
+}  // namespace vlmkern

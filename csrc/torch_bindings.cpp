@@ -1,0 +1,35 @@
+// All vlmkern op schemas (one TORCH_LIBRARY), and the PyInit stub: `import vlmkern._C` loads this
+// library, which runs the registrations; the module also carries what the build compiled.
+#include <Python.h>
+#include <torch/library.h>
+
+// set_python_module applies to the defs after it: it names the module holding their fake kernels.
+TORCH_LIBRARY(vlmkern, m) {
+  m.set_python_module("vlmkern.ops.pixel_shuffle");
+  // x (B, H, W, C) -> (B, H/scale, W/scale, scale*scale*C), InternVL / Idefics3 channel order.
+  m.def("pixel_shuffle(Tensor x, int scale) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // y (B, h, w, scale*scale*C) -> (B, h*scale, w*scale, C): the inverse (and the backward).
+  m.def("pixel_unshuffle(Tensor y, int scale) -> Tensor", {at::Tag::pt2_compliant_tag});
+}
+
+#ifndef VLMKERN_WITH_CUDA
+#define VLMKERN_WITH_CUDA 0
+#define VLMKERN_NVCC_VERSION ""
+#endif
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "vlmkern native ops (registered with torch.library)", -1, nullptr};
+  PyObject* mod = PyModule_Create(&module);
+  if (mod == nullptr) return nullptr;
+  const bool ok = PyModule_AddStringConstant(mod, "version", VLMKERN_VERSION) == 0 &&
+                  PyModule_AddStringConstant(mod, "built_with_torch", VLMKERN_BUILT_WITH_TORCH) == 0 &&
+                  PyModule_AddIntConstant(mod, "cuda_kernels", VLMKERN_WITH_CUDA) == 0 &&
+                  PyModule_AddStringConstant(mod, "cuda_archs", VLMKERN_CUDA_ARCHS_STR) == 0 &&
+                  PyModule_AddStringConstant(mod, "nvcc_version", VLMKERN_NVCC_VERSION) == 0;
+  if (!ok) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}

@@ -1,0 +1,5 @@
+"""nn.Module wrappers over vlmkern ops."""
+
+from .pixel_shuffle import PixelShuffle
+
+__all__ = ["PixelShuffle"]
