@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(abspath $(VENV))/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest hypothesis cmake ninja pybind11 setuptools wheel
+DEPS := numpy pytest hypothesis cmake ninja pybind11 setuptools wheel ruff
 BUILD_LOG := build/build.log
 PYTEST_ARGS ?=
 
@@ -25,8 +25,7 @@ build: venv
 	VLMKERN_PTXAS_VERBOSE=1 $(PY) -m pip install --no-build-isolation --no-deps -v -e . \
 	  > $(BUILD_LOG) 2>&1 || { tail -n 80 $(BUILD_LOG); exit 1; }; \
 	grep -E "^ *vlmkern build:" $(BUILD_LOG) || true; \
-	echo "== ptxas resource report (our kernels)"; \
-	grep -E "ptxas info\s*: (Compiling|Used)|spill" $(BUILD_LOG) | sed -E 's/^ *//' | sort -u || true; \
+	echo "== ptxas resource report (our kernels)"; $(PY) tools/ptxas_report.py $(BUILD_LOG); \
 	echo "== build took $$(( $$(date +%s) - start )) s"
 	@$(PY) -m vlmkern info
 

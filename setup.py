@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -98,7 +98,8 @@ class CMakeBuild(build_ext):
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DVLMKERN_CUDA_ARCHS={archs}",
             ]
-            log(f"CUDA kernels ON (torch {torch.__version__}, CUDA_HOME={cuda_home}, archs {archs})")
+            log(f"CUDA kernels ON (torch {torch.__version__}, CUDA_HOME={cuda_home}, "
+                f"archs {archs})")
         else:
             log(f"CPU-only build: CUDA kernels are NOT compiled ({why_not})")
         env = dict(os.environ, CUDA_HOME=str(find_cuda_home() or ""))
@@ -110,13 +111,7 @@ class CMakeBuild(build_ext):
 setup(
     version=VERSION,
     package_dir={"": "python"},
-    packages=[
-        "vlmkern",
-        "vlmkern.ops",
-        "vlmkern.reference",
-        "vlmkern.nn",
-        "vlmkern.bench",
-    ],
+    packages=find_packages("python"),
     ext_modules=[CMakeExtension("vlmkern._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

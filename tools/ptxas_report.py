@@ -25,7 +25,8 @@ def parse(lines: list[str]) -> list[dict]:
     rows: list[dict] = []
     for line in lines:
         if m := ENTRY.search(line):
-            rows.append({"kernel": m[1], "arch": m[2], "regs": 0, "stack": 0, "spill": 0, "smem": 0})
+            row = {"kernel": m[1], "arch": m[2], "regs": 0, "stack": 0, "spill": 0, "smem": 0}
+            rows.append(row)
         elif rows and (m := USED.search(line)):
             rows[-1]["regs"] = int(m[1])
             if s := SMEM.search(line):

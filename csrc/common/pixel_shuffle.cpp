@@ -1,6 +1,8 @@
 // Argument checks and gather plans for pixel_shuffle / pixel_unshuffle (CPU and CUDA share them).
 #include "common/pixel_shuffle.h"
 
+#include <c10/util/safe_numerics.h>
+
 #include "common/checks.h"
 
 namespace vlmkern {
@@ -11,15 +13,22 @@ std::vector<int64_t> pixel_shuffle_out_sizes(const at::Tensor& input, int64_t sc
   check_rank(input, 4, op, name, inverse ? "(B, h, w, r*r*C)" : "(B, H, W, C)");
   check_movable(input, op, name);
   VLMKERN_CHECK(scale >= 1, op, "scale must be >= 1, got ", scale);
+  VLMKERN_CHECK(scale <= kMaxScale, op, "scale must be <= ", kMaxScale, ", got ", scale);
   const int64_t b = input.size(0), h = input.size(1), w = input.size(2), c = input.size(3);
+  const int64_t rr = scale * scale;
   if (!inverse) {
     VLMKERN_CHECK(h % scale == 0, op, "x height H=", h, " is not divisible by scale=", scale);
     VLMKERN_CHECK(w % scale == 0, op, "x width W=", w, " is not divisible by scale=", scale);
-    return {b, h / scale, w / scale, c * scale * scale};
+    int64_t out_c = 0;
+    VLMKERN_CHECK(!c10::mul_overflows(c, rr, &out_c), op, "x channels C=", c,
+                  " times scale*scale=", rr, " overflows int64");
+    return {b, h / scale, w / scale, out_c};
   }
-  VLMKERN_CHECK(c % (scale * scale) == 0, op, "y channels=", c,
-                " is not divisible by scale*scale=", scale * scale);
-  return {b, h * scale, w * scale, c / (scale * scale)};
+  VLMKERN_CHECK(c % rr == 0, op, "y channels=", c, " is not divisible by scale*scale=", rr);
+  int64_t out_h = 0, out_w = 0;
+  VLMKERN_CHECK(!c10::mul_overflows(h, scale, &out_h) && !c10::mul_overflows(w, scale, &out_w), op,
+                "y grid (", h, ", ", w, ") times scale=", scale, " overflows int64");
+  return {b, out_h, out_w, c / rr};
 }
 
 GatherPlan pixel_shuffle_gather_plan(const at::Tensor& input, int64_t scale, bool inverse,

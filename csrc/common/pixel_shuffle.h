@@ -11,6 +11,9 @@
 
 namespace vlmkern {
 
+// Largest accepted scale factor (keeps scale*scale far from int64 overflow).
+constexpr int64_t kMaxScale = int64_t{1} << 20;
+
 // Checks the arguments and returns the output shape.
 // inverse=false (pixel_shuffle):   x (B, H, W, C)       -> (B, H/r, W/r, r*r*C)
 // inverse=true  (pixel_unshuffle): y (B, h, w, r*r*C)   -> (B, h*r, w*r, C)

@@ -20,4 +20,16 @@ TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {
   m.impl("pixel_unshuffle", &pixel_unshuffle_cpu);
 }
 
+// Quantized tensors reach the shared checks (which reject them by name) instead of a dispatcher
+// "no kernel for QuantizedCPU" error; no data is touched.
+TORCH_LIBRARY_IMPL(vlmkern, QuantizedCPU, m) {
+  m.impl("pixel_shuffle", &pixel_shuffle_cpu);
+  m.impl("pixel_unshuffle", &pixel_unshuffle_cpu);
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, QuantizedCUDA, m) {
+  m.impl("pixel_shuffle", &pixel_shuffle_cpu);
+  m.impl("pixel_unshuffle", &pixel_unshuffle_cpu);
+}
+
 }  // namespace vlmkern

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 
 _ELEMENT_SIZES = (1, 2, 4, 8, 16)
+_MAX_SCALE = 1 << 20  # kMaxScale in csrc/common/pixel_shuffle.h
+_INT64_MAX = (1 << 63) - 1
 
 
 def pixel_shuffle(
@@ -30,6 +32,7 @@ def pixel_shuffle(
         A new contiguous tensor ``(B, H/r, W/r, r²·C)``, or ``(B, N/r², r²·C)`` for 3-D input,
         same dtype and device as ``x``. Differentiable (the backward is :func:`pixel_unshuffle`).
     """
+    _check_scale(scale, "pixel_shuffle")
     if grid is None:
         if x.dim() == 3:
             raise ValueError(
@@ -56,6 +59,7 @@ def pixel_unshuffle(
     Returns:
         A new contiguous ``(B, h·r, w·r, C)``, or ``(B, H·W, C)`` for 3-D input.
     """
+    _check_scale(scale, "pixel_unshuffle")
     if grid is None:
         if y.dim() == 3:
             raise ValueError(
@@ -63,13 +67,16 @@ def pixel_unshuffle(
                 "unshuffled grid"
             )
         return torch.ops.vlmkern.pixel_unshuffle(y, scale)
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"vlmkern.pixel_unshuffle: scale must be an int >= 1, got {scale!r}")
     height, width = _check_grid(y, grid, "pixel_unshuffle", "y", scale)
     batch, _, channels = y.shape
     coarse = y.view(batch, height // scale, width // scale, channels)
     out = torch.ops.vlmkern.pixel_unshuffle(coarse, scale)
     return out.view(batch, height * width, out.shape[-1])
+
+
+def _check_scale(scale: int, op: str) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"vlmkern.{op}: scale must be an int >= 1, got {scale!r}")
 
 
 def _check_grid(
@@ -115,6 +122,10 @@ def _check_common(t: torch.Tensor, scale: int, op: str, name: str, layout: str) 
         lambda: f"vlmkern.{op}: {name} has an unsupported dtype {t.dtype}",
     )
     torch._check(scale >= 1, lambda: f"vlmkern.{op}: scale must be >= 1, got {scale}")
+    torch._check(
+        scale <= _MAX_SCALE,
+        lambda: f"vlmkern.{op}: scale must be <= {_MAX_SCALE}, got {scale}",
+    )
 
 
 @torch.library.register_fake("vlmkern::pixel_shuffle")
@@ -129,6 +140,11 @@ def _pixel_shuffle_fake(x: torch.Tensor, scale: int) -> torch.Tensor:
         w % scale == 0,
         lambda: f"vlmkern.pixel_shuffle: x width W={w} is not divisible by scale={scale}",
     )
+    torch._check(
+        c * scale * scale <= _INT64_MAX,
+        lambda: f"vlmkern.pixel_shuffle: x channels C={c} times scale*scale={scale * scale} "
+        "overflows int64",
+    )
     return x.new_empty((b, h // scale, w // scale, c * scale * scale))
 
 
@@ -140,6 +156,10 @@ def _pixel_unshuffle_fake(y: torch.Tensor, scale: int) -> torch.Tensor:
         c % (scale * scale) == 0,
         lambda: f"vlmkern.pixel_unshuffle: y channels={c} is not divisible by "
         f"scale*scale={scale * scale}",
+    )
+    torch._check(
+        h * scale <= _INT64_MAX and w * scale <= _INT64_MAX,
+        lambda: f"vlmkern.pixel_unshuffle: y grid ({h}, {w}) times scale={scale} overflows int64",
     )
     return y.new_empty((b, h * scale, w * scale, c // (scale * scale)))
 

@@ -8,7 +8,10 @@ import torch
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int, grid: Sequence[int] | None = None) -> torch.Tensor:
-    """``(B, H, W, C)`` → ``(B, H/r, W/r, r²C)``; ``(B, N, C)`` + ``grid=(H, W)`` → ``(B, N/r², r²C)``."""
+    """``(B, H, W, C)`` → ``(B, H/r, W/r, r²C)``.
+
+    With ``grid=(H, W)``: ``(B, N, C)`` → ``(B, N/r², r²C)``.
+    """
     r = scale
     if grid is not None:
         b, _, c = x.shape
