@@ -7,8 +7,12 @@ and autograd in :mod:`vlmkern.ops`; plain-PyTorch ground truth is in :mod:`vlmke
 
 import torch  # noqa: F401  (loads libtorch before our extension)
 
-from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-from . import nn, ops, reference
+from . import (
+    _C,  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    nn,
+    ops,
+    reference,
+)
 from ._build_info import info
 
 __version__: str = _C.version
