@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 namespace vlmkern {
 
 // pixel_shuffle: x (B, H, W, C) -> (B, H/r, W/r, r*r*C); pixel_unshuffle is its inverse.
@@ -10,5 +12,30 @@ at::Tensor pixel_shuffle_cpu(const at::Tensor& x, int64_t scale);
 at::Tensor pixel_unshuffle_cpu(const at::Tensor& y, int64_t scale);
 at::Tensor pixel_shuffle_cuda(const at::Tensor& x, int64_t scale);
 at::Tensor pixel_unshuffle_cuda(const at::Tensor& y, int64_t scale);
+
+// rope: q (B, S, Hq, D), k (B, S, Hk, D) rotated by angles float(positions[freq_axis[f], b, s]) *
+// inv_freq[f] (see common/rope_params.h); rope_backward rotates by -angle; rope_ works in place.
+std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& positions,
+                                            at::ArrayRef<double> inv_freq,
+                                            at::IntArrayRef freq_axis, double scale);
+std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q,
+                                                     const at::Tensor& grad_k,
+                                                     const at::Tensor& positions,
+                                                     at::ArrayRef<double> inv_freq,
+                                                     at::IntArrayRef freq_axis, double scale);
+void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale);
+std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& positions,
+                                             at::ArrayRef<double> inv_freq,
+                                             at::IntArrayRef freq_axis, double scale);
+std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q,
+                                                      const at::Tensor& grad_k,
+                                                      const at::Tensor& positions,
+                                                      at::ArrayRef<double> inv_freq,
+                                                      at::IntArrayRef freq_axis, double scale);
+void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                       at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale);
 
 }  // namespace vlmkern

@@ -10,6 +10,24 @@ TORCH_LIBRARY(vlmkern, m) {
   m.def("pixel_shuffle(Tensor x, int scale) -> Tensor", {at::Tag::pt2_compliant_tag});
   // y (B, h, w, scale*scale*C) -> (B, h*scale, w*scale, C): the inverse (and the backward).
   m.def("pixel_unshuffle(Tensor y, int scale) -> Tensor", {at::Tag::pt2_compliant_tag});
+
+  m.set_python_module("vlmkern.ops.rope");
+  // q (B, S, Hq, D), k (B, S, Hk, D), positions (A, B, S) int; frequency f rotates dims (f, f+R/2)
+  // by float(positions[freq_axis[f]]) * inv_freq[f]: 1D RoPE, Qwen vision 2D RoPE, M-RoPE.
+  m.def(
+      "rope(Tensor q, Tensor k, Tensor positions, float[] inv_freq, int[] freq_axis, "
+      "float scale=1.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // The backward of rope: the same rotation by -angle, applied to the incoming gradients.
+  m.def(
+      "rope_backward(Tensor grad_q, Tensor grad_k, Tensor positions, float[] inv_freq, "
+      "int[] freq_axis, float scale=1.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // In-place rope (inference): rotates q and k where they are.
+  m.def(
+      "rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, float[] inv_freq, int[] freq_axis, "
+      "float scale=1.0) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef VLMKERN_WITH_CUDA

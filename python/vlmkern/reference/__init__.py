@@ -1,5 +1,6 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
+from .rope import mrope, rope, vision_rope
 
-__all__ = ["pixel_shuffle", "pixel_unshuffle"]
+__all__ = ["mrope", "pixel_shuffle", "pixel_unshuffle", "rope", "vision_rope"]

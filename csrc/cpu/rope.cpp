@@ -1,0 +1,126 @@
+// CPU implementations of the table-driven RoPE ops: rope (out of place), rope_ (in place) and
+// rope_backward (rotation by -angle). Parallel over tokens; cos/sin computed once per token in fp32.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/rope.h"
+#include "ops.h"
+
+namespace vlmkern {
+namespace {
+
+template <typename T>
+void rotate_heads(const RopeParams& p, const T* in, T* out, const int64_t* in_st,
+                  const int64_t* out_st, int heads, int64_t b, int64_t s, const float* cs,
+                  const float* sn) {
+  const int half = p.rotary_dim / 2;
+  for (int h = 0; h < heads; ++h) {
+    const T* x = in + b * in_st[0] + s * in_st[1] + h * in_st[2];
+    T* y = out + b * out_st[0] + s * out_st[1] + h * out_st[2];
+    const int64_t xd = in_st[3], yd = out_st[3];
+    for (int f = 0; f < half; ++f) {
+      // fp32 math (fp64 for fp64 inputs, so gradcheck sees a linear map at full precision).
+      using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+      const Acc x1 = static_cast<Acc>(x[f * xd]);
+      const Acc x2 = static_cast<Acc>(x[(f + half) * xd]);
+      // Two rounded products, then a rounded sum: HF's q*cos + rotate_half(q)*sin.
+      const Acc p1 = x1 * cs[f], q1 = x2 * sn[f];
+      const Acc p2 = x2 * cs[f], q2 = x1 * sn[f];
+      y[f * yd] = static_cast<T>(p1 - q1);
+      y[(f + half) * yd] = static_cast<T>(p2 + q2);
+    }
+    if (p.copy_rest) {
+      for (int d = p.rotary_dim; d < p.head_dim; ++d) y[d * yd] = x[d * xd];
+    }
+  }
+}
+
+template <typename T>
+void rope_cpu_kernel(const RopeParams& p) {
+  const int half = p.rotary_dim / 2;
+  const int64_t tokens = p.batch * p.seq;
+  const int64_t work_per_token = int64_t{p.heads_q + p.heads_k} * p.head_dim + 8 * half;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_token, 1));
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> cs(half), sn(half);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / p.seq, s = t - b * p.seq;
+      for (int f = 0; f < half; ++f) {
+        const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
+                            s * p.pos_stride[2];
+        const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
+                                              : static_cast<const int32_t*>(p.positions)[off];
+        const float angle = static_cast<float>(pos) * p.inv_freq[f];
+        cs[f] = std::cos(angle) * p.scale;
+        sn[f] = (p.inverse ? -std::sin(angle) : std::sin(angle)) * p.scale;
+      }
+      rotate_heads<T>(p, static_cast<const T*>(p.q_in), static_cast<T*>(p.q_out), p.q_in_stride,
+                      p.q_out_stride, p.heads_q, b, s, cs.data(), sn.data());
+      rotate_heads<T>(p, static_cast<const T*>(p.k_in), static_cast<T*>(p.k_out), p.k_in_stride,
+                      p.k_out_stride, p.heads_k, b, s, cs.data(), sn.data());
+    }
+  });
+}
+
+void run(const RopeParams& p) {
+  if (p.batch * p.seq == 0) return;
+  switch (p.dtype) {
+    case RopeDtype::kFloat32: return rope_cpu_kernel<float>(p);
+    case RopeDtype::kFloat16: return rope_cpu_kernel<c10::Half>(p);
+    case RopeDtype::kBFloat16: return rope_cpu_kernel<c10::BFloat16>(p);
+    case RopeDtype::kFloat64: return rope_cpu_kernel<double>(p);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_out_of_place(const char* op, const at::Tensor& q,
+                                                     const at::Tensor& k,
+                                                     const at::Tensor& positions,
+                                                     at::ArrayRef<double> inv_freq,
+                                                     at::IntArrayRef freq_axis, double scale,
+                                                     bool inverse) {
+  RopeParams p = make_rope_params(op, q, k, positions, inv_freq, freq_axis, scale, inverse);
+  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
+  set_rope_outputs(p, q_out, k_out);
+  run(p);
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& positions,
+                                            at::ArrayRef<double> inv_freq,
+                                            at::IntArrayRef freq_axis, double scale) {
+  return rope_out_of_place("rope", q, k, positions, inv_freq, freq_axis, scale, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q,
+                                                     const at::Tensor& grad_k,
+                                                     const at::Tensor& positions,
+                                                     at::ArrayRef<double> inv_freq,
+                                                     at::IntArrayRef freq_axis, double scale) {
+  return rope_out_of_place("rope_backward", grad_q, grad_k, positions, inv_freq, freq_axis, scale,
+                           true);
+}
+
+void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale) {
+  RopeParams p = make_rope_params("rope_", q, k, positions, inv_freq, freq_axis, scale, false);
+  set_rope_outputs(p, q, k);
+  run(p);
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {
+  m.impl("rope", &rope_cpu);
+  m.impl("rope_backward", &rope_backward_cpu);
+  m.impl("rope_", &rope_inplace_cpu);
+}
+
+}  // namespace vlmkern
