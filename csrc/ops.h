@@ -37,5 +37,12 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q,
                                                       at::IntArrayRef freq_axis, double scale);
 void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                        at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale);
+// HF calling convention: cos, sin (B or 1, S, R); inverse=true is the backward.
+std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    bool inverse);
+std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& cos, const at::Tensor& sin,
+                                                     bool inverse);
 
 }  // namespace vlmkern

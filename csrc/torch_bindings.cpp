@@ -28,6 +28,14 @@ TORCH_LIBRARY(vlmkern, m) {
       "rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, float[] inv_freq, int[] freq_axis, "
       "float scale=1.0) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // HF's apply_rotary_pos_emb: cos, sin (B or 1, S, R) given; rotates the first R dims of q, k.
+  m.def("rope_cos_sin(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // Its backward in q and k (cos and sin are constants, as HF builds them under no_grad).
+  m.def(
+      "rope_cos_sin_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> "
+      "(Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef VLMKERN_WITH_CUDA

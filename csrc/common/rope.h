@@ -13,6 +13,10 @@ RopeParams make_rope_params(const char* op, const at::Tensor& q, const at::Tenso
                             const at::Tensor& positions, at::ArrayRef<double> inv_freq,
                             at::IntArrayRef freq_axis, double scale, bool inverse);
 
+// HF calling convention: cos, sin (B or 1, S, R) given; rotation over the first R dims of q and k.
+RopeParams make_rope_cos_sin_params(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& cos, const at::Tensor& sin, bool inverse);
+
 // Points the params at the outputs (which may be q and k themselves).
 void set_rope_outputs(RopeParams& p, const at::Tensor& q_out, const at::Tensor& k_out);
 

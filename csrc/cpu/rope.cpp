@@ -20,19 +20,19 @@ template <typename T>
 void rotate_heads(const RopeParams& p, const T* in, T* out, const int64_t* in_st,
                   const int64_t* out_st, int heads, int64_t b, int64_t s, const float* cs,
                   const float* sn) {
+  // fp32 math (fp64 for fp64 inputs, so gradcheck sees a linear map at full precision).
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const int half = p.rotary_dim / 2;
   for (int h = 0; h < heads; ++h) {
     const T* x = in + b * in_st[0] + s * in_st[1] + h * in_st[2];
     T* y = out + b * out_st[0] + s * out_st[1] + h * out_st[2];
     const int64_t xd = in_st[3], yd = out_st[3];
     for (int f = 0; f < half; ++f) {
-      // fp32 math (fp64 for fp64 inputs, so gradcheck sees a linear map at full precision).
-      using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
       const Acc x1 = static_cast<Acc>(x[f * xd]);
       const Acc x2 = static_cast<Acc>(x[(f + half) * xd]);
-      // Two rounded products, then a rounded sum: HF's q*cos + rotate_half(q)*sin.
+      // x*cos + rotate_half(x)*sin: two rounded products, then a rounded sum (as HF).
       const Acc p1 = x1 * cs[f], q1 = x2 * sn[f];
-      const Acc p2 = x2 * cs[f], q2 = x1 * sn[f];
+      const Acc p2 = x2 * cs[f + half], q2 = x1 * sn[f + half];
       y[f * yd] = static_cast<T>(p1 - q1);
       y[(f + half) * yd] = static_cast<T>(p2 + q2);
     }
@@ -42,25 +42,46 @@ void rotate_heads(const RopeParams& p, const T* in, T* out, const int64_t* in_st
   }
 }
 
+// The token's (R,) cos/sin; for the backward (p.inverse) sin is negated with its halves swapped.
+void token_cos_sin(const RopeParams& p, int64_t b, int64_t s, float* cs, float* sn) {
+  const int half = p.rotary_dim / 2;
+  if (p.cos_sin_input) {
+    for (int i = 0; i < p.rotary_dim; ++i) {
+      cs[i] = rope_load_float(p.cos, p.cos_sin_dtype,
+                              b * p.cos_stride[0] + s * p.cos_stride[1] + i * p.cos_stride[2]);
+      const float v = rope_load_float(
+          p.sin, p.cos_sin_dtype, b * p.sin_stride[0] + s * p.sin_stride[1] + i * p.sin_stride[2]);
+      if (p.inverse) {
+        sn[i < half ? i + half : i - half] = -v;
+      } else {
+        sn[i] = v;
+      }
+    }
+    return;
+  }
+  for (int f = 0; f < half; ++f) {
+    const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
+                        s * p.pos_stride[2];
+    const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
+                                          : static_cast<const int32_t*>(p.positions)[off];
+    const float angle = static_cast<float>(pos) * p.inv_freq[f];  // fp32, as HF
+    const float c = std::cos(angle) * p.scale;
+    const float v = (p.inverse ? -std::sin(angle) : std::sin(angle)) * p.scale;
+    cs[f] = cs[f + half] = c;
+    sn[f] = sn[f + half] = v;
+  }
+}
+
 template <typename T>
 void rope_cpu_kernel(const RopeParams& p) {
-  const int half = p.rotary_dim / 2;
   const int64_t tokens = p.batch * p.seq;
-  const int64_t work_per_token = int64_t{p.heads_q + p.heads_k} * p.head_dim + 8 * half;
+  const int64_t work_per_token = int64_t{p.heads_q + p.heads_k} * p.head_dim + 4 * p.rotary_dim;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_token, 1));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> cs(half), sn(half);
+    std::vector<float> cs(p.rotary_dim), sn(p.rotary_dim);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / p.seq, s = t - b * p.seq;
-      for (int f = 0; f < half; ++f) {
-        const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
-                            s * p.pos_stride[2];
-        const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
-                                              : static_cast<const int32_t*>(p.positions)[off];
-        const float angle = static_cast<float>(pos) * p.inv_freq[f];
-        cs[f] = std::cos(angle) * p.scale;
-        sn[f] = (p.inverse ? -std::sin(angle) : std::sin(angle)) * p.scale;
-      }
+      token_cos_sin(p, b, s, cs.data(), sn.data());
       rotate_heads<T>(p, static_cast<const T*>(p.q_in), static_cast<T*>(p.q_out), p.q_in_stride,
                       p.q_out_stride, p.heads_q, b, s, cs.data(), sn.data());
       rotate_heads<T>(p, static_cast<const T*>(p.k_in), static_cast<T*>(p.k_out), p.k_in_stride,
@@ -110,6 +131,17 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q,
                            true);
 }
 
+std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    bool inverse) {
+  const char* op = inverse ? "rope_cos_sin_backward" : "rope_cos_sin";
+  RopeParams p = make_rope_cos_sin_params(op, q, k, cos, sin, inverse);
+  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
+  set_rope_outputs(p, q_out, k_out);
+  run(p);
+  return {q_out, k_out};
+}
+
 void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                       at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale) {
   RopeParams p = make_rope_params("rope_", q, k, positions, inv_freq, freq_axis, scale, false);
@@ -121,6 +153,12 @@ TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {
   m.impl("rope", &rope_cpu);
   m.impl("rope_backward", &rope_backward_cpu);
   m.impl("rope_", &rope_inplace_cpu);
+  m.impl("rope_cos_sin", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                            const at::Tensor& sin) { return rope_cos_sin_cpu(q, k, cos, sin, false); });
+  m.impl("rope_cos_sin_backward", [](const at::Tensor& gq, const at::Tensor& gk,
+                                     const at::Tensor& cos, const at::Tensor& sin) {
+    return rope_cos_sin_cpu(gq, gk, cos, sin, true);
+  });
 }
 
 }  // namespace vlmkern

@@ -48,6 +48,17 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q,
                       true);
 }
 
+std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& cos, const at::Tensor& sin,
+                                                     bool inverse) {
+  const char* op = inverse ? "rope_cos_sin_backward" : "rope_cos_sin";
+  RopeParams p = make_rope_cos_sin_params(op, q, k, cos, sin, inverse);
+  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
+  set_rope_outputs(p, q_out, k_out);
+  run(p, q);
+  return {q_out, k_out};
+}
+
 void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                        at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale) {
   RopeParams p = make_rope_params("rope_", q, k, positions, inv_freq, freq_axis, scale, false);
@@ -59,6 +70,12 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("rope", &rope_cuda);
   m.impl("rope_backward", &rope_backward_cuda);
   m.impl("rope_", &rope_inplace_cuda);
+  m.impl("rope_cos_sin", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                            const at::Tensor& sin) { return rope_cos_sin_cuda(q, k, cos, sin, false); });
+  m.impl("rope_cos_sin_backward", [](const at::Tensor& gq, const at::Tensor& gk,
+                                     const at::Tensor& cos, const at::Tensor& sin) {
+    return rope_cos_sin_cuda(gq, gk, cos, sin, true);
+  });
 }
 
 }  // namespace vlmkern

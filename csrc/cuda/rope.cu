@@ -1,4 +1,4 @@
-// Launches rope_table_kernel: picks the element type and the widest vector V (elements per access,
+// Launches rope_kernel: picks the element type and the widest vector V (elements per access,
 // up to 16 bytes) that every pointer, stride and the half head allow.
 #include "cuda/kernels/rope.cuh"
 #include "cuda/rope.h"
@@ -34,7 +34,7 @@ template <typename T, int V>
 cudaError_t launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t tokens = p.batch * p.seq;
   const unsigned grid = static_cast<unsigned>(tokens < (int64_t{1} << 30) ? tokens : (1 << 30));
-  rope_table_kernel<T, V><<<grid, kRopeThreads, 0, stream>>>(p);
+  rope_kernel<T, V><<<grid, kRopeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,7 @@
-// Device code for the table-driven RoPE (see common/rope_params.h). One block per token (grid-stride
-// over tokens): the block computes cos/sin of the token's rotary_dim/2 angles once into shared
-// memory, then its threads rotate every q and k head of that token, V elements per access from each
-// half of the head. No ATen/torch includes.
+// Device code for RoPE (see common/rope_params.h). One block per token (grid-stride over tokens):
+// the block puts the token's cos/sin in shared memory once (computed from the frequency table, or
+// read from HF-style cos/sin tensors), then its threads rotate every q and k head of that token,
+// V elements per access from each half of the head. No ATen/torch includes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -83,11 +83,13 @@ __device__ __forceinline__ void rope_token_heads(const RopeParams& p, int64_t b,
     }
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      const Acc c = static_cast<Acc>(s_cos[f0 + u]), sn = static_cast<Acc>(s_sin[f0 + u]);
+      const Acc c1 = static_cast<Acc>(s_cos[f0 + u]), s1 = static_cast<Acc>(s_sin[f0 + u]);
+      const Acc c2 = static_cast<Acc>(s_cos[f0 + u + half]);
+      const Acc s2 = static_cast<Acc>(s_sin[f0 + u + half]);
       const Acc a = M::to_acc(x1.v[u]), bb = M::to_acc(x2.v[u]);
-      // HF: q*cos + rotate_half(q)*sin, each product and the sum rounded (no FMA contraction).
-      y1.v[u] = M::from_acc(add_rn(mul_rn(a, c), -mul_rn(bb, sn)));
-      y2.v[u] = M::from_acc(add_rn(mul_rn(bb, c), mul_rn(a, sn)));
+      // HF: x*cos + rotate_half(x)*sin, each product and the sum rounded (no FMA contraction).
+      y1.v[u] = M::from_acc(add_rn(mul_rn(a, c1), -mul_rn(bb, s1)));
+      y2.v[u] = M::from_acc(add_rn(mul_rn(bb, c2), mul_rn(a, s2)));
     }
     if constexpr (V > 1) {
       *reinterpret_cast<Vec*>(y + f0) = y1;
@@ -115,27 +117,54 @@ __device__ __forceinline__ void rope_token_heads(const RopeParams& p, int64_t b,
   }
 }
 
-// q_in/k_in/q_out/k_out: (B, S, H, D) strided (global); positions: (A, B, S) int32/int64.
-template <typename T, int V>
-__global__ void __launch_bounds__(kRopeThreads) rope_table_kernel(const RopeParams p) {
-  __shared__ float s_cos[kMaxRopeFreqs];  // (rotary_dim/2,) fp32, smem, scaled
-  __shared__ float s_sin[kMaxRopeFreqs];  // (rotary_dim/2,) fp32, smem, scaled and signed
+// Fills the token's (R,) cos/sin in shared memory. The backward (p.inverse) rotates by the
+// transpose: cos unchanged, sin negated with its halves swapped (equal halves in table mode).
+__device__ __forceinline__ void rope_token_cos_sin(const RopeParams& p, int64_t b, int64_t s,
+                                                   float* s_cos, float* s_sin) {
   const int half = p.rotary_dim / 2;
+  if (p.cos_sin_input) {
+    for (int i = threadIdx.x; i < p.rotary_dim; i += blockDim.x) {
+      const float c = rope_load_float(
+          p.cos, p.cos_sin_dtype, b * p.cos_stride[0] + s * p.cos_stride[1] + i * p.cos_stride[2]);
+      const float sn = rope_load_float(
+          p.sin, p.cos_sin_dtype, b * p.sin_stride[0] + s * p.sin_stride[1] + i * p.sin_stride[2]);
+      s_cos[i] = c;
+      if (p.inverse) {
+        s_sin[i < half ? i + half : i - half] = -sn;
+      } else {
+        s_sin[i] = sn;
+      }
+    }
+    return;
+  }
+  for (int f = threadIdx.x; f < half; f += blockDim.x) {
+    const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
+                        s * p.pos_stride[2];
+    const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
+                                          : static_cast<const int32_t*>(p.positions)[off];
+    // fp32 angle as HF computes it (float(pos) * inv_freq), accurate sincosf (no fast math).
+    const float angle = __fmul_rn(static_cast<float>(pos), p.inv_freq[f]);
+    float sn, cs;
+    sincosf(angle, &sn, &cs);
+    cs = __fmul_rn(cs, p.scale);
+    sn = __fmul_rn(p.inverse ? -sn : sn, p.scale);
+    s_cos[f] = cs;
+    s_cos[f + half] = cs;
+    s_sin[f] = sn;
+    s_sin[f + half] = sn;
+  }
+}
+
+// q_in/k_in/q_out/k_out: (B, S, H, D) strided (global); positions: (A, B, S) int32/int64;
+// cos/sin (cos_sin_input): (B, S, R) strided (global).
+template <typename T, int V>
+__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
+  __shared__ float s_cos[2 * kMaxRopeFreqs];  // (R,) fp32, smem
+  __shared__ float s_sin[2 * kMaxRopeFreqs];  // (R,) fp32, smem
   const int64_t tokens = p.batch * p.seq;
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const int64_t b = t / p.seq, s = t - b * p.seq;
-    for (int f = threadIdx.x; f < half; f += blockDim.x) {
-      const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
-                          s * p.pos_stride[2];
-      const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
-                                            : static_cast<const int32_t*>(p.positions)[off];
-      // fp32 angle as HF computes it (float(pos) * inv_freq), accurate sincosf (no fast math).
-      const float angle = __fmul_rn(static_cast<float>(pos), p.inv_freq[f]);
-      float sn, cs;
-      sincosf(angle, &sn, &cs);
-      s_cos[f] = __fmul_rn(cs, p.scale);
-      s_sin[f] = __fmul_rn(p.inverse ? -sn : sn, p.scale);
-    }
+    rope_token_cos_sin(p, b, s, s_cos, s_sin);
     __syncthreads();
     rope_token_heads<T, V>(p, b, s, s_cos, s_sin);
     __syncthreads();  // the next token overwrites s_cos / s_sin

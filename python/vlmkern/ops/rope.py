@@ -255,18 +255,73 @@ def mrope_(
     return _apply("mrope_", q, k, pos, table, scale, layout, inplace=True)
 
 
+def apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for HF's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` (text models).
+
+    Args:
+        q, k: ``(B, H, S, D)`` for ``unsqueeze_dim=1``, ``(B, S, H, D)`` for ``unsqueeze_dim=2``;
+            any strides; fp32 / fp16 / bf16 / fp64.
+        cos, sin: ``(B or 1, S, R)`` or ``(S, R)`` with ``R ≤ D`` even (HF passes ``R = D``);
+            the first R dims are rotated, the rest pass through.
+
+    ``x·cos + rotate_half(x)·sin`` in fp32 (HF does it in the model dtype), one rounding.
+    Differentiable in q and k; cos and sin are treated as constants.
+    """
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(
+            f"vlmkern.apply_rotary_pos_emb: unsqueeze_dim must be 1 (B, H, S, D) or 2 "
+            f"(B, S, H, D), got {unsqueeze_dim}"
+        )
+    layout = "bhsd" if unsqueeze_dim == 1 else "bshd"
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    q4, k4 = _to_bshd(q, layout, "q", "apply_rotary_pos_emb"), _to_bshd(k, layout, "k",
+                                                                          "apply_rotary_pos_emb")
+    qo, ko = torch.ops.vlmkern.rope_cos_sin(q4, k4, cos, sin)
+    return _from_bshd(qo, q, layout), _from_bshd(ko, k, layout)
+
+
+def apply_rotary_pos_emb_vision(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for HF's ``apply_rotary_pos_emb_vision`` (Qwen2-VL family ViT).
+
+    Args:
+        q, k: packed ``(N, H, D)``; cos, sin: ``(N, R)`` (HF: fp32, ``R = D``).
+
+    Rotation in fp32, cast back to q's dtype, as HF does. Differentiable in q and k.
+    """
+    if q.dim() != 3 or k.dim() != 3 or cos.dim() != 2:
+        raise ValueError(
+            f"vlmkern.apply_rotary_pos_emb_vision: q, k must be (N, H, D) and cos, sin (N, R), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}"
+        )
+    qo, ko = torch.ops.vlmkern.rope_cos_sin(
+        q.unsqueeze(0), k.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0)
+    )
+    return qo.squeeze(0), ko.squeeze(0)
+
+
 # ---- fake kernels: the checks and messages of csrc/common/rope.cpp -------------------------------
 
 
-def _check(op, q, k, positions, inv_freq, freq_axis) -> None:
-    for t, name, layout in ((q, "q", "(B, S, Hq, D)"), (k, "k", "(B, S, Hk, D)"),
-                            (positions, "positions", "(A, B, S)")):
-        want = 3 if name == "positions" else 4
-        torch._check(
-            t.dim() == want,
-            lambda t=t, name=name, layout=layout, want=want: f"vlmkern.{op}: {name} must be a "
-            f"{want}-D tensor {layout}, got {t.dim()}-D of shape {list(t.shape)}",
-        )
+def _check_rank(t, want: int, op: str, name: str, layout: str) -> None:
+    torch._check(
+        t.dim() == want,
+        lambda: f"vlmkern.{op}: {name} must be a {want}-D tensor {layout}, got {t.dim()}-D of "
+        f"shape {list(t.shape)}",
+    )
+
+
+def _check_qk(op, q, k) -> None:
+    _check_rank(q, 4, op, "q", "(B, S, Hq, D)")
+    _check_rank(k, 4, op, "k", "(B, S, Hk, D)")
     torch._check(
         q.dtype in _FLOATS,
         lambda: f"vlmkern.{op}: q must be float32, float16, bfloat16 or float64, got {q.dtype}",
@@ -276,20 +331,30 @@ def _check(op, q, k, positions, inv_freq, freq_axis) -> None:
         lambda: f"vlmkern.{op}: k dtype {k.dtype} differs from q dtype {q.dtype}",
     )
     torch._check(
+        k.device == q.device,
+        lambda: f"vlmkern.{op}: q and k must be on one device, got q on {q.device}, k on "
+        f"{k.device}",
+    )
+    torch._check(
+        k.shape[0] == q.shape[0] and k.shape[1] == q.shape[1] and k.shape[3] == q.shape[3],
+        lambda: f"vlmkern.{op}: k shape {list(k.shape)} does not match q shape {list(q.shape)} "
+        "in B, S or D",
+    )
+
+
+def _check(op, q, k, positions, inv_freq, freq_axis) -> None:
+    _check_qk(op, q, k)
+    _check_rank(positions, 3, op, "positions", "(A, B, S)")
+    torch._check(
         positions.dtype in (torch.int32, torch.int64),
         lambda: f"vlmkern.{op}: positions must be int32 or int64, got {positions.dtype}",
     )
     torch._check(
-        k.device == q.device and positions.device == q.device,
-        lambda: f"vlmkern.{op}: q, k and positions must be on one device, got q on {q.device}, "
-        f"k on {k.device}, positions on {positions.device}",
+        positions.device == q.device,
+        lambda: f"vlmkern.{op}: positions must be on the device of q, got q on {q.device}, "
+        f"positions on {positions.device}",
     )
     b, s, _, d = q.shape
-    torch._check(
-        k.shape[0] == b and k.shape[1] == s and k.shape[3] == d,
-        lambda: f"vlmkern.{op}: k shape {list(k.shape)} does not match q shape {list(q.shape)} "
-        "in B, S or D",
-    )
     torch._check(
         positions.shape[1] == b and positions.shape[2] == s,
         lambda: f"vlmkern.{op}: positions shape {list(positions.shape)} must be (A, {b}, {s}) to "
@@ -318,6 +383,53 @@ def _check(op, q, k, positions, inv_freq, freq_axis) -> None:
             lambda f=f, a=a: f"vlmkern.{op}: freq_axis[{f}] = {a} is not a valid axis of "
             f"positions (A={axes})",
         )
+
+
+def _check_cos_sin(op, q, k, cos, sin) -> None:
+    _check_qk(op, q, k)
+    _check_rank(cos, 3, op, "cos", "(B, S, R)")
+    _check_rank(sin, 3, op, "sin", "(B, S, R)")
+    torch._check(
+        cos.dtype in _FLOATS,
+        lambda: f"vlmkern.{op}: cos must be float32, float16, bfloat16 or float64, got "
+        f"{cos.dtype}",
+    )
+    torch._check(
+        sin.dtype == cos.dtype,
+        lambda: f"vlmkern.{op}: sin dtype {sin.dtype} differs from cos dtype {cos.dtype}",
+    )
+    torch._check(
+        cos.device == q.device and sin.device == q.device,
+        lambda: f"vlmkern.{op}: cos and sin must be on the device of q, got q on {q.device}, "
+        f"cos on {cos.device}, sin on {sin.device}",
+    )
+    torch._check(
+        cos.shape == sin.shape,
+        lambda: f"vlmkern.{op}: cos shape {list(cos.shape)} differs from sin {list(sin.shape)}",
+    )
+    b, s, _, d = q.shape
+    torch._check(
+        (cos.shape[0] == b or cos.shape[0] == 1) and cos.shape[1] == s,
+        lambda: f"vlmkern.{op}: cos shape {list(cos.shape)} must be ({b} or 1, {s}, R)",
+    )
+    r = cos.shape[2]
+    torch._check(
+        r >= 2 and r % 2 == 0 and r <= d and r <= 2 * _MAX_FREQS,
+        lambda: f"vlmkern.{op}: cos last dim R={r} must be even, in [2, min(D={d}, "
+        f"{2 * _MAX_FREQS})]",
+    )
+
+
+@torch.library.register_fake("vlmkern::rope_cos_sin")
+def _rope_cos_sin_fake(q, k, cos, sin):
+    _check_cos_sin("rope_cos_sin", q, k, cos, sin)
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("vlmkern::rope_cos_sin_backward")
+def _rope_cos_sin_backward_fake(grad_q, grad_k, cos, sin):
+    _check_cos_sin("rope_cos_sin_backward", grad_q, grad_k, cos, sin)
+    return torch.empty_like(grad_q), torch.empty_like(grad_k)
 
 
 @torch.library.register_fake("vlmkern::rope")
@@ -360,7 +472,29 @@ def _rope_backward_grad(ctx, grad_q, grad_k):
     return gq, gk, None, None, None, None
 
 
+def _cos_sin_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+def _cos_sin_grad(ctx, grad_q, grad_k):
+    cos, sin = ctx.saved_tensors
+    gq, gk = torch.ops.vlmkern.rope_cos_sin_backward(grad_q, grad_k, cos, sin)
+    return gq, gk, None, None  # cos and sin are constants (HF builds them under no_grad)
+
+
+def _cos_sin_backward_grad(ctx, grad_q, grad_k):
+    cos, sin = ctx.saved_tensors
+    gq, gk = torch.ops.vlmkern.rope_cos_sin(grad_q, grad_k, cos, sin)
+    return gq, gk, None, None
+
+
 torch.library.register_autograd("vlmkern::rope", _rope_grad, setup_context=_rope_setup)
+torch.library.register_autograd(
+    "vlmkern::rope_cos_sin", _cos_sin_grad, setup_context=_cos_sin_setup
+)
+torch.library.register_autograd(
+    "vlmkern::rope_cos_sin_backward", _cos_sin_backward_grad, setup_context=_cos_sin_setup
+)
 torch.library.register_autograd(
     "vlmkern::rope_backward", _rope_backward_grad, setup_context=_rope_setup
 )
