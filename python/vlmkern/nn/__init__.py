@@ -1,5 +1,6 @@
 """nn.Module wrappers over vlmkern ops."""
 
 from .pixel_shuffle import PixelShuffle
+from .rope import MRotary, VisionRotary
 
-__all__ = ["PixelShuffle"]
+__all__ = ["MRotary", "PixelShuffle", "VisionRotary"]
