@@ -23,18 +23,28 @@ void rotate_heads(const RopeParams& p, const T* in, T* out, const int64_t* in_st
   // fp32 math (fp64 for fp64 inputs, so gradcheck sees a linear map at full precision).
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const int half = p.rotary_dim / 2;
+  Acc row[2 * kMaxRopeFreqs];  // (R,) the head's rotary dims, read before any write (in place)
   for (int h = 0; h < heads; ++h) {
     const T* x = in + b * in_st[0] + s * in_st[1] + h * in_st[2];
     T* y = out + b * out_st[0] + s * out_st[1] + h * out_st[2];
     const int64_t xd = in_st[3], yd = out_st[3];
-    for (int f = 0; f < half; ++f) {
-      const Acc x1 = static_cast<Acc>(x[f * xd]);
-      const Acc x2 = static_cast<Acc>(x[(f + half) * xd]);
-      // x*cos + rotate_half(x)*sin: two rounded products, then a rounded sum (as HF).
-      const Acc p1 = x1 * cs[f], q1 = x2 * sn[f];
-      const Acc p2 = x2 * cs[f + half], q2 = x1 * sn[f + half];
-      y[f * yd] = static_cast<T>(p1 - q1);
-      y[(f + half) * yd] = static_cast<T>(p2 + q2);
+    if (xd == 1) {
+      for (int i = 0; i < p.rotary_dim; ++i) row[i] = static_cast<Acc>(x[i]);
+    } else {
+      for (int i = 0; i < p.rotary_dim; ++i) row[i] = static_cast<Acc>(x[i * xd]);
+    }
+    // x*cos + rotate_half(x)*sin: two rounded products, then a rounded sum (as HF). Unit-stride
+    // loops over `row` so the compiler vectorizes them.
+    if (yd == 1) {
+      for (int f = 0; f < half; ++f) y[f] = static_cast<T>(row[f] * cs[f] - row[f + half] * sn[f]);
+      for (int f = 0; f < half; ++f) {
+        y[f + half] = static_cast<T>(row[f + half] * cs[f + half] + row[f] * sn[f + half]);
+      }
+    } else {
+      for (int f = 0; f < half; ++f) {
+        y[f * yd] = static_cast<T>(row[f] * cs[f] - row[f + half] * sn[f]);
+        y[(f + half) * yd] = static_cast<T>(row[f + half] * cs[f + half] + row[f] * sn[f + half]);
+      }
     }
     if (p.copy_rest) {
       for (int d = p.rotary_dim; d < p.head_dim; ++d) y[d * yd] = x[d * xd];
@@ -65,8 +75,10 @@ void token_cos_sin(const RopeParams& p, int64_t b, int64_t s, float* cs, float* 
     const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
                                           : static_cast<const int32_t*>(p.positions)[off];
     const float angle = static_cast<float>(pos) * p.inv_freq[f];  // fp32, as HF
-    const float c = std::cos(angle) * p.scale;
-    const float v = (p.inverse ? -std::sin(angle) : std::sin(angle)) * p.scale;
+    float sin_a, cos_a;
+    ::sincosf(angle, &sin_a, &cos_a);
+    const float c = cos_a * p.scale;
+    const float v = (p.inverse ? -sin_a : sin_a) * p.scale;
     cs[f] = cs[f + half] = c;
     sn[f] = sn[f + half] = v;
   }
