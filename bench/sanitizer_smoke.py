@@ -75,10 +75,73 @@ def pixel_shuffle_cases() -> list[tuple]:
     return cases
 
 
-# op name (as in vlmkern.info()["ops"]) -> cases; an op missing here fails the smoke run.
-CASES: dict[str, Callable[[], list[tuple]]] = {
-    "pixel_shuffle": pixel_shuffle_cases,
-    "pixel_unshuffle": pixel_shuffle_cases,
+def smoke_pixel_shuffle(device: str) -> int:
+    """pixel_shuffle and pixel_unshuffle: every dtype x layout on small odd sizes, plus B=0."""
+    n = 0
+    for op, shape, scale in pixel_shuffle_cases():
+        for dtype in DTYPES:
+            for layout in LAYOUTS:
+                run_case(op, shape, scale, dtype, layout, device)
+                n += 1
+        run_case(op, (0, *shape[1:]), scale, torch.float32, "contiguous", device)
+        n += 1
+    return n
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    tol = 1e-5 if got.dtype == torch.float32 else 2e-2
+    err = (got.cpu().double() - ref.double()).abs().max().item() if got.numel() else 0.0
+    scale = max(ref.double().abs().max().item(), 1.0) if ref.numel() else 1.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} (tolerance {tol * scale:.3g})"
+
+
+def smoke_rope(device: str) -> int:
+    """rope / rope_ / rope_backward / rope_cos_sin(+_backward) through the public wrappers:
+    M-RoPE sectioned + interleaved (bhsd, packed, partial rotary), vision RoPE, HF cos/sin."""
+    n = 0
+    for dtype in DTYPES:
+        qkv = torch.randn(2, 13, (4 + 2 * 2) * 64).to(dtype)  # fused qkv: strided q and k views
+        q = qkv[..., : 4 * 64].unflatten(-1, (4, 64)).transpose(1, 2)
+        k = qkv[..., 4 * 64 : 6 * 64].unflatten(-1, (2, 64)).transpose(1, 2)
+        pos = torch.randint(0, 3000, (3, 2, 13))
+        for sec, inter, rot in (([8, 12, 12], False, None), ([12, 10, 10], True, None),
+                                ([4, 6, 6], False, 32)):
+            what = f"mrope {sec} interleaved={inter} rotary_dim={rot} {dtype}"
+            ref = vlmkern.reference.mrope(q, k, pos, sec, 1e6, inter, rot)
+            qd = q.to(device).detach().requires_grad_(True)
+            kd = k.to(device).detach().requires_grad_(True)
+            out = vlmkern.ops.mrope(qd, kd, pos.to(device), sec, 1e6, inter, rot)
+            (out[0].float().sum() + out[1].float().square().sum()).backward()
+            _close(out[0].detach(), ref[0], what)
+            _close(out[1].detach(), ref[1], what)
+            qi, ki = q.to(device).clone(), k.to(device).clone()
+            vlmkern.ops.mrope_(qi, ki, pos.to(device), sec, 1e6, inter, rot)
+            _close(qi, ref[0], what + " in place")
+            n += 2
+        qp, kp = torch.randn(40, 3, 80).to(dtype), torch.randn(40, 3, 80).to(dtype)
+        hw = torch.randint(0, 30, (40, 2))
+        ref = vlmkern.reference.vision_rope(qp, kp, hw)
+        out = vlmkern.ops.vision_rope(qp.to(device), kp.to(device), hw.to(device))
+        _close(out[0], ref[0], f"vision_rope {dtype}")
+        cos, sin = torch.randn(2, 13, 64), torch.randn(2, 13, 64)
+        ref = vlmkern.reference.apply_rotary_pos_emb(q, k, cos, sin)
+        qd = q.to(device).detach().requires_grad_(True)
+        out = vlmkern.ops.apply_rotary_pos_emb(qd, k.to(device), cos.to(device), sin.to(device))
+        out[0].float().sum().backward()
+        _close(out[0].detach(), ref[0], f"apply_rotary_pos_emb {dtype}")
+        n += 2
+    return n
+
+
+# op name (as in vlmkern.info()["ops"]) -> smoke function; an op missing here fails the run.
+CASES: dict[str, Callable[[str], int]] = {
+    "pixel_shuffle": smoke_pixel_shuffle,
+    "pixel_unshuffle": smoke_pixel_shuffle,
+    "rope": smoke_rope,
+    "rope_": smoke_rope,
+    "rope_backward": smoke_rope,
+    "rope_cos_sin": smoke_rope,
+    "rope_cos_sin_backward": smoke_rope,
 }
 
 
@@ -96,19 +159,7 @@ def main() -> int:
         print(f"sanitizer_smoke: no smoke cases for op(s) {missing}; add them to CASES",
               file=sys.stderr)
         return 1
-    seen: set[tuple] = set()
-    n = 0
-    for make in CASES.values():
-        for op, shape, scale in make():
-            if (op, shape, scale) in seen:
-                continue
-            seen.add((op, shape, scale))
-            for dtype in DTYPES:
-                for layout in LAYOUTS:
-                    run_case(op, shape, scale, dtype, layout, args.device)
-                    n += 1
-            run_case(op, (0, *shape[1:]), scale, torch.float32, "contiguous", args.device)
-            n += 1
+    n = sum(fn(args.device) for fn in dict.fromkeys(CASES.values()))  # each function once
     if args.device == "cuda":
         torch.cuda.synchronize()
     print(f"sanitizer_smoke: {n} forward+backward cases match the reference on {args.device}")

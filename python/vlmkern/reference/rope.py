@@ -88,3 +88,11 @@ def _apply(q, k, cos, sin, rotary_dim, layout, compute_dtype):
         cos, sin = cos.unsqueeze(dim), sin.unsqueeze(dim)
     return (_rotate(q, cos, sin, rotary_dim, compute_dtype),
             _rotate(k, cos, sin, rotary_dim, compute_dtype))
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, compute_dtype=torch.float64):
+    """HF's apply_rotary_pos_emb with given cos, sin (B, S, R) or (S, R); R <= D is rotated."""
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    layout = "bhsd" if unsqueeze_dim == 1 else "bshd"
+    return _apply(q, k, cos, sin, cos.shape[-1], layout, compute_dtype)
