@@ -1,5 +1,6 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
+from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 
-__all__ = ["pixel_shuffle", "pixel_unshuffle"]
+__all__ = ["mrope_position_ids", "pixel_shuffle", "pixel_unshuffle"]
