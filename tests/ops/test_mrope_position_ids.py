@@ -285,25 +285,30 @@ def test_cuda_no_host_sync_and_graph_capture(model):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = op(**b.kwargs(), **extra)
-    other = _random_cuda_batch(3, model).to("cuda")  # same shapes and grids: replay in place
-    b.mm_token_type_ids.copy_(other.mm_token_type_ids)
+    for out in static:
+        out.fill_(-7)
     graph.replay()
     torch.cuda.synchronize()
     _assert_same(static, eager)
+    b.mm_token_type_ids.zero_()  # new data in the captured input: text only
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_same(static, op(**b.kwargs(), **extra))
+    assert not torch.equal(static[0], eager[0])
 
 
 @pytest.mark.gpu
 def test_cuda_runs_on_the_current_stream():
     b = _random_cuda_batch(5)
-    tokens = torch.zeros_like(b.mm_token_type_ids, device="cuda")
     expected = op(**b.kwargs())
+    kw = b.to("cuda").kwargs()
+    src = kw["mm_token_type_ids"]
+    kw["mm_token_type_ids"] = torch.zeros_like(src)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # a kernel on another stream would read tokens too early
-        tokens.copy_(b.mm_token_type_ids, non_blocking=True)
-        kw = b.to("cuda").kwargs()
-        kw["mm_token_type_ids"] = tokens
+        torch.cuda._sleep(50_000_000)  # a kernel on another stream would read the zeros
+        kw["mm_token_type_ids"].copy_(src)
         got = op(**kw)
     side.synchronize()
     _assert_same(got, expected)
