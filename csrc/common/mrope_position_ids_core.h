@@ -16,7 +16,7 @@
 #if defined(__CUDACC__)
 #define VLMKERN_HD __host__ __device__ __forceinline__
 #else
-#define VLMKERN_HD inline
+#define VLMKERN_HD inline __attribute__((always_inline))
 #endif
 
 namespace vlmkern {
@@ -67,12 +67,63 @@ VLMKERN_HD int64_t load_int(const void* p, int64_t off, int bytes) {
   }
 }
 
-VLMKERN_HD int64_t kind_at(const Args& a, int64_t b, int64_t s) {
-  if (a.mask != nullptr && load_int(a.mask, b * a.mask_sb + s * a.mask_ss, a.mask_bytes) == 0) {
-    return kNone;
+template <int kBytes>
+struct IntOf;  // the integer type a token / mask element is read as
+template <>
+struct IntOf<1> { using T = uint8_t; };
+template <>
+struct IntOf<2> { using T = int16_t; };
+template <>
+struct IntOf<4> { using T = int32_t; };
+template <>
+struct IntOf<8> { using T = int64_t; };
+
+// Kind of token (b, s), specialised on the token width and the mask width (0: no mask). A local
+// copy of what it reads, so stores to the outputs cannot alias it.
+template <int kTokenBytes, int kMaskBytes>
+struct Kinds {
+  using Token = typename IntOf<kTokenBytes>::T;
+  const Token* tokens;  // (B, S)
+  int64_t tokens_sb, tokens_ss;
+  const void* mask;  // (B, S), read when kMaskBytes > 0
+  int64_t mask_sb, mask_ss;
+  int64_t image_token, video_token;
+
+  VLMKERN_HD explicit Kinds(const Args& a)
+      : tokens(static_cast<const Token*>(a.tokens)), tokens_sb(a.tokens_sb),
+        tokens_ss(a.tokens_ss), mask(a.mask), mask_sb(a.mask_sb), mask_ss(a.mask_ss),
+        image_token(a.image_token), video_token(a.video_token) {}
+
+  VLMKERN_HD int64_t operator()(int64_t b, int64_t s) const {
+    if constexpr (kMaskBytes > 0) {
+      using Mask = typename IntOf<kMaskBytes>::T;
+      if (static_cast<const Mask*>(mask)[b * mask_sb + s * mask_ss] == 0) return kNone;
+    }
+    const int64_t v = tokens[b * tokens_sb + s * tokens_ss];
+    return v == image_token ? kImage : (v == video_token ? kVideo : kText);
   }
-  const int64_t v = load_int(a.tokens, b * a.tokens_sb + s * a.tokens_ss, a.tokens_bytes);
-  return v == a.image_token ? kImage : (v == a.video_token ? kVideo : kText);
+};
+
+// Calls f(Kinds<token bytes, mask bytes>(a)) for the widths in `a` (host side).
+template <typename F>
+inline decltype(auto) with_kinds(const Args& a, F&& f) {
+  const int mask = a.mask == nullptr ? 0 : a.mask_bytes;
+  if (a.tokens_bytes == 4) {
+    switch (mask) {
+      case 1: return f(Kinds<4, 1>(a));
+      case 2: return f(Kinds<4, 2>(a));
+      case 4: return f(Kinds<4, 4>(a));
+      case 8: return f(Kinds<4, 8>(a));
+      default: return f(Kinds<4, 0>(a));
+    }
+  }
+  switch (mask) {
+    case 1: return f(Kinds<8, 1>(a));
+    case 2: return f(Kinds<8, 2>(a));
+    case 4: return f(Kinds<8, 4>(a));
+    case 8: return f(Kinds<8, 8>(a));
+    default: return f(Kinds<8, 0>(a));
+  }
 }
 
 // One vision block: merged grid (t, h, w), token count, advance and temporal interval.
@@ -198,10 +249,11 @@ VLMKERN_HD void set_error(RowError* e, int code, int64_t kind, int64_t idx, int6
   if (e->code == kOk) *e = RowError{code, kind, idx, grid_row, actual, expected};
 }
 
-VLMKERN_HD ScanA pass_a(const Args& a, int64_t b, int64_t lo, int64_t hi) {
+template <typename K>
+VLMKERN_HD ScanA pass_a(const K kind, int64_t b, int64_t lo, int64_t hi) {
   ScanA r = identity_a();
   for (int64_t s = lo; s < hi; ++s) {
-    const int64_t k = kind_at(a, b, s);
+    const int64_t k = kind(b, s);
     if (k == kNone) continue;
     ++r.n_valid;
     r.last_kind = k;
@@ -209,11 +261,12 @@ VLMKERN_HD ScanA pass_a(const Args& a, int64_t b, int64_t lo, int64_t hi) {
   return r;
 }
 
-VLMKERN_HD ScanB pass_b(const Args& a, int64_t b, int64_t lo, int64_t hi, const ScanA& before) {
+template <typename K>
+VLMKERN_HD ScanB pass_b(const K kind, int64_t b, int64_t lo, int64_t hi, const ScanA& before) {
   ScanB r = identity_b();
   int64_t prev = before.last_kind, c = before.n_valid;
   for (int64_t s = lo; s < hi; ++s) {
-    const int64_t k = kind_at(a, b, s);
+    const int64_t k = kind(b, s);
     if (k == kNone) continue;
     if (k != kText && k != prev) {
       ++r.starts[k - 1];
@@ -225,12 +278,14 @@ VLMKERN_HD ScanB pass_b(const Args& a, int64_t b, int64_t lo, int64_t hi, const 
   return r;
 }
 
-VLMKERN_HD ScanC pass_c(const Args& a, int64_t b, int64_t lo, int64_t hi, const ChunkIn& in) {
+template <typename K>
+VLMKERN_HD ScanC pass_c(const Args& a, const K kind, int64_t b, int64_t lo, int64_t hi,
+                        const ChunkIn& in) {
   ScanC r = identity_c();
   int64_t prev = in.a.last_kind;
   int64_t starts[2] = {in.b.starts[0], in.b.starts[1]};
   for (int64_t s = lo; s < hi; ++s) {
-    const int64_t k = kind_at(a, b, s);
+    const int64_t k = kind(b, s);
     if (k == kNone) continue;
     if (k == kText) {
       ++r.advance;
@@ -243,15 +298,31 @@ VLMKERN_HD ScanC pass_c(const Args& a, int64_t b, int64_t lo, int64_t hi, const 
   return r;
 }
 
-// The block that is open at the end of `prefix` (its last valid token is a vision token).
+// The block open at a point of the row (the last valid token before it is a vision token), and a
+// cursor on the next token of that block: its offset o and (ti, hi, wi) in the merged grid.
 struct OpenBlock {
   int64_t kind, idx, first, start;
   Geom g;
+  int64_t o, ti, hi, wi, tp;  // tp = start + temporal(ti)
 };
 
+VLMKERN_HD void seek(OpenBlock* ob, int64_t o) {
+  ob->o = o;
+  ob->ti = ob->hi = ob->wi = 0;
+  if (ob->g.error == kOk && o < ob->g.len) {  // one division per chunk, increments afterwards
+    const int64_t row = o / ob->g.w;
+    ob->wi = o - row * ob->g.w;
+    ob->ti = row / ob->g.h;
+    ob->hi = row - ob->ti * ob->g.h;
+  }
+  ob->tp = ob->start + temporal(ob->g, ob->ti);
+}
+
+// Open block after the prefix (pa, pb) of a row whose next group would start at p (pa.last_kind
+// is not a vision kind: no open block).
 VLMKERN_HD OpenBlock open_block(const Args& a, const ScanA& pa, const ScanB& pb,
                                 const int64_t offset[2], int64_t p) {
-  OpenBlock ob{pa.last_kind, -1, pb.last_start, 0, Geom{}};
+  OpenBlock ob{pa.last_kind, -1, pb.last_start, 0, Geom{}, 0, 0, 0, 0, 0};
   ob.g.error = kOk;
   ob.g.len = 0;
   ob.g.adv = 0;
@@ -260,6 +331,7 @@ VLMKERN_HD OpenBlock open_block(const Args& a, const ScanA& pa, const ScanB& pb,
     ob.idx = offset[m] + pb.starts[m] - 1;
     ob.g = block_geom(a, pa.last_kind, ob.idx);
     ob.start = p - (ob.g.error == kOk ? ob.g.adv : 0);
+    seek(&ob, pa.n_valid - ob.first);
   }
   return ob;
 }
@@ -271,29 +343,36 @@ VLMKERN_HD void close_block(const OpenBlock& ob, int64_t end, RowError* err) {
   }
 }
 
-VLMKERN_HD void store3(const Args& a, int64_t b, int64_t s, int64_t t, int64_t h, int64_t w) {
-  const int64_t plane = a.batch * a.seq, i = b * a.seq + s;
-  a.pos[i] = t;
-  a.pos[plane + i] = h;
-  a.pos[2 * plane + i] = w;
-}
+// Row b of the (3, B, S) output: its t plane, then h and w a plane apart.
+struct RowOut {
+  int64_t* row;
+  int64_t plane;
+  VLMKERN_HD RowOut(const Args& a, int64_t b) : row(a.pos + b * a.seq), plane(a.batch * a.seq) {}
+  VLMKERN_HD void store(int64_t s, int64_t t, int64_t h, int64_t w) const {
+    row[s] = t;
+    row[plane + s] = h;
+    row[2 * plane + s] = w;
+  }
+};
 
 // Writes positions of tokens [lo, hi) of row b; returns the largest position written.
-VLMKERN_HD int64_t pass_d(const Args& a, int64_t b, int64_t lo, int64_t hi, const ChunkIn& in,
-                          RowError* err) {
+template <typename K>
+VLMKERN_HD int64_t pass_d(const Args& a, const K kind, int64_t b, int64_t lo, int64_t hi,
+                          const ChunkIn& in, RowError* err) {
+  const RowOut out(a, b);
   int64_t best = kInt64Min;
   int64_t prev = in.a.last_kind, c = in.a.n_valid, p = in.p;
   int64_t starts[2] = {in.b.starts[0], in.b.starts[1]};
   OpenBlock cur = open_block(a, in.a, in.b, in.offset, p);
   for (int64_t s = lo; s < hi; ++s) {
-    const int64_t k = kind_at(a, b, s);
+    const int64_t k = kind(b, s);
     if (k == kNone) {
-      store3(a, b, s, 0, 0, 0);  // HF leaves padding at its zero initialisation
+      out.store(s, 0, 0, 0);  // HF leaves padding at its zero initialisation
       continue;
     }
     if (k != prev && prev != kText && prev != kNone) close_block(cur, c, err);
     if (k == kText) {
-      store3(a, b, s, p, p, p);
+      out.store(s, p, p, p);
       best = p > best ? p : best;
       ++p;
     } else {
@@ -308,20 +387,25 @@ VLMKERN_HD int64_t pass_d(const Args& a, int64_t b, int64_t lo, int64_t hi, cons
         } else {
           p += cur.g.adv;
         }
+        seek(&cur, 0);
       }
-      const int64_t o = c - cur.first;
-      if (cur.g.error != kOk || o >= cur.g.len) {
-        store3(a, b, s, 0, 0, 0);  // inconsistent block: reported by close_block / set_error
+      if (cur.g.error != kOk || cur.o >= cur.g.len) {
+        out.store(s, 0, 0, 0);  // inconsistent block: reported by close_block / set_error
       } else {
-        const int64_t row = o / cur.g.w, wi = o - row * cur.g.w;
-        const int64_t ti = row / cur.g.h, hi_ = row - ti * cur.g.h;
-        const int64_t tp = cur.start + temporal(cur.g, ti);
-        const int64_t hp = cur.start + hi_, wp = cur.start + wi;
-        store3(a, b, s, tp, hp, wp);
-        int64_t m = tp > hp ? tp : hp;
+        const int64_t hp = cur.start + cur.hi, wp = cur.start + cur.wi;
+        out.store(s, cur.tp, hp, wp);
+        int64_t m = cur.tp > hp ? cur.tp : hp;
         m = m > wp ? m : wp;
         best = m > best ? m : best;
+        if (++cur.wi == cur.g.w) {  // step the cursor in (t, h, w) order
+          cur.wi = 0;
+          if (++cur.hi == cur.g.h) {
+            cur.hi = 0;
+            cur.tp = cur.start + temporal(cur.g, ++cur.ti);
+          }
+        }
       }
+      ++cur.o;
     }
     prev = k;
     ++c;

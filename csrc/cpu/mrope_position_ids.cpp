@@ -21,38 +21,72 @@ constexpr const char* kOp = "mrope_position_ids";
 // Chunks per row: more than one so the CPU runs the prefix composition the CUDA kernel relies on.
 constexpr int64_t kChunks = 16;
 
+constexpr int64_t kTokensPerTask = int64_t{1} << 20;
+
 int64_t chunk_len(int64_t seq) { return (seq + kChunks - 1) / kChunks; }
 
-// Vision blocks of each modality in row b (what the CUDA count kernel computes).
-ScanB count_row(const Args& a, int64_t b) {
+// Exclusive prefixes of passes A and B at every chunk of a row, [kChunks] = row totals: what the
+// CUDA kernel gets from its first two CTA-wide scans.
+struct RowPrefix {
+  ScanA a[kChunks + 1];
+  ScanB b[kChunks + 1];
+};
+
+template <typename K>
+void scan_ab(const Args& a, const K& kind, int64_t b, RowPrefix* out) {
   const int64_t len = chunk_len(a.seq);
-  ScanA pa = identity_a();
-  ScanB pb = identity_b();
-  for (int64_t lo = 0; lo < a.seq; lo += len) {
-    const int64_t hi = std::min(a.seq, lo + len);
-    pb = combine(pb, pass_b(a, b, lo, hi, pa));
-    pa = combine(pa, pass_a(a, b, lo, hi));
+  out->a[0] = identity_a();
+  out->b[0] = identity_b();
+  for (int64_t i = 0; i < kChunks; ++i) {
+    const int64_t lo = std::min(a.seq, i * len), hi = std::min(a.seq, lo + len);
+    out->a[i + 1] = combine(out->a[i], pass_a(kind, b, lo, hi));
+    out->b[i + 1] = combine(out->b[i], pass_b(kind, b, lo, hi, out->a[i]));
   }
-  return pb;
 }
 
-RowError write_row(const Args& a, int64_t b, const int64_t offset[2]) {
+// Passes C and D of row b, given its prefixes and the blocks of earlier rows (offset).
+template <typename K>
+RowError write_row(const Args& a, const K& kind, int64_t b, const RowPrefix& pre,
+                   const int64_t offset[2]) {
   RowError err{kOk, 0, 0, 0, 0, 0};
   const int64_t len = chunk_len(a.seq);
   ChunkIn in{identity_a(), identity_b(), {offset[0], offset[1]}, 0};
   int64_t best = kInt64Min;
-  for (int64_t lo = 0; lo < a.seq; lo += len) {
-    const int64_t hi = std::min(a.seq, lo + len);
-    const ScanA ca = pass_a(a, b, lo, hi);
-    const ScanB cb = pass_b(a, b, lo, hi, in.a);
-    const ScanC cc = pass_c(a, b, lo, hi, in);
-    best = std::max(best, pass_d(a, b, lo, hi, in, &err));
-    in.a = combine(in.a, ca);
-    in.b = combine(in.b, cb);
+  for (int64_t i = 0; i < kChunks; ++i) {
+    const int64_t lo = std::min(a.seq, i * len), hi = std::min(a.seq, lo + len);
+    in.a = pre.a[i];
+    in.b = pre.b[i];
+    const ScanC cc = pass_c(a, kind, b, lo, hi, in);
+    best = std::max(best, pass_d(a, kind, b, lo, hi, in, &err));
     in.p += cc.advance;
   }
-  finish_row(a, b, in.a, in.b, offset, best, &err);
+  finish_row(a, b, pre.a[kChunks], pre.b[kChunks], offset, best, &err);
   return err;
+}
+
+// All rows: prefixes (rows in parallel), grid offsets across rows, then positions.
+template <typename K>
+std::vector<RowError> run_rows(const Args& a, const K& kind, int64_t grain) {
+  const int64_t batch = a.batch;
+  std::vector<RowPrefix> prefix(batch);
+  at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) scan_ab(a, kind, b, &prefix[b]);
+  });
+  std::vector<int64_t> offsets(2 * batch);  // (B, 2): blocks of each modality in earlier rows
+  int64_t run[2] = {0, 0};
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int m = 0; m < 2; ++m) {
+      offsets[2 * b + m] = run[m];
+      run[m] += prefix[b].b[kChunks].starts[m];
+    }
+  }
+  std::vector<RowError> errors(batch);
+  at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      errors[b] = write_row(a, kind, b, prefix[b], &offsets[2 * b]);
+    }
+  });
+  return errors;
 }
 
 const char* grid_name(int64_t kind) { return kind == kImage ? "image_grid_thw" : "video_grid_thw"; }
@@ -135,27 +169,11 @@ std::tuple<at::Tensor, at::Tensor> mrope_position_ids_cpu(
   const Args a = mrope_make_args(in, frame_ends, pos, deltas);
   check_values(a);
   if (batch == 0) return {pos, deltas};
-
-  std::vector<int64_t> offsets(2 * batch);  // (B, 2): blocks per row, then exclusive prefix
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const ScanB total = count_row(a, b);
-      offsets[2 * b] = total.starts[0];
-      offsets[2 * b + 1] = total.starts[1];
-    }
-  });
-  int64_t run[2] = {0, 0};
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int m = 0; m < 2; ++m) {
-      const int64_t n = offsets[2 * b + m];
-      offsets[2 * b + m] = run[m];
-      run[m] += n;
-    }
-  }
-  std::vector<RowError> errors(batch);
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) errors[b] = write_row(a, b, &offsets[2 * b]);
-  });
+  // Rows per task: threads only pay off past ~1M tokens (a parallel region costs more than a
+  // small batch, and stalls badly when another process holds a core).
+  const int64_t grain = std::max<int64_t>(1, kTokensPerTask / std::max<int64_t>(seq, 1));
+  const std::vector<RowError> errors =
+      with_kinds(a, [&](const auto& kind) { return run_rows(a, kind, grain); });
   for (int64_t b = 0; b < batch; ++b) {
     if (errors[b].code != kOk) raise(a, b, errors[b]);
   }

@@ -10,11 +10,13 @@ cudaError_t launch_mrope_position_ids(const mrope::Args& args, int64_t* counts,
   if (args.batch == 0) return cudaSuccess;
   if (args.batch > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const unsigned rows = static_cast<unsigned>(args.batch);
-  mrope_position_ids_count_kernel<<<rows, kMropeThreads, 0, stream>>>(args, counts);
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
-  mrope_position_ids_write_kernel<<<rows, kMropeThreads, 0, stream>>>(args, counts);
-  return cudaGetLastError();
+  return mrope::with_kinds(args, [&](const auto& kind) {
+    mrope_position_ids_count_kernel<<<rows, kMropeThreads, 0, stream>>>(args, kind, counts);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+    mrope_position_ids_write_kernel<<<rows, kMropeThreads, 0, stream>>>(args, kind, counts);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace vlmkern

@@ -87,18 +87,22 @@ __device__ __forceinline__ void mrope_chunk(const mrope::Args& a, int64_t* lo, i
 
 // Passes A and B with their scans: leaves per-chunk exclusive prefixes in sa / sb and the row
 // totals in *ta / *tb.
-__device__ __forceinline__ void mrope_scan_ab(const mrope::Args& a, int64_t b, int64_t lo,
-                                              int64_t hi, mrope::ScanA* sa, mrope::ScanB* sb,
+template <typename K>
+__device__ __forceinline__ void mrope_scan_ab(const K& kind, int64_t b, int64_t lo, int64_t hi,
+                                              mrope::ScanA* sa, mrope::ScanB* sb,
                                               mrope::ScanA* ta, mrope::ScanB* tb) {
-  sa[threadIdx.x] = mrope::pass_a(a, b, lo, hi);
+  sa[threadIdx.x] = mrope::pass_a(kind, b, lo, hi);
   mrope_block_exclusive_scan(sa, ta, mrope::identity_a());
-  sb[threadIdx.x] = mrope::pass_b(a, b, lo, hi, sa[threadIdx.x]);
+  sb[threadIdx.x] = mrope::pass_b(kind, b, lo, hi, sa[threadIdx.x]);
   mrope_block_exclusive_scan(sb, tb, mrope::identity_b());
 }
 
 // grid (B,), block (kMropeThreads,). counts: (B, 2) int64 out: image / video blocks per row.
+// K: mrope::Kinds<token bytes, mask bytes>, reads tokens (B, S) and attention_mask (B, S).
+template <typename K>
 __global__ void __launch_bounds__(kMropeThreads)
-    mrope_position_ids_count_kernel(const mrope::Args a, int64_t* __restrict__ counts) {
+    mrope_position_ids_count_kernel(const mrope::Args a, const K kind,
+                                    int64_t* __restrict__ counts) {
   __shared__ mrope::ScanA sa[kMropeThreads];  // (kMropeThreads,) smem
   __shared__ mrope::ScanB sb[kMropeThreads];  // (kMropeThreads,) smem
   __shared__ mrope::ScanA ta;
@@ -106,7 +110,7 @@ __global__ void __launch_bounds__(kMropeThreads)
   const int64_t b = blockIdx.x;
   int64_t lo, hi;
   mrope_chunk(a, &lo, &hi);
-  mrope_scan_ab(a, b, lo, hi, sa, sb, &ta, &tb);
+  mrope_scan_ab(kind, b, lo, hi, sa, sb, &ta, &tb);
   if (threadIdx.x == 0) {
     counts[2 * b] = tb.starts[0];
     counts[2 * b + 1] = tb.starts[1];
@@ -115,8 +119,10 @@ __global__ void __launch_bounds__(kMropeThreads)
 
 // grid (B,), block (kMropeThreads,). counts: (B, 2) int64 from the count kernel.
 // Writes a.pos (3, B, S) and a.deltas (B, 1); an inconsistent row gets -1 positions, delta 0.
+template <typename K>
 __global__ void __launch_bounds__(kMropeThreads)
-    mrope_position_ids_write_kernel(const mrope::Args a, const int64_t* __restrict__ counts) {
+    mrope_position_ids_write_kernel(const mrope::Args a, const K kind,
+                                    const int64_t* __restrict__ counts) {
   __shared__ mrope::ScanA sa[kMropeThreads];  // (kMropeThreads,) smem
   __shared__ mrope::ScanB sb[kMropeThreads];  // (kMropeThreads,) smem
   __shared__ mrope::ScanC sc[kMropeThreads];  // (kMropeThreads,) smem
@@ -129,7 +135,7 @@ __global__ void __launch_bounds__(kMropeThreads)
   if (threadIdx.x == 0) bad_row = 0;
   int64_t lo, hi;
   mrope_chunk(a, &lo, &hi);
-  mrope_scan_ab(a, b, lo, hi, sa, sb, &ta, &tb);
+  mrope_scan_ab(kind, b, lo, hi, sa, sb, &ta, &tb);
 
   // Blocks of each modality in rows 0..b-1: where this row starts in the grid lists.
   int64_t own[2] = {0, 0};
@@ -142,12 +148,12 @@ __global__ void __launch_bounds__(kMropeThreads)
   offset[1] = mrope_block_reduce<false>(own[1], red);
 
   mrope::ChunkIn in{sa[threadIdx.x], sb[threadIdx.x], {offset[0], offset[1]}, 0};
-  sc[threadIdx.x] = mrope::pass_c(a, b, lo, hi, in);
+  sc[threadIdx.x] = mrope::pass_c(a, kind, b, lo, hi, in);
   mrope_block_exclusive_scan(sc, &tc, mrope::identity_c());
   in.p = sc[threadIdx.x].advance;
 
   mrope::RowError err{mrope::kOk, 0, 0, 0, 0, 0};
-  const int64_t best = mrope::pass_d(a, b, lo, hi, in, &err);
+  const int64_t best = mrope::pass_d(a, kind, b, lo, hi, in, &err);
   if (err.code != mrope::kOk) atomicOr(&bad_row, 1);
   const int64_t row_max = mrope_block_reduce<true>(best, red);
   if (threadIdx.x == 0) {
@@ -157,7 +163,8 @@ __global__ void __launch_bounds__(kMropeThreads)
   }
   __syncthreads();
   if (bad_row != 0) {
-    for (int64_t s = lo; s < hi; ++s) mrope::store3(a, b, s, -1, -1, -1);
+    const mrope::RowOut out(a, b);
+    for (int64_t s = lo; s < hi; ++s) out.store(s, -1, -1, -1);
     if (threadIdx.x == 0) a.deltas[b] = 0;
   }
 }
