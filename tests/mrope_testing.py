@@ -146,6 +146,23 @@ def hf_get_rope_index(model: str, merge: int = 2, tokens_per_second: int | float
     return types.MethodType(cls.get_rope_index, shim)
 
 
+def matching_seconds(model: str, second_per_grid_ts):
+    """second_per_grid_ts as vlmkern must get it to match the installed transformers: releases up
+    to 5.17 truncate each entry to int (``tokens_per_second * int(next(second_per_grid_ts))``),
+    later ones keep the fraction; vlmkern follows the later ones unless given ints."""
+    import importlib
+    import inspect
+
+    if model != "qwen2_5_vl" or second_per_grid_ts is None:
+        return second_per_grid_ts
+    module = importlib.import_module("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
+    if "int(next(second_per_grid_ts))" not in inspect.getsource(module.Qwen2_5_VLModel):
+        return second_per_grid_ts
+    if isinstance(second_per_grid_ts, torch.Tensor):
+        return second_per_grid_ts.long()
+    return [int(s) for s in second_per_grid_ts]
+
+
 def hf_call(fn, batch: Batch, model: str, second_per_grid_ts=None):
     kwargs = {
         "mm_token_type_ids": batch.mm_token_type_ids,

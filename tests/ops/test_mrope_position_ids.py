@@ -8,7 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mrope_testing import MODELS, build_batch, hf_call, hf_get_rope_index, random_rows
+from mrope_testing import (
+    MODELS,
+    build_batch,
+    hf_call,
+    hf_get_rope_index,
+    matching_seconds,
+    random_rows,
+)
 from testing_utils import assert_bit_equal, deterministic_mode
 
 import vlmkern
@@ -84,6 +91,7 @@ def test_matches_hf(model, case, form, device):
         seconds = _seconds(sform, batch)
         expected = hf_call(hf, batch, model, seconds)
         assert expected[0].abs().sum() > 0
+        seconds = matching_seconds(model, seconds)
         kw = {"second_per_grid_ts": seconds} if seconds is not None else {}
         if isinstance(seconds, torch.Tensor):
             kw["second_per_grid_ts"] = seconds.to(device)
@@ -111,6 +119,7 @@ def test_matches_hf_other_merge_sizes(merge, device):
     batch = build_batch(rows, model="qwen2_5_vl", merge=merge)
     seconds = torch.tensor([0.75])
     expected = hf_call(hf_get_rope_index("qwen2_5_vl", merge, 3), batch, "qwen2_5_vl", seconds)
+    seconds = matching_seconds("qwen2_5_vl", seconds)
     got = op(**batch.to(device).kwargs(), model="qwen2_5_vl", spatial_merge_size=merge,
              second_per_grid_ts=seconds.to(device), tokens_per_second=3)
     _assert_same(got, expected)

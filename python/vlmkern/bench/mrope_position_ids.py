@@ -85,7 +85,9 @@ def _case(label: str, batch: int, images: int, videos: int, model: str, cfg: Con
     probe = make_batch(rows, model, "cpu", 0)
     kwargs: dict = {"model": model}
     if model == "qwen2_5_vl" and videos:
-        kwargs["second_per_grid_ts"] = torch.full((batch * videos,), 2 / 3, device=cfg.device)
+        # 1.0 s per grid (temporal patch 2 at the processor's default 2 fps): transformers <= 5.17
+        # truncates fractional values to int and later releases do not, so keep it integral.
+        kwargs["second_per_grid_ts"] = torch.full((batch * videos,), 1.0, device=cfg.device)
     counter = iter(range(1 << 30))
 
     def make() -> tuple:  # same rows (same grids), fresh text and device buffers
