@@ -22,6 +22,7 @@ import vlmkern
 from vlmkern import reference
 
 op = vlmkern.ops.mrope_position_ids
+raw = torch.ops.vlmkern.mrope_position_ids
 
 IMG, VID = "image", "video"
 CASES = {  # id: (rows, pad, holes)
@@ -191,6 +192,20 @@ def test_every_output_element_is_written(device):
     _assert_same(got, reference.mrope_position_ids(**batch.to("cpu").kwargs()))
 
 
+def test_raw_op_reads_strided_intervals_and_grids():
+    b = build_batch(CASES["videos"][0], model="qwen2_5_vl")
+    iv = torch.tensor([2.0, -1.0, 1.5, -1.0, 4 / 3, -1.0], dtype=torch.float32)
+    grid = torch.stack([b.video_grid_thw, torch.zeros_like(b.video_grid_thw)], 1).flatten(0, 1)
+    args = (b.mm_token_type_ids, b.attention_mask, None)
+    strided = raw(*args, grid[::2], iv[::2], 2, 1, 2, False, "max_plus_one")
+    dense = raw(*args, b.video_grid_thw, iv[::2].contiguous(), 2, 1, 2, False, "max_plus_one")
+    _assert_same(strided, dense)
+    expected = reference.mrope_position_ids(**b.kwargs(), model="qwen2_5_vl",
+                                            second_per_grid_ts=iv[::2] / 2,
+                                            text_after_video="max_plus_one")
+    _assert_same(strided, expected)
+
+
 # --- hypothesis fuzz against the reference -------------------------------------------------------
 
 
@@ -229,6 +244,9 @@ def test_fuzz_against_reference(seed, batch, max_blocks, model, rule, merge, pad
     kw[key] = _layout(kw[key].to(dtype), layout)
     if kw["attention_mask"] is not None:
         kw["attention_mask"] = _layout(kw["attention_mask"].to(mask_dtype), layout)
+    for key in ("image_grid_thw", "video_grid_thw"):
+        if kw[key] is not None:
+            kw[key] = _layout(kw[key].to(dtype), layout)
     extra = {"model": model, "text_after_video": rule, "spatial_merge_size": merge}
     if model == "qwen2_5_vl" and seconds is not None and b.video_grid_thw is not None:
         extra["second_per_grid_ts"] = _seconds(seconds, b)
