@@ -1,7 +1,8 @@
-"""Small smoke run of every vlmkern op, forward + backward, checked against vlmkern.reference; run
-under compute-sanitizer by bench/gpu_check.sh (TESTING.md G10). Usage: python3 sanitizer_smoke.py
-[--device cuda|cpu]. Inputs are made on the CPU and copied over so that, besides our kernels, the
-GPU runs little more than the copies autograd needs; comparisons happen on the CPU."""
+"""Small smoke run of every vlmkern op, forward (and backward where it has one), checked against
+vlmkern.reference; run under compute-sanitizer by bench/gpu_check.sh (TESTING.md G10). Usage:
+python3 sanitizer_smoke.py [--device cuda|cpu]. Inputs are made on the CPU and copied over so that,
+besides our kernels, the GPU runs little more than the copies autograd needs; comparisons happen
+on the CPU."""
 
 from __future__ import annotations
 
@@ -133,6 +134,35 @@ def smoke_rope(device: str) -> int:
     return n
 
 
+def run_mrope_smoke(device: str) -> int:
+    """mrope_position_ids (integer op, no backward) on left-padded image / video batches of every
+    model and rule, also with int32 tokens and a bool mask, against the reference; returns the
+    number of cases run."""
+    from vlmkern.bench.mrope_position_ids import make_batch
+
+    rows = [[3, ("image", 1, 4, 6), 2, ("video", 3, 4, 2), 1], [5],
+            [1, ("video", 2, 2, 2), 2, ("image", 1, 2, 2), 4]]  # fmt: skip
+    n = 0
+    for model in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        for rule in ("hf", "max_plus_one"):
+            for narrow in (False, True):
+                ids, types_, images, videos, mask = make_batch(rows, model, "cpu", n)
+                if narrow:
+                    types_, mask = types_.int(), mask.bool()
+                kw = {"model": model, "text_after_video": rule}
+                if model == "qwen2_5_vl":
+                    kw["second_per_grid_ts"] = torch.tensor([0.5, 2 / 3])
+                ref = vlmkern.reference.mrope_position_ids(ids, types_, images, videos, mask, **kw)
+                dev = [t.to(device) for t in (ids, types_, images, videos, mask)]
+                kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+                got = vlmkern.ops.mrope_position_ids(*dev, **kw)
+                what = f"mrope_position_ids {model} {rule} narrow={narrow}"
+                for g, r in zip(got, ref, strict=True):
+                    assert torch.equal(g.cpu(), r), f"{what}: differs from reference"
+                n += 1
+    return n
+
+
 # op name (as in vlmkern.info()["ops"]) -> smoke function; an op missing here fails the run.
 CASES: dict[str, Callable[[str], int]] = {
     "pixel_shuffle": smoke_pixel_shuffle,
@@ -142,6 +172,7 @@ CASES: dict[str, Callable[[str], int]] = {
     "rope_backward": smoke_rope,
     "rope_cos_sin": smoke_rope,
     "rope_cos_sin_backward": smoke_rope,
+    "mrope_position_ids": run_mrope_smoke,
 }
 
 
@@ -162,7 +193,7 @@ def main() -> int:
     n = sum(fn(args.device) for fn in dict.fromkeys(CASES.values()))  # each function once
     if args.device == "cuda":
         torch.cuda.synchronize()
-    print(f"sanitizer_smoke: {n} forward+backward cases match the reference on {args.device}")
+    print(f"sanitizer_smoke: {n} cases match the reference on {args.device}")
     return 0
 
 

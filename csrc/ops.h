@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace vlmkern {
@@ -44,5 +46,20 @@ std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& q, const a
 std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cuda(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& cos, const at::Tensor& sin,
                                                      bool inverse);
+// mrope_position_ids: tokens (B, S) -> (position_ids (3, B, S), rope_deltas (B, 1)), both int64.
+std::tuple<at::Tensor, at::Tensor> mrope_position_ids_cpu(
+    const at::Tensor& tokens, const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& image_grid_thw,
+    const std::optional<at::Tensor>& video_grid_thw,
+    const std::optional<at::Tensor>& video_intervals, int64_t spatial_merge_size,
+    int64_t image_token, int64_t video_token, bool split_video_frames,
+    std::string_view text_after_video);
+std::tuple<at::Tensor, at::Tensor> mrope_position_ids_cuda(
+    const at::Tensor& tokens, const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& image_grid_thw,
+    const std::optional<at::Tensor>& video_grid_thw,
+    const std::optional<at::Tensor>& video_intervals, int64_t spatial_merge_size,
+    int64_t image_token, int64_t video_token, bool split_video_frames,
+    std::string_view text_after_video);
 
 }  // namespace vlmkern

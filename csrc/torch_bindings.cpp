@@ -36,6 +36,15 @@ TORCH_LIBRARY(vlmkern, m) {
       "rope_cos_sin_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> "
       "(Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+
+  m.set_python_module("vlmkern.ops.mrope_position_ids");
+  // tokens (B, S) int, mask (B, S), grids (N, 3), video_intervals (Nv,) float
+  //   -> (position_ids (3, B, S) int64, rope_deltas (B, 1) int64): Qwen2/2.5/3-VL get_rope_index.
+  m.def(
+      "mrope_position_ids(Tensor tokens, Tensor? attention_mask, Tensor? image_grid_thw, "
+      "Tensor? video_grid_thw, Tensor? video_intervals, int spatial_merge_size, int image_token, "
+      "int video_token, bool split_video_frames, str text_after_video) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef VLMKERN_WITH_CUDA

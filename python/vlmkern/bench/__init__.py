@@ -9,7 +9,7 @@ from types import ModuleType
 # reference()); adding an op's bench is one line here.
 REGISTRY: dict[str, str] = {
     "pixel_shuffle": "vlmkern.bench.pixel_shuffle",
-    "rope": "vlmkern.bench.rope",
+    "mrope_position_ids": "vlmkern.bench.mrope_position_ids",
 }
 
 

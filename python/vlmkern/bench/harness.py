@@ -301,7 +301,14 @@ def format_env(env: dict[str, Any]) -> str:
 # Running one op's bench
 
 
-def check_equal(name: str, case: Case, out: Any, ref: torch.Tensor, exact: bool) -> None:
+def check_equal(name: str, case: Case, out: Any, ref: Any, exact: bool) -> None:
+    """out vs ref: one tensor, or a tuple of tensors (ops with several outputs) compared in turn."""
+    if isinstance(ref, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(ref):
+            raise AssertionError(f"{name} on {case.shape}: expected {len(ref)} outputs")
+        for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+            check_equal(f"{name} output {i}", case, o, r, exact)
+        return
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
         got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out)
         raise AssertionError(
@@ -332,7 +339,8 @@ def run_op(
     for case in cases:
         probe = case.make_inputs()
         ref = reference(*probe, **case.kwargs)
-        if ref.numel() and not ref.float().abs().sum().item() > 0:
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        if any(r.numel() for r in refs) and not any(r.float().abs().sum().item() > 0 for r in refs):
             raise AssertionError(f"reference output on {case.shape} is all zero: bench is vacuous")
         n_sets = num_sets(case.bytes_moved, cfg.device)
         sets = [probe] + [case.make_inputs() for _ in range(n_sets - 1)]

@@ -1,5 +1,6 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
+from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import (
     apply_rotary_pos_emb,
@@ -15,6 +16,7 @@ __all__ = [
     "apply_rotary_pos_emb_vision",
     "mrope",
     "mrope_",
+    "mrope_position_ids",
     "pixel_shuffle",
     "pixel_unshuffle",
     "rope",

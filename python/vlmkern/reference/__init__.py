@@ -1,11 +1,13 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
+from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import apply_rotary_pos_emb, mrope, rope, vision_rope
 
 __all__ = [
     "apply_rotary_pos_emb",
     "mrope",
+    "mrope_position_ids",
     "pixel_shuffle",
     "pixel_unshuffle",
     "rope",
