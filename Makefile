@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(abspath $(VENV))/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest hypothesis cmake ninja pybind11 setuptools wheel ruff
+DEPS := numpy pytest hypothesis transformers==5.23.0 cmake ninja pybind11 setuptools wheel ruff
 BUILD_LOG := build/build.log
 PYTEST_ARGS ?=
 

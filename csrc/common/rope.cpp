@@ -1,6 +1,8 @@
 // Argument checks and parameter packing for the rope ops (CPU and CUDA share them).
 #include "common/rope.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include "common/checks.h"
 
 namespace vlmkern {
@@ -119,6 +121,18 @@ RopeParams make_rope_cos_sin_params(const char* op, const at::Tensor& q, const a
     p.sin_stride[i] = sin.size(i) == 1 ? 0 : sin.stride(i);
   }
   return p;
+}
+
+void check_rope_inplace_targets(const at::Tensor& q, const at::Tensor& k) {
+  VLMKERN_CHECK(at::has_internal_overlap(q) != at::MemOverlap::Yes, "rope_",
+                "q has elements that share memory (e.g. expanded); rotating it in place would "
+                "rotate them once per alias: pass q.contiguous() or use the out-of-place op");
+  VLMKERN_CHECK(at::has_internal_overlap(k) != at::MemOverlap::Yes, "rope_",
+                "k has elements that share memory (e.g. expanded); rotating it in place would "
+                "rotate them once per alias: pass k.contiguous() or use the out-of-place op");
+  const auto status = at::get_overlap_status(q, k);
+  VLMKERN_CHECK(status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::TooHard,
+                "rope_", "q and k overlap in memory; rotate them out of place");
 }
 
 void set_rope_outputs(RopeParams& p, const at::Tensor& q_out, const at::Tensor& k_out) {

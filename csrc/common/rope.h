@@ -17,6 +17,9 @@ RopeParams make_rope_params(const char* op, const at::Tensor& q, const at::Tenso
 RopeParams make_rope_cos_sin_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& cos, const at::Tensor& sin, bool inverse);
 
+// rope_ writes q and k where they are: neither may alias itself (e.g. expanded) or the other.
+void check_rope_inplace_targets(const at::Tensor& q, const at::Tensor& k);
+
 // Points the params at the outputs (which may be q and k themselves).
 void set_rope_outputs(RopeParams& p, const at::Tensor& q_out, const at::Tensor& k_out);
 

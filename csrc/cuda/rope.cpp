@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cuda(const at::Tensor& q, const 
 void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                        at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale) {
   RopeParams p = make_rope_params("rope_", q, k, positions, inv_freq, freq_axis, scale, false);
+  check_rope_inplace_targets(q, k);
   set_rope_outputs(p, q, k);
   run(p, q);
 }

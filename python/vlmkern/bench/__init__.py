@@ -10,6 +10,7 @@ from types import ModuleType
 REGISTRY: dict[str, str] = {
     "pixel_shuffle": "vlmkern.bench.pixel_shuffle",
     "mrope_position_ids": "vlmkern.bench.mrope_position_ids",
+    "rope": "vlmkern.bench.rope",
 }
 
 

@@ -65,6 +65,7 @@ def mrope_table(
     mrope_section: tuple[int, ...], theta: float, interleaved: bool, rotary_dim: int
 ) -> tuple[tuple[float, ...], tuple[int, ...]]:
     """M-RoPE: sectioned (Qwen2-VL, 2.5-VL) or interleaved (Qwen3-VL) axis per frequency."""
+    _check_even(rotary_dim, "rotary_dim")
     half = rotary_dim // 2
     if sum(mrope_section) != half:
         raise ValueError(
@@ -97,18 +98,22 @@ def _check_even(value: int, name: str) -> None:
 
 
 def _to_bshd(t: torch.Tensor, layout: str, name: str, op: str) -> torch.Tensor:
-    if t.dim() == 3:  # packed (N, H, D)
+    if layout not in ("bhsd", "bshd", "packed"):
+        raise ValueError(
+            f"vlmkern.{op}: layout must be 'bhsd', 'bshd' or 'packed', got {layout!r}"
+        )
+    if t.dim() == 3:  # packed (N, H, D): any layout name (the default is 'bhsd')
         return t.unsqueeze(0)
+    if layout == "packed":
+        raise ValueError(
+            f"vlmkern.{op}: layout='packed' needs (N, H, D) {name}, got shape {tuple(t.shape)}"
+        )
     if t.dim() != 4:
         raise ValueError(
             f"vlmkern.{op}: {name} must be (B, H, S, D), (B, S, H, D) or packed (N, H, D), got "
             f"{t.dim()}-D of shape {tuple(t.shape)}"
         )
-    if layout == "bhsd":
-        return t.transpose(1, 2)
-    if layout == "bshd":
-        return t
-    raise ValueError(f"vlmkern.{op}: layout must be 'bhsd' or 'bshd', got {layout!r}")
+    return t.transpose(1, 2) if layout == "bhsd" else t
 
 
 def _from_bshd(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
@@ -159,8 +164,8 @@ def rope(
 
     Args:
         q, k: ``(B, Hq|Hk, S, D)`` (``layout="bhsd"``, HF attention layout), ``(B, S, H, D)``
-            (``"bshd"``) or packed ``(N, H, D)``; any strides (e.g. slices of a fused qkv);
-            fp32 / fp16 / bf16 / fp64; GQA (Hq ≠ Hk) allowed.
+            (``"bshd"``) or packed ``(N, H, D)`` (``"packed"``, or any layout name); any
+            strides (e.g. slices of a fused qkv); fp32 / fp16 / bf16 / fp64; GQA (Hq ≠ Hk).
         positions: int32/int64 ``(B, S)``, or ``(N,)`` for packed q/k.
         theta: RoPE base. rotary_dim: rotated dims (default D; partial rotary leaves the rest).
         scale: multiplies cos and sin (HF ``attention_scaling``).
@@ -169,7 +174,7 @@ def rope(
         ``(q_rot, k_rot)``, new tensors with the inputs' shapes, dtypes and (dense) layouts.
         Differentiable in q and k.
     """
-    rotary_dim = rotary_dim or q.shape[-1]
+    rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
     pos = _positions_abs(positions, 1, q.dim() == 3, "rope")
     return _apply("rope", q, k, pos, rope_table(rotary_dim, float(theta)), scale, layout)
 
@@ -229,7 +234,7 @@ def mrope(
     Returns new ``(q_rot, k_rot)``; differentiable. Math in fp32, rounded once to the input dtype
     (HF rounds cos/sin to the model dtype first: results agree within the G3 error rule).
     """
-    rotary_dim = rotary_dim or q.shape[-1]
+    rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
     table = mrope_table(tuple(int(s) for s in mrope_section), float(theta), bool(interleaved),
                         rotary_dim)
     pos = _positions_abs(positions, 3, q.dim() == 3, "mrope")
@@ -248,7 +253,7 @@ def mrope_(
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place :func:`mrope` (inference: not differentiable). Returns ``(q, k)``, rotated."""
-    rotary_dim = rotary_dim or q.shape[-1]
+    rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
     table = mrope_table(tuple(int(s) for s in mrope_section), float(theta), bool(interleaved),
                         rotary_dim)
     pos = _positions_abs(positions, 3, q.dim() == 3, "mrope_")
@@ -489,6 +494,32 @@ def _cos_sin_backward_grad(ctx, grad_q, grad_k):
 
 
 torch.library.register_autograd("vlmkern::rope", _rope_grad, setup_context=_rope_setup)
+
+
+# rope_ is inference only: its Autograd kernel refuses inputs that require grad (instead of
+# silently leaving the rotation out of the graph), and its ADInplaceOrView kernel bumps the
+# version counters of q and k so autograd notices the mutation of any saved tensor.
+_lib = torch.library.Library("vlmkern", "IMPL")
+
+
+def _rope_inplace_autograd(q, k, positions, inv_freq, freq_axis, scale=1.0):
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise RuntimeError(
+            "vlmkern.rope_: the in-place RoPE is not differentiable and q or k requires grad; "
+            "use the out-of-place op (vlmkern.ops.mrope / rope) or run under torch.no_grad()"
+        )
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.vlmkern.rope_(q, k, positions, inv_freq, freq_axis, scale)
+
+
+def _rope_inplace_bump_versions(q, k, positions, inv_freq, freq_axis, scale=1.0):
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        torch.ops.vlmkern.rope_(q, k, positions, inv_freq, freq_axis, scale)
+    torch.autograd.graph.increment_version((q, k))
+
+
+_lib.impl("rope_", _rope_inplace_autograd, "Autograd")
+_lib.impl("rope_", _rope_inplace_bump_versions, "ADInplaceOrView")
 torch.library.register_autograd(
     "vlmkern::rope_cos_sin", _cos_sin_grad, setup_context=_cos_sin_setup
 )
