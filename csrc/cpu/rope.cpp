@@ -1,7 +1,7 @@
-// CPU implementations of the table-driven RoPE ops: rope (out of place), rope_ (in place) and
-// rope_backward (rotation by -angle). Parallel over tokens; cos/sin computed once per token in fp32.
+// CPU implementations of the RoPE ops: rope (out of place), rope_ (in place), rope_backward
+// (rotation by -angle) and rope_cos_sin(_backward) (HF's given cos/sin). Parallel over tokens;
+// cos/sin computed (or read) once per token in fp32.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -102,28 +102,18 @@ void rope_cpu_kernel(const RopeParams& p) {
   });
 }
 
-void run(const RopeParams& p) {
-  if (p.batch * p.seq == 0) return;
-  switch (p.dtype) {
-    case RopeDtype::kFloat32: return rope_cpu_kernel<float>(p);
-    case RopeDtype::kFloat16: return rope_cpu_kernel<c10::Half>(p);
-    case RopeDtype::kBFloat16: return rope_cpu_kernel<c10::BFloat16>(p);
-    case RopeDtype::kFloat64: return rope_cpu_kernel<double>(p);
+struct CpuRope {
+  static void run(const RopeParams& p, const at::Tensor&) {
+    if (p.batch * p.seq == 0) return;
+    switch (p.dtype) {
+      case RopeDtype::kFloat32: return rope_cpu_kernel<float>(p);
+      case RopeDtype::kFloat16: return rope_cpu_kernel<c10::Half>(p);
+      case RopeDtype::kBFloat16: return rope_cpu_kernel<c10::BFloat16>(p);
+      case RopeDtype::kFloat64: return rope_cpu_kernel<double>(p);
+    }
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> rope_out_of_place(const char* op, const at::Tensor& q,
-                                                     const at::Tensor& k,
-                                                     const at::Tensor& positions,
-                                                     at::ArrayRef<double> inv_freq,
-                                                     at::IntArrayRef freq_axis, double scale,
-                                                     bool inverse) {
-  RopeParams p = make_rope_params(op, q, k, positions, inv_freq, freq_axis, scale, inverse);
-  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
-  set_rope_outputs(p, q_out, k_out);
-  run(p);
-  return {q_out, k_out};
-}
+};
+using Impl = RopeImpl<CpuRope>;
 
 }  // namespace
 
@@ -131,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& positions,
                                             at::ArrayRef<double> inv_freq,
                                             at::IntArrayRef freq_axis, double scale) {
-  return rope_out_of_place("rope", q, k, positions, inv_freq, freq_axis, scale, false);
+  return Impl::rope(q, k, positions, inv_freq, freq_axis, scale, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q,
@@ -139,27 +129,18 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q,
                                                      const at::Tensor& positions,
                                                      at::ArrayRef<double> inv_freq,
                                                      at::IntArrayRef freq_axis, double scale) {
-  return rope_out_of_place("rope_backward", grad_q, grad_k, positions, inv_freq, freq_axis, scale,
-                           true);
+  return Impl::rope(grad_q, grad_k, positions, inv_freq, freq_axis, scale, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& cos, const at::Tensor& sin,
                                                     bool inverse) {
-  const char* op = inverse ? "rope_cos_sin_backward" : "rope_cos_sin";
-  RopeParams p = make_rope_cos_sin_params(op, q, k, cos, sin, inverse);
-  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
-  set_rope_outputs(p, q_out, k_out);
-  run(p);
-  return {q_out, k_out};
+  return Impl::cos_sin(q, k, cos, sin, inverse);
 }
 
 void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                       at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale) {
-  RopeParams p = make_rope_params("rope_", q, k, positions, inv_freq, freq_axis, scale, false);
-  check_rope_inplace_targets(q, k);
-  set_rope_outputs(p, q, k);
-  run(p);
+  Impl::in_place(q, k, positions, inv_freq, freq_axis, scale);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {
@@ -167,7 +148,9 @@ TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {
   m.impl("rope_backward", &rope_backward_cpu);
   m.impl("rope_", &rope_inplace_cpu);
   m.impl("rope_cos_sin", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                            const at::Tensor& sin) { return rope_cos_sin_cpu(q, k, cos, sin, false); });
+                            const at::Tensor& sin) {
+    return rope_cos_sin_cpu(q, k, cos, sin, false);
+  });
   m.impl("rope_cos_sin_backward", [](const at::Tensor& gq, const at::Tensor& gk,
                                      const at::Tensor& cos, const at::Tensor& sin) {
     return rope_cos_sin_cpu(gq, gk, cos, sin, true);

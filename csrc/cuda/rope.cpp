@@ -1,6 +1,5 @@
-// CUDA implementations of rope / rope_backward / rope_: shared checks, then the torch-free
-// table-driven kernel on the current stream of the inputs' device.
-#include <ATen/ops/empty_like.h>
+// CUDA implementations of rope / rope_backward / rope_ / rope_cos_sin(_backward): the shared
+// bodies of common/rope.h, then the torch-free kernel on the current stream of q's device.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,22 +12,13 @@
 namespace vlmkern {
 namespace {
 
-void run(const RopeParams& p, const at::Tensor& q) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  C10_CUDA_CHECK(cuda_rope(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
-}
-
-std::tuple<at::Tensor, at::Tensor> out_of_place(const char* op, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& positions,
-                                                at::ArrayRef<double> inv_freq,
-                                                at::IntArrayRef freq_axis, double scale,
-                                                bool inverse) {
-  RopeParams p = make_rope_params(op, q, k, positions, inv_freq, freq_axis, scale, inverse);
-  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
-  set_rope_outputs(p, q_out, k_out);
-  run(p, q);
-  return {q_out, k_out};
-}
+struct CudaRope {
+  static void run(const RopeParams& p, const at::Tensor& q) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    C10_CUDA_CHECK(cuda_rope(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+  }
+};
+using Impl = RopeImpl<CudaRope>;
 
 }  // namespace
 
@@ -36,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
                                              const at::Tensor& positions,
                                              at::ArrayRef<double> inv_freq,
                                              at::IntArrayRef freq_axis, double scale) {
-  return out_of_place("rope", q, k, positions, inv_freq, freq_axis, scale, false);
+  return Impl::rope(q, k, positions, inv_freq, freq_axis, scale, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q,
@@ -44,27 +34,18 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q,
                                                       const at::Tensor& positions,
                                                       at::ArrayRef<double> inv_freq,
                                                       at::IntArrayRef freq_axis, double scale) {
-  return out_of_place("rope_backward", grad_q, grad_k, positions, inv_freq, freq_axis, scale,
-                      true);
+  return Impl::rope(grad_q, grad_k, positions, inv_freq, freq_axis, scale, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_cos_sin_cuda(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& cos, const at::Tensor& sin,
                                                      bool inverse) {
-  const char* op = inverse ? "rope_cos_sin_backward" : "rope_cos_sin";
-  RopeParams p = make_rope_cos_sin_params(op, q, k, cos, sin, inverse);
-  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
-  set_rope_outputs(p, q_out, k_out);
-  run(p, q);
-  return {q_out, k_out};
+  return Impl::cos_sin(q, k, cos, sin, inverse);
 }
 
 void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                        at::ArrayRef<double> inv_freq, at::IntArrayRef freq_axis, double scale) {
-  RopeParams p = make_rope_params("rope_", q, k, positions, inv_freq, freq_axis, scale, false);
-  check_rope_inplace_targets(q, k);
-  set_rope_outputs(p, q, k);
-  run(p, q);
+  Impl::in_place(q, k, positions, inv_freq, freq_axis, scale);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
@@ -72,7 +53,9 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("rope_backward", &rope_backward_cuda);
   m.impl("rope_", &rope_inplace_cuda);
   m.impl("rope_cos_sin", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                            const at::Tensor& sin) { return rope_cos_sin_cuda(q, k, cos, sin, false); });
+                            const at::Tensor& sin) {
+    return rope_cos_sin_cuda(q, k, cos, sin, false);
+  });
   m.impl("rope_cos_sin_backward", [](const at::Tensor& gq, const at::Tensor& gk,
                                      const at::Tensor& cos, const at::Tensor& sin) {
     return rope_cos_sin_cuda(gq, gk, cos, sin, true);

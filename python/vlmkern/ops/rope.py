@@ -234,11 +234,8 @@ def mrope(
     Returns new ``(q_rot, k_rot)``; differentiable. Math in fp32, rounded once to the input dtype
     (HF rounds cos/sin to the model dtype first: results agree within the G3 error rule).
     """
-    rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
-    table = mrope_table(tuple(int(s) for s in mrope_section), float(theta), bool(interleaved),
-                        rotary_dim)
-    pos = _positions_abs(positions, 3, q.dim() == 3, "mrope")
-    return _apply("mrope", q, k, pos, table, scale, layout)
+    return _mrope("mrope", q, k, positions, mrope_section, theta, interleaved, rotary_dim, layout,
+                  scale, inplace=False)
 
 
 def mrope_(
@@ -253,11 +250,17 @@ def mrope_(
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place :func:`mrope` (inference: not differentiable). Returns ``(q, k)``, rotated."""
+    return _mrope("mrope_", q, k, positions, mrope_section, theta, interleaved, rotary_dim, layout,
+                  scale, inplace=True)
+
+
+def _mrope(op, q, k, positions, mrope_section, theta, interleaved, rotary_dim, layout, scale,
+           inplace):
     rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
     table = mrope_table(tuple(int(s) for s in mrope_section), float(theta), bool(interleaved),
                         rotary_dim)
-    pos = _positions_abs(positions, 3, q.dim() == 3, "mrope_")
-    return _apply("mrope_", q, k, pos, table, scale, layout, inplace=True)
+    pos = _positions_abs(positions, 3, q.dim() == 3, op)
+    return _apply(op, q, k, pos, table, scale, layout, inplace=inplace)
 
 
 def apply_rotary_pos_emb(
