@@ -16,15 +16,28 @@
 namespace vlmkern {
 namespace {
 
+// Tokens per task tile: their cos/sin (2 x kTokenTile x R floats) stay in L1/L2 while every
+// head streams through its kTokenTile consecutive rows.
+constexpr int64_t kTokenTile = 32;
+
+// Rotates `heads` heads of tokens [t0, t0 + n); cs/sn hold (n, R) cos/sin of those tokens.
 template <typename T>
 void rotate_heads(const RopeParams& p, const T* in, T* out, const int64_t* in_st,
-                  const int64_t* out_st, int heads, int64_t b, int64_t s, const float* cs,
-                  const float* sn) {
+                  const int64_t* out_st, int heads, int64_t t0, int64_t n, const float* cs_tile,
+                  const float* sn_tile) {
   // fp32 math (fp64 for fp64 inputs, so gradcheck sees a linear map at full precision).
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const int half = p.rotary_dim / 2;
   Acc row[2 * kMaxRopeFreqs];  // (R,) the head's rotary dims, read before any write (in place)
-  for (int h = 0; h < heads; ++h) {
+  // Walk the tile in memory order: head-major when a head's rows are adjacent ((B, H, S, D)),
+  // token-major when a token's heads are ((B, S, H, D) or packed).
+  const bool head_major = in_st[1] < in_st[2];
+  for (int64_t it = 0; it < heads * n; ++it) {
+    const int64_t h = head_major ? it / n : it % heads;
+    const int64_t i = head_major ? it % n : it / heads;
+    const int64_t b = (t0 + i) / p.seq, s = (t0 + i) - b * p.seq;
+    const float* cs = cs_tile + i * p.rotary_dim;
+    const float* sn = sn_tile + i * p.rotary_dim;
     const T* x = in + b * in_st[0] + s * in_st[1] + h * in_st[2];
     T* y = out + b * out_st[0] + s * out_st[1] + h * out_st[2];
     const int64_t xd = in_st[3], yd = out_st[3];
@@ -87,17 +100,22 @@ void token_cos_sin(const RopeParams& p, int64_t b, int64_t s, float* cs, float* 
 template <typename T>
 void rope_cpu_kernel(const RopeParams& p) {
   const int64_t tokens = p.batch * p.seq;
-  const int64_t work_per_token = int64_t{p.heads_q + p.heads_k} * p.head_dim + 4 * p.rotary_dim;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_token, 1));
-  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> cs(p.rotary_dim), sn(p.rotary_dim);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / p.seq, s = t - b * p.seq;
-      token_cos_sin(p, b, s, cs.data(), sn.data());
+  const int64_t tiles = (tokens + kTokenTile - 1) / kTokenTile;
+  const int64_t work_per_tile =
+      kTokenTile * (int64_t{p.heads_q + p.heads_k} * p.head_dim + 4 * p.rotary_dim);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_tile, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> cs(kTokenTile * p.rotary_dim), sn(kTokenTile * p.rotary_dim);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kTokenTile, n = std::min(kTokenTile, tokens - t0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = (t0 + i) / p.seq, s = (t0 + i) - b * p.seq;
+        token_cos_sin(p, b, s, cs.data() + i * p.rotary_dim, sn.data() + i * p.rotary_dim);
+      }
       rotate_heads<T>(p, static_cast<const T*>(p.q_in), static_cast<T*>(p.q_out), p.q_in_stride,
-                      p.q_out_stride, p.heads_q, b, s, cs.data(), sn.data());
+                      p.q_out_stride, p.heads_q, t0, n, cs.data(), sn.data());
       rotate_heads<T>(p, static_cast<const T*>(p.k_in), static_cast<T*>(p.k_out), p.k_in_stride,
-                      p.k_out_stride, p.heads_k, b, s, cs.data(), sn.data());
+                      p.k_out_stride, p.heads_k, t0, n, cs.data(), sn.data());
     }
   });
 }
