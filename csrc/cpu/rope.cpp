@@ -1,12 +1,18 @@
 // CPU implementations of the RoPE ops: rope (out of place), rope_ (in place), rope_backward
-// (rotation by -angle) and rope_cos_sin(_backward) (HF's given cos/sin). Parallel over tokens;
-// cos/sin computed (or read) once per token in fp32.
+// (rotation by -angle) and rope_cos_sin(_backward) (HF's given cos/sin). Parallel over token
+// tiles; angles in fp32 as HF, their cos/sin by ATen's vectorized kernels (as HF's freqs.cos()).
 #include <ATen/Parallel.h>
+#include <ATen/ops/cos.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sin.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -66,7 +72,9 @@ void rotate_heads(const RopeParams& p, const T* in, T* out, const int64_t* in_st
 }
 
 // The token's (R,) cos/sin; for the backward (p.inverse) sin is negated with its halves swapped.
-void token_cos_sin(const RopeParams& p, int64_t b, int64_t s, float* cs, float* sn) {
+// Table mode reads cos/sin of the token's angles from `cos_row` / `sin_row` (R/2 each).
+void token_cos_sin(const RopeParams& p, int64_t b, int64_t s, const float* cos_row,
+                   const float* sin_row, float* cs, float* sn) {
   const int half = p.rotary_dim / 2;
   if (p.cos_sin_input) {
     for (int i = 0; i < p.rotary_dim; ++i) {
@@ -83,18 +91,33 @@ void token_cos_sin(const RopeParams& p, int64_t b, int64_t s, float* cs, float* 
     return;
   }
   for (int f = 0; f < half; ++f) {
-    const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
-                        s * p.pos_stride[2];
-    const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
-                                          : static_cast<const int32_t*>(p.positions)[off];
-    const float angle = static_cast<float>(pos) * p.inv_freq[f];  // fp32, as HF
-    float sin_a, cos_a;
-    ::sincosf(angle, &sin_a, &cos_a);
-    const float c = cos_a * p.scale;
-    const float v = (p.inverse ? -sin_a : sin_a) * p.scale;
+    const float c = cos_row[f] * p.scale;
+    const float v = (p.inverse ? -sin_row[f] : sin_row[f]) * p.scale;
     cs[f] = cs[f + half] = c;
     sn[f] = sn[f + half] = v;
   }
+}
+
+// Tokens whose angles are turned into cos/sin by one pair of ATen calls (vectorized, as HF's own
+// freqs.cos() / freqs.sin()): (kAngleBlock, R/2) fp32, a few hundred KB.
+constexpr int64_t kAngleBlock = 32 * kTokenTile;
+
+// cos and sin (n, R/2) of the angles float(pos) * inv_freq[f] (fp32, as HF) of tokens t0..t0+n.
+std::pair<at::Tensor, at::Tensor> angle_cos_sin(const RopeParams& p, int64_t t0, int64_t n) {
+  const int half = p.rotary_dim / 2;
+  at::Tensor angles = at::empty({n, half}, at::TensorOptions().dtype(at::kFloat));
+  float* a = angles.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = (t0 + i) / p.seq, s = (t0 + i) - b * p.seq;
+    for (int f = 0; f < half; ++f) {
+      const int64_t off = p.freq_axis[f] * p.pos_stride[0] + b * p.pos_stride[1] +
+                          s * p.pos_stride[2];
+      const int64_t pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[off]
+                                            : static_cast<const int32_t*>(p.positions)[off];
+      a[i * half + f] = static_cast<float>(pos) * p.inv_freq[f];
+    }
+  }
+  return {at::cos(angles), at::sin(angles)};
 }
 
 template <typename T>
@@ -104,13 +127,24 @@ void rope_cpu_kernel(const RopeParams& p) {
   const int64_t work_per_tile =
       kTokenTile * (int64_t{p.heads_q + p.heads_k} * p.head_dim + 4 * p.rotary_dim);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_tile, 1));
+  const int half = p.rotary_dim / 2;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> cs(kTokenTile * p.rotary_dim), sn(kTokenTile * p.rotary_dim);
+    at::Tensor block_cos, block_sin;  // (block_n, R/2) for tokens block_t0 .. block_t0 + block_n
+    int64_t block_t0 = 0, block_n = 0;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kTokenTile, n = std::min(kTokenTile, tokens - t0);
+      if (!p.cos_sin_input && t0 + n > block_t0 + block_n) {
+        block_t0 = t0;
+        block_n = std::min({kAngleBlock, end * kTokenTile - t0, tokens - t0});
+        std::tie(block_cos, block_sin) = angle_cos_sin(p, block_t0, block_n);
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = (t0 + i) / p.seq, s = (t0 + i) - b * p.seq;
-        token_cos_sin(p, b, s, cs.data() + i * p.rotary_dim, sn.data() + i * p.rotary_dim);
+        const int64_t row = (t0 + i - block_t0) * half;
+        token_cos_sin(p, b, s, p.cos_sin_input ? nullptr : block_cos.const_data_ptr<float>() + row,
+                      p.cos_sin_input ? nullptr : block_sin.const_data_ptr<float>() + row,
+                      cs.data() + i * p.rotary_dim, sn.data() + i * p.rotary_dim);
       }
       rotate_heads<T>(p, static_cast<const T*>(p.q_in), static_cast<T*>(p.q_out), p.q_in_stride,
                       p.q_out_stride, p.heads_q, t0, n, cs.data(), sn.data());
