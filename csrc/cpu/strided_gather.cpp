@@ -8,7 +8,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-
 #include <cstring>
 
 #if defined(__SSE2__)
@@ -17,11 +16,6 @@
 
 namespace vlmkern {
 namespace {
-
-template <int kBytes>
-struct Unit {
-  unsigned char b[kBytes];
-};
 
 // Outputs at least this large bypass the caches (they would evict everything anyway).
 constexpr int64_t kStreamingBytes = int64_t{4} << 20;
@@ -61,9 +55,8 @@ void gather_rows(const GatherPlan& p, const char* in, char* out, int64_t row_beg
     } else if (inner_stride == 1) {
       std::memcpy(dst, src, static_cast<size_t>(inner) * kBytes);
     } else {
-      auto* d = reinterpret_cast<Unit<kBytes>*>(dst);
       for (int64_t k = 0; k < inner; ++k) {
-        std::memcpy(d + k, src + k * inner_stride * kBytes, kBytes);
+        std::memcpy(dst + k * kBytes, src + k * inner_stride * kBytes, kBytes);
       }
     }
     dst += inner * kBytes;
