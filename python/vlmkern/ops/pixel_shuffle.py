@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import check_rank
+
 _ELEMENT_SIZES = (1, 2, 4, 8, 16)
 _MAX_SCALE = 1 << 20  # kMaxScale in csrc/common/pixel_shuffle.h
 _INT64_MAX = (1 << 63) - 1
@@ -108,11 +110,7 @@ def _check_grid(
 
 
 def _check_common(t: torch.Tensor, scale: int, op: str, name: str, layout: str) -> None:
-    torch._check(
-        t.dim() == 4,
-        lambda: f"vlmkern.{op}: {name} must be a 4-D tensor {layout}, got {t.dim()}-D of shape "
-        f"{list(t.shape)}",
-    )
+    check_rank(t, 4, op, name, layout)
     torch._check(
         not t.is_quantized,
         lambda: f"vlmkern.{op}: {name} must not be quantized, got {t.dtype}",

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import check_rank
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_FREQS = 256  # kMaxRopeFreqs in csrc/common/rope_params.h
 
@@ -319,17 +321,9 @@ def apply_rotary_pos_emb_vision(
 # ---- fake kernels: the checks and messages of csrc/common/rope.cpp -------------------------------
 
 
-def _check_rank(t, want: int, op: str, name: str, layout: str) -> None:
-    torch._check(
-        t.dim() == want,
-        lambda: f"vlmkern.{op}: {name} must be a {want}-D tensor {layout}, got {t.dim()}-D of "
-        f"shape {list(t.shape)}",
-    )
-
-
 def _check_qk(op, q, k) -> None:
-    _check_rank(q, 4, op, "q", "(B, S, Hq, D)")
-    _check_rank(k, 4, op, "k", "(B, S, Hk, D)")
+    check_rank(q, 4, op, "q", "(B, S, Hq, D)")
+    check_rank(k, 4, op, "k", "(B, S, Hk, D)")
     torch._check(
         q.dtype in _FLOATS,
         lambda: f"vlmkern.{op}: q must be float32, float16, bfloat16 or float64, got {q.dtype}",
@@ -352,7 +346,7 @@ def _check_qk(op, q, k) -> None:
 
 def _check(op, q, k, positions, inv_freq, freq_axis) -> None:
     _check_qk(op, q, k)
-    _check_rank(positions, 3, op, "positions", "(A, B, S)")
+    check_rank(positions, 3, op, "positions", "(A, B, S)")
     torch._check(
         positions.dtype in (torch.int32, torch.int64),
         lambda: f"vlmkern.{op}: positions must be int32 or int64, got {positions.dtype}",
@@ -395,8 +389,8 @@ def _check(op, q, k, positions, inv_freq, freq_axis) -> None:
 
 def _check_cos_sin(op, q, k, cos, sin) -> None:
     _check_qk(op, q, k)
-    _check_rank(cos, 3, op, "cos", "(B, S, R)")
-    _check_rank(sin, 3, op, "sin", "(B, S, R)")
+    check_rank(cos, 3, op, "cos", "(B, S, R)")
+    check_rank(sin, 3, op, "sin", "(B, S, R)")
     torch._check(
         cos.dtype in _FLOATS,
         lambda: f"vlmkern.{op}: cos must be float32, float16, bfloat16 or float64, got "
