@@ -369,6 +369,7 @@ def run_op(
         mm = timings.get(MM)
         for name, t in timings.items():
             med = t.median
+            gemm_row = bool(case.flops) and name != COPY
             rec = {
                 "op": op_name,
                 "shape": case.shape,
@@ -382,8 +383,8 @@ def run_op(
                 "pct_of_copy": 100.0 * copy_med / med,
                 f"speedup_vs_{baseline}": (base.median / med) if base else None,
                 "flops": case.flops,
-                "tflop_s": (case.flops / (med * 1e-6) / 1e12) if case.flops else None,
-                "pct_of_mm": (100.0 * mm.median / med) if mm else None,
+                "tflop_s": (case.flops / (med * 1e-6) / 1e12) if gemm_row else None,
+                "pct_of_mm": (100.0 * mm.median / med) if mm and gemm_row else None,
                 "timing": t.method,
                 "timing_note": t.note,
                 "n_sets": t.n_sets,
