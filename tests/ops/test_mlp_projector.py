@@ -216,7 +216,6 @@ def test_cuda_tiers(name, dtype, layout):
     ref64 = _ref64(x, weights, opts)
     assert_nontrivial(ref64)
     if dtype == torch.float32:
-        torch.backends.cuda.matmul.allow_tf32 = False
         assert fp32_rel_err(out, ref64) <= 1e-5
     else:
         assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
