@@ -55,7 +55,8 @@ TORCH_LIBRARY(vlmkern, m) {
       "Tensor? norm_weight, Tensor? norm_bias, str activation, str norm, str norm_position, "
       "float eps, int shuffle, int merge) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // Its backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias), None where output_mask is off.
+  // Its backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); None where output_mask is
+  // off. hidden / mean / rstd are not differentiable (double backward is refused).
   m.def(
       "mlp_projector_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? w2, "
       "Tensor? norm_weight, Tensor? norm_bias, Tensor hidden, Tensor mean, Tensor rstd, "

@@ -10,6 +10,8 @@
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/native_layer_norm.h>
+#include <ATen/ops/native_layer_norm_backward.h>
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/sigmoid.h>
 
@@ -75,6 +77,13 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& h,
   return grad;
 }
 
+// A LayerNorm weight / bias as native_layer_norm(_backward) should see it (see norm_forward).
+OptTensor ln_param(const OptTensor& p, const at::Tensor& rows) {
+  const auto st = stat_type(rows.scalar_type());
+  if (!p || !rows.is_cpu() || rows.scalar_type() == st) return p;
+  return p->to(st);
+}
+
 struct NormOut {
   at::Tensor y, mean, rstd;  // y (M, K) in x's dtype; mean, rstd (M, groups) or (0,)
 };
@@ -87,18 +96,20 @@ NormOut norm_forward(const at::Tensor& rows, const OptTensor& weight, const OptT
   // Absent statistics are distinct empty tensors: outputs of an op must not alias each other.
   const auto no_stats = [&] { return at::empty({0}, rows.options().dtype(st)); };
   if (opt.norm == ProjectorNorm::kNone) return {rows, no_stats(), no_stats()};
-  const auto xf = rows.reshape({s.m * s.groups, s.norm_features}).to(st);
   if (opt.norm == ProjectorNorm::kRmsNorm) {  // Qwen2RMSNorm: weight * (x * rstd).to(dtype)
+    const auto xf = rows.reshape({s.m * s.groups, s.norm_features}).to(st);
     const auto rstd = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + opt.eps);
     const auto y = *weight * (xf * rstd).to(dt);
     return {y.view({s.m, s.k}), no_stats(), rstd.view({s.m, s.groups})};
   }
-  const auto mean = xf.mean(-1, /*keepdim=*/true);
-  const auto xc = xf - mean;
-  const auto rstd = at::rsqrt((xc * xc).mean(-1, /*keepdim=*/true) + opt.eps);
-  auto y = xc * rstd * weight->to(st);
-  if (bias) y = y + bias->to(st);
-  return {y.to(dt).view({s.m, s.k}), mean.view({s.m, s.groups}), rstd.view({s.m, s.groups})};
+  // ATen's fused LayerNorm (HF's own kernel). On the CPU, fp16 / bf16 input with fp32 affine
+  // parameters takes its mixed-type path, which returns fp32 statistics (else it rounds them to the
+  // input dtype); CUDA returns fp32 statistics for fp16 / bf16 input anyway.
+  const auto [y, mean, rstd] = at::native_layer_norm(
+      rows.reshape({s.m * s.groups, s.norm_features}), {s.norm_features}, ln_param(weight, rows),
+      ln_param(bias, rows), opt.eps);
+  return {y.view({s.m, s.k}), mean.to(st).view({s.m, s.groups}),
+          rstd.to(st).view({s.m, s.groups})};
 }
 
 struct NormGrads {
@@ -106,29 +117,33 @@ struct NormGrads {
 };
 
 NormGrads norm_backward(const at::Tensor& grad, const at::Tensor& rows, const OptTensor& weight,
-                        const at::Tensor& mean, const at::Tensor& rstd, const ProjectorShape& s,
-                        const ProjectorOptions& opt, bool need_dx, bool need_dw, bool need_db) {
+                        const OptTensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
+                        const ProjectorShape& s, const ProjectorOptions& opt, bool need_dx,
+                        bool need_dw, bool need_db) {
   if (opt.norm == ProjectorNorm::kNone) return {grad, {}, {}};
   const auto dt = rows.scalar_type();
   const auto st = stat_type(dt);
   const int64_t n = s.m * s.groups;
+  NormGrads out;
+  if (opt.norm == ProjectorNorm::kLayerNorm) {
+    const auto [dx, dw, db] = at::native_layer_norm_backward(
+        grad.reshape({n, s.norm_features}), rows.reshape({n, s.norm_features}),
+        {s.norm_features}, mean.reshape({n, 1}), rstd.reshape({n, 1}), ln_param(weight, rows),
+        ln_param(bias, rows), {need_dx, need_dw, need_db});
+    if (need_dx) out.dx = dx.view({s.m, s.k});
+    if (need_dw) out.dweight = dw.to(dt);
+    if (need_db) out.dbias = db.to(dt);
+    return out;
+  }
+  // RMSNorm: y = w * round(xhat), xhat = x * rstd (stat type).
   const auto xf = rows.reshape({n, s.norm_features}).to(st);
   const auto gf = grad.reshape({n, s.norm_features}).to(st);
   const auto r = rstd.reshape({n, 1});
-  NormGrads out;
-  // xhat: (x - mean) * rstd for LayerNorm, x * rstd for RMSNorm (both in the stat type).
-  const auto xhat = opt.norm == ProjectorNorm::kLayerNorm ? (xf - mean.reshape({n, 1})) * r : xf * r;
-  if (need_dw) {
-    // RMSNorm multiplies the weight by xhat rounded to x's dtype (HF), so its gradient does too.
-    const auto h = opt.norm == ProjectorNorm::kRmsNorm ? xhat.to(dt).to(st) : xhat;
-    out.dweight = (gf * h).sum(0).to(dt);
-  }
-  if (need_db && opt.norm == ProjectorNorm::kLayerNorm) out.dbias = gf.sum(0).to(dt);
+  const auto xhat = xf * r;
+  if (need_dw) out.dweight = (gf * xhat.to(dt).to(st)).sum(0).to(dt);
   if (need_dx) {
     const auto gw = gf * weight->to(st);
-    auto inner = gw - xhat * (gw * xhat).mean(-1, /*keepdim=*/true);
-    if (opt.norm == ProjectorNorm::kLayerNorm) inner = inner - gw.mean(-1, /*keepdim=*/true);
-    out.dx = (r * inner).to(dt).view({s.m, s.k});
+    out.dx = (r * (gw - xhat * (gw * xhat).mean(-1, /*keepdim=*/true))).to(dt).view({s.m, s.k});
   }
   return out;
 }
@@ -191,7 +206,8 @@ ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at:
   }
   if (!need_dxn) return {dx, dw1, db1, dw2, db2, dnw, dnb};
   const auto dxn = at::mm(dh, w1);
-  auto ng = norm_backward(dxn, rows, norm_weight, mean, rstd, s, opt, mask[0], mask[5], mask[6]);
+  auto ng = norm_backward(dxn, rows, norm_weight, norm_bias, mean, rstd, s, opt, mask[0], mask[5],
+                          mask[6]);
   dnw = ng.dweight;
   dnb = ng.dbias;
   if (mask[0]) {

@@ -180,7 +180,7 @@ void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
                 "output's shape ", at::IntArrayRef(s.out_sizes), ", got ", grad_out.sizes());
   check_like_x(hidden, x, "hidden");
   const bool keep_h = has_w2 || opt.activation != ProjectorActivation::kNone;
-  const std::vector<int64_t> h_sizes = keep_h ? std::vector<int64_t>{s.m, s.n1} : std::vector<int64_t>{0};
+  const auto h_sizes = keep_h ? std::vector<int64_t>{s.m, s.n1} : std::vector<int64_t>{0};
   VLMKERN_CHECK(hidden.sizes() == at::IntArrayRef(h_sizes), op, "hidden must have shape ",
                 at::IntArrayRef(h_sizes), ", got ", hidden.sizes());
   const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
