@@ -22,6 +22,7 @@ from projector_testing import (
     run,
 )
 from testing_utils import assert_nontrivial
+from torch.utils._python_dispatch import TorchDispatchMode
 
 LAYOUTS = ["contiguous", "cls", "strided", "transposed"]
 C, N1, D = 37, 93, 45  # odd sizes, off every tile edge
@@ -152,6 +153,29 @@ def test_grid_path_equals_4d_path(name):
     out4 = run(OURS, x4, weights, {**opts, "grid": None})
     assert out3.shape == (1, 5, out4.shape[-1])
     assert torch.equal(out3, out4.reshape(out3.shape))
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def test_grid_path_hands_the_strided_view_to_the_op():
+    """feats[:, 1:] reaches the op as a view of feats (no copy in the wrapper)."""
+    mode, x, weights, opts = _inputs("internvl", 6, "cls")
+    feats = x._base if x._base is not None else x
+    with _OpLog() as log:
+        run(OURS, x, weights, opts)
+    ops = [args for func, args in log.calls if "mlp_projector" in str(func)]
+    others = [func for func, _ in log.calls if "mlp_projector" not in str(func)]
+    assert len(ops) == 1
+    assert all(func.is_view for func in others), others
+    assert ops[0][0].untyped_storage().data_ptr() == feats.untyped_storage().data_ptr()
 
 
 def test_merge_of_prenorm_is_norm_then_view():
