@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -61,5 +62,37 @@ std::tuple<at::Tensor, at::Tensor> mrope_position_ids_cuda(
     const std::optional<at::Tensor>& video_intervals, int64_t spatial_merge_size,
     int64_t image_token, int64_t video_token, bool split_video_frames,
     std::string_view text_after_video);
+
+// mlp_projector: (out, hidden, mean, rstd), see torch_bindings.cpp; its backward: seven gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    std::string_view activation, std::string_view norm, std::string_view norm_position, double eps,
+    int64_t shuffle, int64_t merge);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mlp_projector_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                          const std::optional<at::Tensor>& w2,
+                          const std::optional<at::Tensor>& norm_weight,
+                          const std::optional<at::Tensor>& norm_bias, const at::Tensor& hidden,
+                          const at::Tensor& mean, const at::Tensor& rstd,
+                          std::string_view activation, std::string_view norm,
+                          std::string_view norm_position, double eps, int64_t shuffle,
+                          int64_t merge, std::array<bool, 7> output_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    std::string_view activation, std::string_view norm, std::string_view norm_position, double eps,
+    int64_t shuffle, int64_t merge);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mlp_projector_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                          const std::optional<at::Tensor>& w2,
+                          const std::optional<at::Tensor>& norm_weight,
+                          const std::optional<at::Tensor>& norm_bias, const at::Tensor& hidden,
+                          const at::Tensor& mean, const at::Tensor& rstd,
+                          std::string_view activation, std::string_view norm,
+                          std::string_view norm_position, double eps, int64_t shuffle,
+                          int64_t merge, std::array<bool, 7> output_mask);
 
 }  // namespace vlmkern

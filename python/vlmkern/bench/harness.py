@@ -19,6 +19,7 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COPY = "copy"  # name of the copy-roofline provider row
+MM = "torch.mm"  # name of a GEMM bench's roofline provider (same GEMM shapes, nothing else)
 
 
 @dataclass
@@ -333,8 +334,10 @@ def run_op(
     baseline: str,
     exact: bool = True,
     log: Callable[[str], None] = print,
+    rooflines: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Check then time every provider (plus the copy roofline) on every case; return records."""
+    """Check then time every provider (plus the copy roofline) on every case; return records.
+    Providers named in `rooflines` (e.g. MM) compute something else on purpose: not checked."""
     records = []
     for case in cases:
         probe = case.make_inputs()
@@ -351,7 +354,8 @@ def run_op(
             except Exception as e:  # noqa: BLE001 - a provider that cannot run is reported
                 log(f"  [skip] {name} on {case.shape}: {type(e).__name__}: {e}".splitlines()[0])
                 continue
-            check_equal(name, case, out, ref, exact)
+            if name not in rooflines:
+                check_equal(name, case, out, ref, exact)
             del out
             jobs[name] = (fn, sets, case.kwargs)
         jobs[COPY] = (copy_fn, copy_case_sets(case.bytes_moved, n_sets, cfg), {})
@@ -362,8 +366,10 @@ def run_op(
             torch.cuda.empty_cache()
         base = timings.get(baseline)
         copy_med = timings[COPY].median
+        mm = timings.get(MM)
         for name, t in timings.items():
             med = t.median
+            gemm_row = bool(case.flops) and name != COPY
             rec = {
                 "op": op_name,
                 "shape": case.shape,
@@ -377,7 +383,8 @@ def run_op(
                 "pct_of_copy": 100.0 * copy_med / med,
                 f"speedup_vs_{baseline}": (base.median / med) if base else None,
                 "flops": case.flops,
-                "tflop_s": (case.flops / (med * 1e-6) / 1e12) if case.flops else None,
+                "tflop_s": (case.flops / (med * 1e-6) / 1e12) if gemm_row else None,
+                "pct_of_mm": (100.0 * mm.median / med) if mm and gemm_row else None,
                 "timing": t.method,
                 "timing_note": t.note,
                 "n_sets": t.n_sets,
@@ -397,6 +404,9 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
     key = f"speedup_vs_{baseline}"
     head = ["shape", "provider", "median us", "p20", "p80", "GB/s", "% of copy",
             f"x vs {baseline}"]
+    gemm = any(r.get("tflop_s") for r in records)
+    if gemm:
+        head += ["TFLOP/s", f"% of {MM}"]
     rows = []
     notes = []
     for r in records:
@@ -409,6 +419,9 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
             f"{r['p80_us']:.1f}", f"{r['gb_s']:.1f}", f"{r['pct_of_copy']:.0f}%",
             f"{r[key]:.2f}x" if r.get(key) else "-",
         ])
+        if gemm:
+            rows[-1] += [f"{r['tflop_s']:.2f}" if r.get("tflop_s") else "-",
+                         f"{r['pct_of_mm']:.0f}%" if r.get("pct_of_mm") else "-"]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     left = {0, 1}

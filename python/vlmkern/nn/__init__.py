@@ -1,6 +1,30 @@
 """nn.Module wrappers over vlmkern ops."""
 
 from .pixel_shuffle import PixelShuffle
+from .projector import (
+    Idefics3Connector,
+    InternVLMultiModalProjector,
+    LlavaMultiModalProjector,
+    PaliGemmaMultiModalProjector,
+    Qwen2_5_VLPatchMerger,
+    Qwen2VLPatchMerger,
+    Qwen3VLVisionPatchMerger,
+    QwenRMSNorm,
+    SmolVLMConnector,
+)
 from .rope import MRotary, VisionRotary
 
-__all__ = ["MRotary", "PixelShuffle", "VisionRotary"]
+__all__ = [
+    "MRotary",
+    "PixelShuffle",
+    "VisionRotary",
+    "Idefics3Connector",
+    "InternVLMultiModalProjector",
+    "LlavaMultiModalProjector",
+    "PaliGemmaMultiModalProjector",
+    "Qwen2VLPatchMerger",
+    "Qwen2_5_VLPatchMerger",
+    "Qwen3VLVisionPatchMerger",
+    "QwenRMSNorm",
+    "SmolVLMConnector",
+]

@@ -1,5 +1,6 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
+from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import (
@@ -21,4 +22,5 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "mlp_projector",
 ]
