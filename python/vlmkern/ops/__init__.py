@@ -10,6 +10,7 @@ from .rope import (
     rope,
     vision_rope,
 )
+from .cross_attention import cross_attention, mllama_kv_ranges
 
 __all__ = [
     "apply_rotary_pos_emb",
@@ -21,4 +22,6 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "cross_attention",
+    "mllama_kv_ranges",
 ]
