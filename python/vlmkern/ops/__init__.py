@@ -1,5 +1,6 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
+from .cross_attention import cross_attention, mllama_kv_ranges
 from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import (
@@ -10,7 +11,6 @@ from .rope import (
     rope,
     vision_rope,
 )
-from .cross_attention import cross_attention, mllama_kv_ranges
 
 __all__ = [
     "apply_rotary_pos_emb",

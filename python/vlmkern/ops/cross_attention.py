@@ -238,7 +238,7 @@ def _mllama_kv_ranges_fake(cross_attention_mask, num_vision_tokens=1601):
     return mask.new_empty((b, s, (m * t + 1) // 2, 2), dtype=torch.int32)
 
 
-# ---- autograd: the backward op recomputes P from lse ----------------------------------------------
+# ---- autograd: the backward op recomputes P from lse ---------------------------------------------
 
 
 def _setup(ctx, inputs, output) -> None:

@@ -1,5 +1,6 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
+from .cross_attention import cross_attention, mllama_kv_ranges
 from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import apply_rotary_pos_emb, mrope, rope, vision_rope
@@ -12,4 +13,6 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "cross_attention",
+    "mllama_kv_ranges",
 ]
