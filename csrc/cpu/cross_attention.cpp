@@ -58,28 +58,7 @@ void forward_task(const XattnParams& p, const Plan& plan, const Segment& s, int6
       mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * kBlockN,
                rows * kBlockN, G, vis.data());
     }
-    for (int64_t r = 0; r < M; ++r) {  // online softmax, row r of the tile
-      A* sr = st + r * kBlockN;
-      A m = mx[r];
-      for (int64_t j = 0; j < n; ++j) m = std::max(m, sr[j]);
-      if (m == -std::numeric_limits<A>::infinity()) {  // nothing visible yet: P = 0
-        std::fill(sr, sr + n, A(0));
-        continue;
-      }
-      A l = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        sr[j] = exp_fast(sr[j] - m);
-        l += sr[j];
-      }
-      if (m != mx[r]) {
-        const A alpha = exp_fast(mx[r] - m);
-        A* ar = acc + r * d;
-        for (int64_t c = 0; c < d; ++c) ar[c] *= alpha;
-        sum[r] *= alpha;
-        mx[r] = m;
-      }
-      sum[r] += l;
-    }
+    softmax_rows(st, kBlockN, M, n, mx, sum, acc, d);  // online softmax, P in st
     gemm(false, false, M, d, n, A(1), st, kBlockN, vt, d, A(1), acc, d);  // O += P V
   }
   for (int64_t g = 0; g < G; ++g) {

@@ -69,20 +69,7 @@ void probs_and_dscores(const XattnParams& p, const Plan& plan, const Segment& s,
     mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * kBlockN,
              rows * kBlockN, p.heads_q / p.heads_k, vis);
   }
-  for (int64_t r = 0; r < M; ++r) {
-    A* sr = st + r * kBlockN;
-    A* dr = dp + r * kBlockN;
-    const A l = lse[r], dl = delta[r];
-    if (l == -std::numeric_limits<A>::infinity()) {  // the row sees nothing
-      std::fill(sr, sr + n, A(0));
-      std::fill(dr, dr + n, A(0));
-      continue;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      sr[j] = exp_fast(sr[j] - l);
-      dr[j] = sr[j] * (dr[j] - dl);
-    }
-  }
+  dscores_rows(st, dp, kBlockN, M, n, lse, delta);
 }
 
 template <typename T>

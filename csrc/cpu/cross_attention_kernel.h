@@ -93,6 +93,18 @@ inline float exp_fast(float x) {
 }
 inline double exp_fast(double x) { return std::exp(x); }
 
+// Online-softmax update of a tile (cross_attention_rows.cpp): st (M rows, ld apart, n scores)
+// becomes P = exp(s - new max); mx / sum (M,) running max and sum; acc (M, d) rescaled.
+void softmax_rows(float* st, int64_t ld, int64_t M, int64_t n, float* mx, float* sum, float* acc,
+                  int64_t d);
+void softmax_rows(double* st, int64_t ld, int64_t M, int64_t n, double* mx, double* sum,
+                  double* acc, int64_t d);
+// Backward tile: st (M, n) scores -> P = exp(s - lse); dp (M, n) dP -> dS = P * (dP - delta).
+void dscores_rows(float* st, float* dp, int64_t ld, int64_t M, int64_t n, const float* lse,
+                  const float* delta);
+void dscores_rows(double* st, double* dp, int64_t ld, int64_t M, int64_t n, const double* lse,
+                  const double* delta);
+
 // Row `row`'s visibility over keys [k0, k0 + n) of its segment: writes -inf into s[j] for the
 // invisible ones (s is (n,) of one stacked head row; `heads` such rows, `ld` apart, share it).
 template <typename A>
