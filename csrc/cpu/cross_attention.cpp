@@ -28,10 +28,10 @@ void forward_task(const XattnParams& p, const Plan& plan, const Segment& s, int6
   const int64_t d = p.head_dim, G = p.heads_q / p.heads_k;
   const int64_t i0 = qb * kBlockM, rows = std::min(kBlockM, s.lq - i0), M = G * rows;
   A* qs = buf.data();           // (M, d) q * scale
-  A* kt = qs + M * d;           // (kBlockN, d) keys
-  A* vt = kt + kBlockN * d;     // (kBlockN, d) values
-  A* st = vt + kBlockN * d;     // (M, kBlockN) scores, then probabilities
-  A* acc = st + M * kBlockN;    // (M, d) unnormalized output
+  A* kt = qs + M * d;           // (plan.bn, d) keys
+  A* vt = kt + plan.bn * d;     // (plan.bn, d) values
+  A* st = vt + plan.bn * d;     // (M, plan.bn) scores, then probabilities
+  A* acc = st + M * plan.bn;    // (M, d) unnormalized output
   A* mx = acc + M * d;          // (M,) running max
   A* sum = mx + M;              // (M,) running sum of exp
   const T* q = static_cast<const T*>(p.q);
@@ -47,19 +47,19 @@ void forward_task(const XattnParams& p, const Plan& plan, const Segment& s, int6
   const uint8_t* tile_vis = plan.visible.data() + s.vis_off + qb * s.nkb;
   for (int64_t kb = 0; kb < s.nkb; ++kb) {
     if (!tile_vis[kb]) continue;
-    const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, s.lk - j0);
+    const int64_t j0 = kb * plan.bn, n = std::min(plan.bn, s.lk - j0);
     load_rows(k + s.b * p.k_stride[0] + (s.k0 + j0) * p.k_stride[1] + hk * p.k_stride[2],
               p.k_stride[1], p.k_stride[3], n, d, kt, A(1));
     load_rows(v + s.b * p.v_stride[0] + (s.k0 + j0) * p.v_stride[1] + hk * p.v_stride[2],
               p.v_stride[1], p.v_stride[3], n, d, vt, A(1));
-    gemm(false, true, M, n, d, A(1), qs, d, kt, d, A(0), st, kBlockN);  // S = Qs Kᵀ
+    gemm(false, true, M, n, d, A(1), qs, d, kt, d, A(0), st, plan.bn);  // S = Qs Kᵀ
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t row = plan.row(s, i0 + i, p.seq_q);
-      mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * kBlockN,
-               rows * kBlockN, G, vis.data());
+      mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * plan.bn,
+               rows * plan.bn, G, vis.data());
     }
-    softmax_rows(st, kBlockN, M, n, mx, sum, acc, d);  // online softmax, P in st
-    gemm(false, false, M, d, n, A(1), st, kBlockN, vt, d, A(1), acc, d);  // O += P V
+    softmax_rows(st, plan.bn, M, n, mx, sum, acc, d);  // online softmax, P in st
+    gemm(false, false, M, d, n, A(1), st, plan.bn, vt, d, A(1), acc, d);  // O += P V
   }
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
@@ -80,8 +80,8 @@ void forward(const XattnParams& p, const Plan& plan, T* out, Acc<T>* lse) {
   const int64_t d = p.head_dim, M = (p.heads_q / p.heads_k) * kBlockM;
   const int64_t tasks = static_cast<int64_t>(plan.q_tasks.size()) * p.heads_k;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc<T>> buf(2 * M * d + 2 * kBlockN * d + M * kBlockN + 2 * M);
-    std::vector<uint8_t> vis(kBlockN);
+    std::vector<Acc<T>> buf(2 * M * d + 2 * plan.bn * d + M * plan.bn + 2 * M);
+    std::vector<uint8_t> vis(plan.bn);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t task = plan.q_tasks[t / p.heads_k], hk = t % p.heads_k;
       forward_task<T>(p, plan, plan.segs[task >> 32], hk, task & 0xffffffff, buf, vis, out, lse);

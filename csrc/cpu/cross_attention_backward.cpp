@@ -62,14 +62,14 @@ void probs_and_dscores(const XattnParams& p, const Plan& plan, const Segment& s,
                        Acc<T>* st, Acc<T>* dp, uint8_t* vis) {
   using A = Acc<T>;
   const int64_t d = p.head_dim, M = (p.heads_q / p.heads_k) * rows;
-  gemm(false, true, M, n, d, A(1), qs, d, kt, d, A(0), st, kBlockN);    // S = Qs Kᵀ
-  gemm(false, true, M, n, d, A(1), dout, d, vt, d, A(0), dp, kBlockN);  // dP = dO Vᵀ
+  gemm(false, true, M, n, d, A(1), qs, d, kt, d, A(0), st, plan.bn);    // S = Qs Kᵀ
+  gemm(false, true, M, n, d, A(1), dout, d, vt, d, A(0), dp, plan.bn);  // dP = dO Vᵀ
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = plan.row(s, i0 + i, p.seq_q);
-    mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * kBlockN,
-             rows * kBlockN, p.heads_q / p.heads_k, vis);
+    mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * plan.bn,
+             rows * plan.bn, p.heads_q / p.heads_k, vis);
   }
-  dscores_rows(st, dp, kBlockN, M, n, lse, delta);
+  dscores_rows(st, dp, plan.bn, M, n, lse, delta);
 }
 
 template <typename T>
@@ -87,26 +87,26 @@ template <typename T>
 void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
   using A = Acc<T>;
   const int64_t d = p.head_dim, G = p.heads_q / p.heads_k, Mmax = G * kBlockM;
-  const size_t buf_size = 2 * Mmax * d + 2 * Mmax + 4 * kBlockN * d + 2 * Mmax * kBlockN;
+  const size_t buf_size = 2 * Mmax * d + 2 * Mmax + 4 * plan.bn * d + 2 * Mmax * plan.bn;
   // Pass 1: dK, dV per (segment, kv head, k block).
   const int64_t k_tasks = static_cast<int64_t>(plan.k_tasks.size()) * p.heads_k;
   at::parallel_for(0, k_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(buf_size);
-    std::vector<uint8_t> vis(kBlockN);
+    std::vector<uint8_t> vis(plan.bn);
     A* qs = buf.data();             // (M, d) scale·q
     A* dout = qs + Mmax * d;        // (M, d) dO
     A* lse = dout + Mmax * d;       // (M,)
     A* delta = lse + Mmax;          // (M,)
     A* kt = delta + Mmax;           // (n, d)
-    A* vt = kt + kBlockN * d;       // (n, d)
-    A* dk = vt + kBlockN * d;       // (n, d) accumulated dK
-    A* dv = dk + kBlockN * d;       // (n, d) accumulated dV
-    A* st = dv + kBlockN * d;       // (M, kBlockN) P
-    A* dp = st + Mmax * kBlockN;    // (M, kBlockN) dS
+    A* vt = kt + plan.bn * d;       // (n, d)
+    A* dk = vt + plan.bn * d;       // (n, d) accumulated dK
+    A* dv = dk + plan.bn * d;       // (n, d) accumulated dV
+    A* st = dv + plan.bn * d;       // (M, plan.bn) P
+    A* dp = st + Mmax * plan.bn;    // (M, plan.bn) dS
     for (int64_t t = begin; t < end; ++t) {
       const int64_t task = plan.k_tasks[t / p.heads_k], hk = t % p.heads_k;
       const Segment& s = plan.segs[task >> 32];
-      const int64_t kb = task & 0xffffffff, j0 = kb * kBlockN, n = std::min(kBlockN, s.lk - j0);
+      const int64_t kb = task & 0xffffffff, j0 = kb * plan.bn, n = std::min(plan.bn, s.lk - j0);
       load_kv<T>(p, s, hk, j0, n, kt, vt);
       std::fill(dk, dk + n * d, A(0));
       std::fill(dv, dv + n * d, A(0));
@@ -116,8 +116,8 @@ void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
         const int64_t M = G * rows;
         probs_and_dscores<T>(p, plan, s, qb * kBlockM, rows, j0, n, qs, dout, lse, delta, kt, vt,
                              st, dp, vis.data());
-        gemm(true, false, n, d, M, A(1), st, kBlockN, dout, d, A(1), dv, d);  // dV += Pᵀ dO
-        gemm(true, false, n, d, M, A(1), dp, kBlockN, qs, d, A(1), dk, d);    // dK += dSᵀ Qs
+        gemm(true, false, n, d, M, A(1), st, plan.bn, dout, d, A(1), dv, d);  // dV += Pᵀ dO
+        gemm(true, false, n, d, M, A(1), dp, plan.bn, qs, d, A(1), dk, d);    // dK += dSᵀ Qs
       }
       for (int64_t j = 0; j < n; ++j) {
         const int64_t off = ((s.b * p.seq_k + s.k0 + j0 + j) * p.heads_k + hk) * d;
@@ -132,15 +132,15 @@ void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
   const int64_t q_tasks = static_cast<int64_t>(plan.q_tasks.size()) * p.heads_k;
   at::parallel_for(0, q_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(buf_size);
-    std::vector<uint8_t> vis(kBlockN);
+    std::vector<uint8_t> vis(plan.bn);
     A* qs = buf.data();             // (M, d) scale·q
     A* dout = qs + Mmax * d;        // (M, d) dO
     A* lse = dout + Mmax * d;       // (M,)
     A* delta = lse + Mmax;          // (M,)
     A* kt = delta + Mmax;           // (n, d)
-    A* vt = kt + kBlockN * d;       // (n, d)
-    A* st = vt + 3 * kBlockN * d;   // (M, kBlockN) P (same layout as pass 1)
-    A* dp = st + Mmax * kBlockN;    // (M, kBlockN) dS
+    A* vt = kt + plan.bn * d;       // (n, d)
+    A* st = vt + 3 * plan.bn * d;   // (M, plan.bn) P (same layout as pass 1)
+    A* dp = st + Mmax * plan.bn;    // (M, plan.bn) dS
     std::vector<A> dq_buf(Mmax * d);
     A* dq = dq_buf.data();          // (M, d) accumulated dQ / scale
     for (int64_t t = begin; t < end; ++t) {
@@ -152,11 +152,11 @@ void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
       std::fill(dq, dq + M * d, A(0));
       for (int64_t kb = 0; kb < s.nkb; ++kb) {
         if (!plan.visible[s.vis_off + qb * s.nkb + kb]) continue;
-        const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, s.lk - j0);
+        const int64_t j0 = kb * plan.bn, n = std::min(plan.bn, s.lk - j0);
         load_kv<T>(p, s, hk, j0, n, kt, vt);
         probs_and_dscores<T>(p, plan, s, i0, rows, j0, n, qs, dout, lse, delta, kt, vt, st, dp,
                              vis.data());
-        gemm(false, false, M, d, n, A(1), dp, kBlockN, kt, d, A(1), dq, d);  // dQ += dS K
+        gemm(false, false, M, d, n, A(1), dp, plan.bn, kt, d, A(1), dq, d);  // dQ += dS K
       }
       const A scale = static_cast<A>(p.scale);
       for (int64_t g = 0; g < G; ++g) {

@@ -16,10 +16,13 @@
 
 namespace vlmkern::xattn_cpu {
 
-// Query rows per head in one q block (the G heads of a GQA group are stacked: G*kBlockM rows),
-// keys per k block.
+// Query rows per head in one q block (the G heads of a GQA group are stacked: G*kBlockM rows).
+// Keys per k block (Plan::bn) are chosen per call: the (G*rows, bn) fp32 score tile stays within
+// kTileFloats (L2), at most kMaxBlockN, and the keys are split into equal blocks (257 Q-Former
+// keys are one block of 272, not 256 + 1).
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 128;
+constexpr int64_t kMaxBlockN = 512;
+constexpr int64_t kTileFloats = 64 * 1024;
 
 struct Segment {
   int64_t b = 0;        // batch index into q / k / v (0 when packed)
@@ -32,6 +35,7 @@ struct Segment {
 struct Plan {
   std::vector<Segment> segs;
   std::vector<uint8_t> visible;  // per segment (nqb, nkb): 1 when the tile has a visible pair
+  int64_t bn = 16;                // keys per k block
   int64_t rn = 1;                 // ranges per row
   std::vector<int32_t> ranges;    // (B*Sq, rn, 2) [start, end) relative to the segment's keys
   std::vector<int32_t> count;     // (B*Sq,) non-empty ranges of each row
@@ -75,7 +79,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
 // reduction and degree-6 polynomial, ~2 ulp, branch-free so the loops using it vectorize.
 inline float exp_fast(float x) {
   x = std::min(std::max(x, -104.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (no floor: vectorizes on plain SSE2 too).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;

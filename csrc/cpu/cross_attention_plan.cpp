@@ -97,6 +97,18 @@ Plan make_plan(const XattnParams& p) {
       plan.segs.push_back(s);
     }
   }
+  // Block size over keys: equal blocks of at most bn0 keys, bn0 from the score tile budget.
+  int64_t max_lq = 0, max_lk = 0;
+  for (const Segment& s : plan.segs) {
+    max_lq = std::max(max_lq, s.lq);
+    max_lk = std::max(max_lk, s.lk);
+  }
+  const int64_t rows_per_task = (p.heads_q / p.heads_k) * std::min(kBlockM, std::max<int64_t>(
+                                                                                 max_lq, 1));
+  const int64_t bn0 = std::clamp<int64_t>(kTileFloats / std::max<int64_t>(rows_per_task, 1) / 16 *
+                                              16, 64, kMaxBlockN);
+  const int64_t nkb_max = std::max<int64_t>(1, (max_lk + bn0 - 1) / bn0);
+  plan.bn = std::max<int64_t>(16, ((max_lk + nkb_max - 1) / nkb_max + 15) / 16 * 16);
   // Per-row visible ranges, normalized: empty ranges dropped; "uniform" rows that see nothing
   // get [0, Lk).
   plan.rn = std::max<int64_t>(1, p.has_ranges ? p.num_ranges : 1);
@@ -144,7 +156,7 @@ Plan make_plan(const XattnParams& p) {
       plan.count[row] = cnt;
     }
     s.nqb = (s.lq + kBlockM - 1) / kBlockM;
-    s.nkb = (s.lk + kBlockN - 1) / kBlockN;
+    s.nkb = (s.lk + plan.bn - 1) / plan.bn;
     s.vis_off = vis_total;
     vis_total += s.nqb * s.nkb;
     ++n;
@@ -158,7 +170,7 @@ Plan make_plan(const XattnParams& p) {
       const int32_t* rr = plan.ranges.data() + row * plan.rn * 2;
       uint8_t* vis = plan.visible.data() + s.vis_off + (i / kBlockM) * s.nkb;
       for (int32_t r = 0; r < plan.count[row]; ++r) {
-        for (int64_t kb = rr[2 * r] / kBlockN; kb <= (rr[2 * r + 1] - 1) / kBlockN; ++kb) {
+        for (int64_t kb = rr[2 * r] / plan.bn; kb <= (rr[2 * r + 1] - 1) / plan.bn; ++kb) {
           vis[kb] = 1;
         }
       }

@@ -1,6 +1,7 @@
 // Row-wise elementwise work of the CPU cross-attention tiles (online softmax in the forward,
-// P and dS in the backward). The fp32 versions are compiled per x86 ISA level (AVX-512, AVX2,
-// baseline; picked at load time) so the exp / max / sum loops run on the widest vectors.
+// P and dS in the backward). The fp32 versions are compiled per x86 ISA (AVX-512, AVX2, baseline;
+// picked at load time by CPU features, not model) so the exp / max / sum loops run on the widest
+// vectors.
 #include <algorithm>
 #include <limits>
 
@@ -8,7 +9,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VLMKERN_ISA_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VLMKERN_ISA_CLONES
 #endif

@@ -225,6 +225,23 @@ def measure_mm_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+@functools.lru_cache(maxsize=None)
+def mm_tflops(device: str) -> float:
+    """bf16 torch.mm rate of `device` in TFLOP/s (GPU: 8192³ via measure_mm_tflops; CPU: the
+    median of a few 2048³ products on all threads), for GEMM-like benches' '% of mm'."""
+    if device == "cuda":
+        return measure_mm_tflops()
+    n = 2048
+    a, b = torch.randn(n, n).to(torch.bfloat16), torch.randn(n, n).to(torch.bfloat16)
+    torch.mm(a, b)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 # --------------------------------------------------------------------------------------------
 # Environment header
 
@@ -378,6 +395,8 @@ def run_op(
                 f"speedup_vs_{baseline}": (base.median / med) if base else None,
                 "flops": case.flops,
                 "tflop_s": (case.flops / (med * 1e-6) / 1e12) if case.flops else None,
+                "pct_of_mm": (100.0 * case.flops / (med * 1e-6) / 1e12 / mm_tflops(cfg.device)
+                              if case.flops else None),
                 "timing": t.method,
                 "timing_note": t.note,
                 "n_sets": t.n_sets,
@@ -397,6 +416,9 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
     key = f"speedup_vs_{baseline}"
     head = ["shape", "provider", "median us", "p20", "p80", "GB/s", "% of copy",
             f"x vs {baseline}"]
+    gemm_like = any(r.get("tflop_s") for r in records)  # compute-bound ops: TFLOP/s, % of mm
+    if gemm_like:
+        head += ["TFLOP/s", "% of mm"]
     rows = []
     notes = []
     for r in records:
@@ -408,7 +430,8 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
             r["shape"], prov, f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}",
             f"{r['p80_us']:.1f}", f"{r['gb_s']:.1f}", f"{r['pct_of_copy']:.0f}%",
             f"{r[key]:.2f}x" if r.get(key) else "-",
-        ])
+        ] + ([f"{r['tflop_s']:.3f}" if r.get("tflop_s") else "-",
+              f"{r['pct_of_mm']:.0f}%" if r.get("pct_of_mm") else "-"] if gemm_like else []))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     left = {0, 1}
