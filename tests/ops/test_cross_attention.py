@@ -60,6 +60,18 @@ def test_output_is_dense_bshd_view():
     assert out.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("memory", ["fused", "expanded_q", "strided_d"])
+def test_strided_inputs_are_not_copied(memory):
+    """Views of fused projections, shared queries and strided head dims reach the kernel as they
+    are: no copy / clone / contiguous anywhere in the forward."""
+    q, k, v = make_qkv("bhsd", memory, 3, 20, 40, 4, 2, 32, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        vlmkern.ops.cross_attention(q, k, v)
+    names = {e.name for e in prof.events()}
+    assert "vlmkern::cross_attention" in names
+    assert not names & {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
+
+
 def test_shared_queries_read_in_place():
     """Learned queries (1, Lq, H, D) expanded over 5 images: batch stride 0 reaches the kernel,
     and the query gradient sums over the images."""
