@@ -55,6 +55,8 @@ XattnParams make_xattn_params(const char* op, const at::Tensor& q, const at::Ten
   VLMKERN_CHECK(k.size(3) == d, op, "k head dim ", k.size(3), " differs from q head dim ", d);
   VLMKERN_CHECK(d >= 1 && d <= kXattnMaxHeadDim, op, "head dim D=", d,
                 " is not supported: D must be in [1, ", kXattnMaxHeadDim, "]");
+  VLMKERN_CHECK(k.size(1) <= INT32_MAX, op, "k has ", k.size(1),
+                " keys; key positions (kv_ranges, blocks) must fit in int32");
   const int64_t hq = q.size(2), hk = k.size(2);
   VLMKERN_CHECK(hk >= 1 && hq % hk == 0, op, "q heads Hq=", hq,
                 " must be a multiple of k/v heads Hk=", hk, " (GQA/MQA)");

@@ -257,6 +257,12 @@ def test_bad_device():
         _call(_qkv(prefix_len=torch.tensor([1, 2], device="meta")))
 
 
+def test_too_many_keys_meta():
+    k = torch.empty(1, 2**31, 1, 8, device="meta")
+    with pytest.raises(RuntimeError, match=r"must fit in int32"):
+        xattn_op(torch.empty(1, 2, 1, 8, device="meta"), k, k)
+
+
 def test_bad_backward_inputs():
     q, k, v, *rest = _sample("contiguous", False)
     out, lse = xattn_op(q, k, v, *rest)

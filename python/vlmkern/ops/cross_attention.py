@@ -156,6 +156,8 @@ def _check(op, q, k, v, kv_ranges, cu_q, cu_k, prefix_len, scale, masked_rows) -
                  f"q head dim {d}")
     torch._check(1 <= d <= MAX_HEAD_DIM, lambda: f"vlmkern.{op}: head dim D={d} is not "
                  f"supported: D must be in [1, {MAX_HEAD_DIM}]")
+    torch._check(k.shape[1] <= 2**31 - 1, lambda: f"vlmkern.{op}: k has {k.shape[1]} keys; key "
+                 "positions (kv_ranges, blocks) must fit in int32")
     hk = k.shape[2]
     torch._check(hk >= 1 and hq % hk == 0, lambda: f"vlmkern.{op}: q heads Hq={hq} must be a "
                  f"multiple of k/v heads Hk={hk} (GQA/MQA)")
