@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -166,16 +167,33 @@ def _sdpa_backend(backend) -> Callable:
     return fn
 
 
+def _hf_eager_fn() -> Callable | None:
+    """transformers' own Mllama eager_attention_forward (None when transformers is missing)."""
+    try:
+        from transformers.models.mllama.modeling_mllama import eager_attention_forward
+    except Exception:  # noqa: BLE001 - no (or an older) transformers: use the restated math
+        return None
+    return eager_attention_forward
+
+
 def hf_eager(q, k, v, aux, spec: Spec) -> torch.Tensor:
-    """HF's eager_attention_forward: repeat_kv, matmul, additive mask, fp32 softmax, matmul."""
+    """HF's eager attention (transformers' function when importable, else restated): repeat_kv,
+    matmul, additive mask, fp32 softmax, matmul. Output as (B, H, S, D) like the others."""
     if spec.kind == "packed":
         raise NotImplementedError("HF eager Qwen2-VL ViT: see the SDPA per-image loop")
     g = q.shape[1] // k.shape[1]
+    mask = aux.get("dense")
+    if mask is not None and mask.dtype == torch.bool:  # prefix-LM: HF's additive form
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask, torch.finfo(q.dtype).min)
+    fn = _hf_eager_fn()
+    if fn is not None:
+        module = SimpleNamespace(num_key_value_groups=g, training=False)
+        return fn(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)[0].transpose(1, 2)
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
-    mask = aux.get("dense")
     if mask is not None:
-        s = s + mask if mask.dtype != torch.bool else s.masked_fill(~mask, torch.finfo(s.dtype).min)
+        s = s + mask
     p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(p, v)
 
