@@ -52,6 +52,14 @@ def test_gradcheck_packed_and_lse():
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_double_backward_raises():
+    q, k, v = (t.requires_grad_() for t in make_qkv("bhsd", "contiguous", 1, 3, 4, 2, 1, 8,
+                                                    torch.float64))
+    (dq,) = torch.autograd.grad(vlmkern.ops.cross_attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
+        torch.autograd.grad(dq.sum(), k)
+
+
 # --- opcheck (G1) ---------------------------------------------------------------------------------
 
 

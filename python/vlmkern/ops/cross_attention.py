@@ -67,7 +67,8 @@ def cross_attention(
     Returns:
         ``out`` in q's layout and dtype (a view of a dense ``(B, Sq, Hq, D)`` buffer, so HF's
         ``out.transpose(1, 2).reshape(B, S, -1)`` is free). Differentiable in q, k, v (and through
-        lse); the backward is deterministic (fixed summation order, no atomics).
+        lse); the backward is deterministic (fixed summation order, no atomics). Double backward
+        raises.
 
     Mllama's gate (``residual + tanh(gate) · o_proj(attn)``) is applied after the output
     projection, so the op takes no gate / residual: :class:`vlmkern.nn.MllamaTextCrossAttention`
@@ -263,3 +264,12 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("vlmkern::cross_attention", _backward, setup_context=_setup)
+
+
+def _no_double_backward(ctx, grad_dq, grad_dk, grad_dv):
+    raise RuntimeError("vlmkern.cross_attention_backward: double backward (gradients of the "
+                       "attention gradients) is not supported")
+
+
+torch.library.register_autograd("vlmkern::cross_attention_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
