@@ -48,18 +48,17 @@ void forward_task(const XattnParams& p, const Plan& plan, const Segment& s, int6
   for (int64_t kb = 0; kb < s.nkb; ++kb) {
     if (!tile_vis[kb]) continue;
     const int64_t j0 = kb * plan.bn, n = std::min(plan.bn, s.lk - j0);
-    load_rows(k + s.b * p.k_stride[0] + (s.k0 + j0) * p.k_stride[1] + hk * p.k_stride[2],
-              p.k_stride[1], p.k_stride[3], n, d, kt, A(1));
-    load_rows(v + s.b * p.v_stride[0] + (s.k0 + j0) * p.v_stride[1] + hk * p.v_stride[2],
-              p.v_stride[1], p.v_stride[3], n, d, vt, A(1));
-    gemm(false, true, M, n, d, A(1), qs, d, kt, d, A(0), st, plan.bn);  // S = Qs Kᵀ
+    int64_t ldk, ldv;
+    const A* kp = kv_tile(k, p.k_stride, s, hk, j0, n, d, kt, ldk);  // (n, d) keys
+    const A* vp = kv_tile(v, p.v_stride, s, hk, j0, n, d, vt, ldv);  // (n, d) values
+    gemm(false, true, M, n, d, A(1), qs, d, kp, ldk, A(0), st, plan.bn);  // S = Qs Kᵀ
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t row = plan.row(s, i0 + i, p.seq_q);
       mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * plan.bn,
                rows * plan.bn, G, vis.data());
     }
     softmax_rows(st, plan.bn, M, n, mx, sum, acc, d);  // online softmax, P in st
-    gemm(false, false, M, d, n, A(1), st, plan.bn, vt, d, A(1), acc, d);  // O += P V
+    gemm(false, false, M, d, n, A(1), st, plan.bn, vp, ldv, A(1), acc, d);  // O += P V
   }
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;

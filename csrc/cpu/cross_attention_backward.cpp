@@ -58,12 +58,12 @@ int64_t load_q_block(const XattnParams& p, const Segment& s, const Grads<T>& gr,
 template <typename T>
 void probs_and_dscores(const XattnParams& p, const Plan& plan, const Segment& s, int64_t i0,
                        int64_t rows, int64_t j0, int64_t n, const Acc<T>* qs, const Acc<T>* dout,
-                       const Acc<T>* lse, const Acc<T>* delta, const Acc<T>* kt, const Acc<T>* vt,
-                       Acc<T>* st, Acc<T>* dp, uint8_t* vis) {
+                       const Acc<T>* lse, const Acc<T>* delta, const Acc<T>* kt, int64_t ldk,
+                       const Acc<T>* vt, int64_t ldv, Acc<T>* st, Acc<T>* dp, uint8_t* vis) {
   using A = Acc<T>;
   const int64_t d = p.head_dim, M = (p.heads_q / p.heads_k) * rows;
-  gemm(false, true, M, n, d, A(1), qs, d, kt, d, A(0), st, plan.bn);    // S = Qs Kᵀ
-  gemm(false, true, M, n, d, A(1), dout, d, vt, d, A(0), dp, plan.bn);  // dP = dO Vᵀ
+  gemm(false, true, M, n, d, A(1), qs, d, kt, ldk, A(0), st, plan.bn);    // S = Qs Kᵀ
+  gemm(false, true, M, n, d, A(1), dout, d, vt, ldv, A(0), dp, plan.bn);  // dP = dO Vᵀ
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = plan.row(s, i0 + i, p.seq_q);
     mask_row(plan.ranges.data() + row * plan.rn * 2, plan.count[row], j0, n, st + i * plan.bn,
@@ -73,21 +73,12 @@ void probs_and_dscores(const XattnParams& p, const Plan& plan, const Segment& s,
 }
 
 template <typename T>
-void load_kv(const XattnParams& p, const Segment& s, int64_t hk, int64_t j0, int64_t n,
-             Acc<T>* kt, Acc<T>* vt) {
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  load_rows(k + s.b * p.k_stride[0] + (s.k0 + j0) * p.k_stride[1] + hk * p.k_stride[2],
-            p.k_stride[1], p.k_stride[3], n, p.head_dim, kt, Acc<T>(1));
-  load_rows(v + s.b * p.v_stride[0] + (s.k0 + j0) * p.v_stride[1] + hk * p.v_stride[2],
-            p.v_stride[1], p.v_stride[3], n, p.head_dim, vt, Acc<T>(1));
-}
-
-template <typename T>
 void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
   using A = Acc<T>;
   const int64_t d = p.head_dim, G = p.heads_q / p.heads_k, Mmax = G * kBlockM;
   const size_t buf_size = 2 * Mmax * d + 2 * Mmax + 4 * plan.bn * d + 2 * Mmax * plan.bn;
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
   // Pass 1: dK, dV per (segment, kv head, k block).
   const int64_t k_tasks = static_cast<int64_t>(plan.k_tasks.size()) * p.heads_k;
   at::parallel_for(0, k_tasks, 1, [&](int64_t begin, int64_t end) {
@@ -107,15 +98,17 @@ void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
       const int64_t task = plan.k_tasks[t / p.heads_k], hk = t % p.heads_k;
       const Segment& s = plan.segs[task >> 32];
       const int64_t kb = task & 0xffffffff, j0 = kb * plan.bn, n = std::min(plan.bn, s.lk - j0);
-      load_kv<T>(p, s, hk, j0, n, kt, vt);
+      int64_t ldk, ldv;
+      const A* kp = kv_tile(k, p.k_stride, s, hk, j0, n, d, kt, ldk);  // (n, d) keys
+      const A* vp = kv_tile(v, p.v_stride, s, hk, j0, n, d, vt, ldv);  // (n, d) values
       std::fill(dk, dk + n * d, A(0));
       std::fill(dv, dv + n * d, A(0));
       for (int64_t qb = 0; qb < s.nqb; ++qb) {
         if (!plan.visible[s.vis_off + qb * s.nkb + kb]) continue;
         const int64_t rows = load_q_block<T>(p, s, gr, hk, qb, qs, dout, lse, delta);
         const int64_t M = G * rows;
-        probs_and_dscores<T>(p, plan, s, qb * kBlockM, rows, j0, n, qs, dout, lse, delta, kt, vt,
-                             st, dp, vis.data());
+        probs_and_dscores<T>(p, plan, s, qb * kBlockM, rows, j0, n, qs, dout, lse, delta, kp,
+                             ldk, vp, ldv, st, dp, vis.data());
         gemm(true, false, n, d, M, A(1), st, plan.bn, dout, d, A(1), dv, d);  // dV += Pᵀ dO
         gemm(true, false, n, d, M, A(1), dp, plan.bn, qs, d, A(1), dk, d);    // dK += dSᵀ Qs
       }
@@ -153,10 +146,12 @@ void backward(const XattnParams& p, const Plan& plan, const Grads<T>& gr) {
       for (int64_t kb = 0; kb < s.nkb; ++kb) {
         if (!plan.visible[s.vis_off + qb * s.nkb + kb]) continue;
         const int64_t j0 = kb * plan.bn, n = std::min(plan.bn, s.lk - j0);
-        load_kv<T>(p, s, hk, j0, n, kt, vt);
-        probs_and_dscores<T>(p, plan, s, i0, rows, j0, n, qs, dout, lse, delta, kt, vt, st, dp,
-                             vis.data());
-        gemm(false, false, M, d, n, A(1), dp, plan.bn, kt, d, A(1), dq, d);  // dQ += dS K
+        int64_t ldk, ldv;
+        const A* kp = kv_tile(k, p.k_stride, s, hk, j0, n, d, kt, ldk);  // (n, d) keys
+        const A* vp = kv_tile(v, p.v_stride, s, hk, j0, n, d, vt, ldv);  // (n, d) values
+        probs_and_dscores<T>(p, plan, s, i0, rows, j0, n, qs, dout, lse, delta, kp, ldk, vp, ldv,
+                             st, dp, vis.data());
+        gemm(false, false, M, d, n, A(1), dp, plan.bn, kp, ldk, A(1), dq, d);  // dQ += dS K
       }
       const A scale = static_cast<A>(p.scale);
       for (int64_t g = 0; g < G; ++g) {

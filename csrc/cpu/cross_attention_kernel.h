@@ -69,6 +69,24 @@ inline void load_rows(const T* src, int64_t rs, int64_t ds, int64_t rows, int64_
   }
 }
 
+// The (n, d) tile of rows j0.. of kv head hk of k or v (strides st, (B, S, H, D)) in the
+// accumulation type: the input itself when it already is one (same dtype, unit head-dim stride:
+// no copy, leading dim = its row stride), else converted into buf (leading dim d).
+template <typename T>
+inline const Acc<T>* kv_tile(const T* base, const int64_t* st, const Segment& s, int64_t hk,
+                             int64_t j0, int64_t n, int64_t d, Acc<T>* buf, int64_t& ld) {
+  const T* src = base + s.b * st[0] + (s.k0 + j0) * st[1] + hk * st[2];
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    if (st[3] == 1 && st[1] >= d) {
+      ld = st[1];
+      return src;
+    }
+  }
+  load_rows(src, st[1], st[3], n, d, buf, Acc<T>(1));
+  ld = d;
+  return buf;
+}
+
 // C (m, n) = alpha * op(A) op(B) + beta * C, row-major with leading dims; op = transpose if t*.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
