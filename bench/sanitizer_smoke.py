@@ -213,6 +213,48 @@ def smoke_mlp_projector(device: str) -> int:
     return n
 
 
+def smoke_cross_attention(device: str) -> int:
+    """cross_attention (+ backward) on Mllama ranges (both masked-row behaviours), Q-Former shared
+    queries, packed segments and prefix-LM, and mllama_kv_ranges, against the reference. These ops
+    have no CUDA kernel yet: on cuda the CPU path is checked instead, and the run says so."""
+    if device == "cuda" and "cuda" not in vlmkern.info()["ops"]["cross_attention"]:
+        print("sanitizer_smoke: cross_attention has no CUDA kernel yet (CUDA flash kernel "
+              "pending); checking its CPU path only", file=sys.stderr)
+        device = "cpu"
+    n = 0
+    mask = torch.zeros(2, 9, 2, 2, dtype=torch.int64)
+    mask[:, 2:, 0, :1] = 1
+    mask[:, 5:, 1, :] = 1
+    ranges = vlmkern.ops.mllama_kv_ranges(mask.to(device), 7)
+    assert torch.equal(ranges.cpu(), vlmkern.reference.mllama_kv_ranges(mask, 7))
+    cq, ck = torch.tensor([0, 3, 3, 10], dtype=torch.int32), torch.tensor([0, 5, 9, 20],
+                                                                          dtype=torch.int32)
+    cases = [  # (q, k, v, kwargs)
+        (torch.randn(2, 8, 9, 64), torch.randn(2, 2, 28, 64), torch.randn(2, 2, 28, 64),
+         {"kv_ranges": ranges.cpu(), "masked_rows": "zero"}),
+        (torch.randn(2, 8, 9, 64), torch.randn(2, 2, 28, 64), torch.randn(2, 2, 28, 64),
+         {"kv_ranges": ranges.cpu(), "masked_rows": "uniform"}),
+        (torch.randn(1, 4, 32, 64).expand(3, -1, -1, -1), torch.randn(3, 4, 57, 64),
+         torch.randn(3, 4, 57, 64), {}),
+        (torch.randn(10, 4, 80), torch.randn(20, 2, 80), torch.randn(20, 2, 80),
+         {"cu_seqlens_q": cq, "cu_seqlens_k": ck}),
+        (torch.randn(2, 4, 30, 32), torch.randn(2, 1, 30, 32), torch.randn(2, 1, 30, 32),
+         {"mode": "prefix_lm", "prefix_len": torch.tensor([0, 12])}),
+    ]
+    for dtype in DTYPES:
+        for q, k, v, kw in cases:
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+            ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
+            dev = [t.to(device).detach().requires_grad_(True) for t in (q, k, v)]
+            kwd = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+            out = vlmkern.ops.cross_attention(*dev, **kwd)
+            out.float().square().sum().backward()
+            _close(out.detach(), ref, f"cross_attention {sorted(kw)} {dtype}")
+            assert all(torch.isfinite(t.grad).all() for t in dev), "non-finite gradient"
+            n += 1
+    return n
+
+
 # op name (as in vlmkern.info()["ops"]) -> smoke function; an op missing here fails the run.
 CASES: dict[str, Callable[[str], int]] = {
     "pixel_shuffle": smoke_pixel_shuffle,
@@ -225,6 +267,9 @@ CASES: dict[str, Callable[[str], int]] = {
     "mrope_position_ids": run_mrope_smoke,
     "mlp_projector": smoke_mlp_projector,
     "mlp_projector_backward": smoke_mlp_projector,
+    "cross_attention": smoke_cross_attention,
+    "cross_attention_backward": smoke_cross_attention,
+    "mllama_kv_ranges": smoke_cross_attention,
 }
 
 

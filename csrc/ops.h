@@ -94,5 +94,20 @@ mlp_projector_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
                           std::string_view activation, std::string_view norm,
                           std::string_view norm_position, double eps, int64_t shuffle,
                           int64_t merge, std::array<bool, 7> output_mask);
+// cross_attention: q (B, Sq, Hq, D), k / v (B, Sk, Hk, D) -> (out (B, Sq, Hq, D), lse (B, Hq, Sq));
+// visibility and layouts as in common/cross_attention.h. The backward returns (dq, dk, dv).
+std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows);
+// mllama_kv_ranges: tile mask (B, S, M, T) -> int32 (B, S, ceil(M*T/2), 2) visible key ranges.
+at::Tensor mllama_kv_ranges_cpu(const at::Tensor& mask, int64_t num_vision_tokens);
 
 }  // namespace vlmkern

@@ -63,6 +63,25 @@ TORCH_LIBRARY(vlmkern, m) {
       "str activation, str norm, str norm_position, float eps, int shuffle, int merge, "
       "bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  m.set_python_module("vlmkern.ops.cross_attention");
+  // q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) any strides -> (out (B, Sq, Hq, D), lse (B, Hq, Sq)):
+  // softmax(scale q kᵀ) v over the visible keys (kv_ranges (B, Sq, R, 2) | prefix_len), packed
+  // sequences with cu_seqlens (B = 1), rows seeing nothing -> 0 or (uniform) all keys.
+  m.def(
+      "cross_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_ranges=None, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, Tensor? prefix_len=None, "
+      "float? scale=None, str masked_rows=\"zero\") -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: (dq, dk, dv), P recomputed from lse; grad_lse optional.
+  m.def(
+      "cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? grad_lse=None, Tensor? kv_ranges=None, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, Tensor? prefix_len=None, float? scale=None, "
+      "str masked_rows=\"zero\") -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Mllama tile mask (B, S, M, T) -> int32 (B, S, ceil(M*T/2), 2) [start, end) key ranges.
+  m.def("mllama_kv_ranges(Tensor cross_attention_mask, int num_vision_tokens=1601) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef VLMKERN_WITH_CUDA

@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "mrope_position_ids": "vlmkern.bench.mrope_position_ids",
     "rope": "vlmkern.bench.rope",
     "projector": "vlmkern.bench.projector",
+    "cross_attention": "vlmkern.bench.cross_attention",
 }
 
 

@@ -226,6 +226,23 @@ def measure_mm_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+@functools.lru_cache(maxsize=None)
+def mm_tflops(device: str) -> float:
+    """bf16 torch.mm rate of `device` in TFLOP/s (GPU: 8192³ via measure_mm_tflops; CPU: the
+    median of a few 2048³ products on all threads), for GEMM-like benches' '% of mm'."""
+    if device == "cuda":
+        return measure_mm_tflops()
+    n = 2048
+    a, b = torch.randn(n, n).to(torch.bfloat16), torch.randn(n, n).to(torch.bfloat16)
+    torch.mm(a, b)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 # --------------------------------------------------------------------------------------------
 # Environment header
 
@@ -384,7 +401,11 @@ def run_op(
                 f"speedup_vs_{baseline}": (base.median / med) if base else None,
                 "flops": case.flops,
                 "tflop_s": (case.flops / (med * 1e-6) / 1e12) if gemm_row else None,
-                "pct_of_mm": (100.0 * mm.median / med) if mm and gemm_row else None,
+                # of the device's measured bf16 mm rate (8192³ on GPU), and of the same-shape
+                # torch.mm row when the bench has one (MM)
+                "pct_of_mm": (100.0 * case.flops / (med * 1e-6) / 1e12 / mm_tflops(cfg.device)
+                              if gemm_row else None),
+                "pct_of_same_mm": (100.0 * mm.median / med) if mm and gemm_row else None,
                 "timing": t.method,
                 "timing_note": t.note,
                 "n_sets": t.n_sets,
@@ -404,9 +425,10 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
     key = f"speedup_vs_{baseline}"
     head = ["shape", "provider", "median us", "p20", "p80", "GB/s", "% of copy",
             f"x vs {baseline}"]
-    gemm = any(r.get("tflop_s") for r in records)
+    gemm = any(r.get("tflop_s") for r in records)  # compute-bound ops: TFLOP/s, % of mm
+    same = any(r.get("pct_of_same_mm") for r in records)
     if gemm:
-        head += ["TFLOP/s", f"% of {MM}"]
+        head += ["TFLOP/s", "% of mm peak"] + ([f"% of same-shape {MM}"] if same else [])
     rows = []
     notes = []
     for r in records:
@@ -420,8 +442,11 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
             f"{r[key]:.2f}x" if r.get(key) else "-",
         ])
         if gemm:
-            rows[-1] += [f"{r['tflop_s']:.2f}" if r.get("tflop_s") else "-",
+            rows[-1] += [f"{r['tflop_s']:.3g}" if r.get("tflop_s") else "-",
                          f"{r['pct_of_mm']:.0f}%" if r.get("pct_of_mm") else "-"]
+            if same:
+                rows[-1].append(f"{r['pct_of_same_mm']:.0f}%" if r.get("pct_of_same_mm")
+                                else "-")
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     left = {0, 1}

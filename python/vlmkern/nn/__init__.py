@@ -1,5 +1,11 @@
 """nn.Module wrappers over vlmkern ops."""
 
+from .cross_attention import (
+    Blip2QFormerAttention,
+    Blip2QFormerMultiHeadAttention,
+    MllamaCrossAttentionDecoderLayer,
+    MllamaTextCrossAttention,
+)
 from .pixel_shuffle import PixelShuffle
 from .projector import (
     Idefics3Connector,
@@ -27,4 +33,8 @@ __all__ = [
     "Qwen3VLVisionPatchMerger",
     "QwenRMSNorm",
     "SmolVLMConnector",
+    "Blip2QFormerAttention",
+    "Blip2QFormerMultiHeadAttention",
+    "MllamaCrossAttentionDecoderLayer",
+    "MllamaTextCrossAttention",
 ]

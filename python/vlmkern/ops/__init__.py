@@ -1,5 +1,6 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
+from .cross_attention import cross_attention, mllama_kv_ranges
 from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
@@ -23,4 +24,6 @@ __all__ = [
     "rope",
     "vision_rope",
     "mlp_projector",
+    "cross_attention",
+    "mllama_kv_ranges",
 ]

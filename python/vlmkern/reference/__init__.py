@@ -1,5 +1,6 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
+from .cross_attention import cross_attention, mllama_kv_ranges
 from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
@@ -14,4 +15,6 @@ __all__ = [
     "rope",
     "vision_rope",
     "mlp_projector",
+    "cross_attention",
+    "mllama_kv_ranges",
 ]

@@ -1,0 +1,205 @@
+"""Cross-attention modules over vlmkern.ops.cross_attention with HF state-dict names: Mllama's
+``MllamaTextCrossAttention`` and ``MllamaCrossAttentionDecoderLayer`` (tanh-gated), and BLIP-2's
+``Blip2QFormerMultiHeadAttention`` / ``Blip2QFormerAttention`` (learned queries shared by the
+batch are projected once and broadcast, never copied)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.cross_attention import cross_attention, mllama_kv_ranges
+
+
+class MllamaTextRMSNorm(nn.Module):
+    """HF's ``MllamaTextRMSNorm``: normalize in fp32, cast back, scale by ``weight``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dt)
+
+
+def _cfg(config, name, default=None):
+    return getattr(config, name, default) if config is not None else default
+
+
+class MllamaTextCrossAttention(nn.Module):
+    """Llama-3.2-Vision text-to-image cross-attention (no RoPE, GQA, q/k RMSNorm over head dim).
+
+    ``forward(hidden_states (B, S, hidden), cross_attention_states (B, L, hidden) or kv=(k, v)
+    (B, Hk, L, D) from :meth:`project_kv`, kv_ranges (B, S, R, 2) from
+    :func:`vlmkern.ops.mllama_kv_ranges`) -> (B, S, hidden)``, after ``o_proj``. Rows that see no
+    image follow ``masked_rows``: ``"uniform"`` (HF transformers, default) or ``"zero"`` (Meta).
+    """
+
+    def __init__(self, config=None, layer_idx: int | None = None, *, hidden_size: int = 4096,
+                 num_heads: int = 32, num_kv_heads: int = 8, rms_norm_eps: float = 1e-5,
+                 masked_rows: str = "uniform") -> None:
+        super().__init__()
+        self.hidden_size = _cfg(config, "hidden_size", hidden_size)
+        self.num_heads = _cfg(config, "num_attention_heads", num_heads)
+        self.num_key_value_heads = _cfg(config, "num_key_value_heads", num_kv_heads)
+        self.head_dim = self.hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.layer_idx = layer_idx
+        self.masked_rows = masked_rows
+        eps = _cfg(config, "rms_norm_eps", rms_norm_eps)
+        hd, h, hk = self.head_dim, self.num_heads, self.num_key_value_heads
+        self.q_proj = nn.Linear(self.hidden_size, h * hd, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, hk * hd, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, hk * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, self.hidden_size, bias=False)
+        self.q_norm = MllamaTextRMSNorm(hd, eps=eps)
+        self.k_norm = MllamaTextRMSNorm(hd, eps=eps)
+
+    def project_kv(self, cross_attention_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image keys and values (B, Hk, L, D), computed once per image, reused while decoding."""
+        b = cross_attention_states.shape[0]
+        shape = (b, -1, self.num_key_value_heads, self.head_dim)
+        k = self.k_proj(cross_attention_states).view(shape).transpose(1, 2)
+        v = self.v_proj(cross_attention_states).view(shape).transpose(1, 2)
+        return self.k_norm(k), v
+
+    def forward(self, hidden_states: torch.Tensor,
+                cross_attention_states: torch.Tensor | None = None, *,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(q)
+        k, v = self.project_kv(cross_attention_states) if kv is None else kv
+        out = cross_attention(q, k, v, scale=self.scaling, kv_ranges=kv_ranges,
+                              masked_rows=self.masked_rows)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MllamaTextMLP(nn.Module):
+    """HF's ``MllamaTextMLP``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MllamaCrossAttentionDecoderLayer(nn.Module):
+    """``h = x + tanh(g_attn) · CrossAttn(RMSNorm(x))``;
+    ``y = h + tanh(g_mlp) · (rowmask · MLP(RMSNorm(h)))`` (rowmask: the row sees an image).
+
+    ``forward(hidden_states, cross_attention_states or kv=, kv_ranges=)``; ``kv_ranges`` from
+    :func:`vlmkern.ops.mllama_kv_ranges` (or :meth:`kv_ranges` of the processor mask). With
+    ``masked_rows="zero"`` (Meta's reference) both branches vanish on rows that see no image;
+    ``"uniform"`` (HF, default) keeps HF's attention branch on them.
+    """
+
+    def __init__(self, config=None, layer_idx: int = 0, *, hidden_size: int = 4096,
+                 num_heads: int = 32, num_kv_heads: int = 8, intermediate_size: int = 14336,
+                 rms_norm_eps: float = 1e-5, masked_rows: str = "uniform") -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        hidden = _cfg(config, "hidden_size", hidden_size)
+        eps = _cfg(config, "rms_norm_eps", rms_norm_eps)
+        self.cross_attn = MllamaTextCrossAttention(
+            config, layer_idx, hidden_size=hidden_size, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, rms_norm_eps=rms_norm_eps, masked_rows=masked_rows)
+        self.input_layernorm = MllamaTextRMSNorm(hidden, eps=eps)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = MllamaTextMLP(hidden, _cfg(config, "intermediate_size", intermediate_size))
+        self.post_attention_layernorm = MllamaTextRMSNorm(hidden, eps=eps)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def kv_ranges(cross_attention_mask: torch.Tensor, num_vision_tokens: int = 1601):
+        """The processor's (B, S, M, T) tile mask as visible key ranges (B, S, R, 2)."""
+        return mllama_kv_ranges(cross_attention_mask, num_vision_tokens)
+
+    def forward(self, hidden_states: torch.Tensor,
+                cross_attention_states: torch.Tensor | None = None, *,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states
+        attn = self.cross_attn(self.input_layernorm(hidden_states), cross_attention_states,
+                               kv=kv, kv_ranges=kv_ranges)
+        hidden_states = residual + self.cross_attn_attn_gate.tanh() * attn
+        residual = hidden_states
+        mlp = self.mlp(self.post_attention_layernorm(hidden_states))
+        if kv_ranges is not None:  # HF's full_text_row_masked_out_mask
+            row = (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True)
+            mlp = row.to(mlp.dtype) * mlp
+        return residual + self.cross_attn_mlp_gate.tanh() * mlp
+
+
+class Blip2QFormerMultiHeadAttention(nn.Module):
+    """BLIP-2 Q-Former attention (``query`` / ``key`` / ``value`` with bias), as a cross-attention
+    (``encoder_hidden_states`` given) or self-attention. Learned queries given once,
+    ``hidden_states`` (1, Lq, hidden), are projected once and broadcast over the B images."""
+
+    def __init__(self, config=None, is_cross_attention: bool = False, *, hidden_size: int = 768,
+                 num_heads: int = 12, encoder_hidden_size: int = 1408) -> None:
+        super().__init__()
+        hidden = _cfg(config, "hidden_size", hidden_size)
+        self.num_attention_heads = _cfg(config, "num_attention_heads", num_heads)
+        self.attention_head_size = hidden // self.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.scaling = self.attention_head_size**-0.5
+        kv_in = _cfg(config, "encoder_hidden_size", encoder_hidden_size) if is_cross_attention \
+            else hidden
+        self.query = nn.Linear(hidden, self.all_head_size)
+        self.key = nn.Linear(kv_in, self.all_head_size)
+        self.value = nn.Linear(kv_in, self.all_head_size)
+
+    def forward(self, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b, hd = states.shape[0], self.attention_head_size
+        q = self.query(hidden_states).unflatten(-1, (-1, hd))  # (1 or B, Lq, H, D)
+        if q.shape[0] != b:
+            q = q.expand(b, -1, -1, -1)  # shared queries: batch stride 0, no copy
+        k = self.key(states).unflatten(-1, (-1, hd))
+        v = self.value(states).unflatten(-1, (-1, hd))
+        out = cross_attention(q, k, v, scale=self.scaling, layout="bshd")
+        return out.flatten(-2)
+
+
+class Blip2QFormerSelfOutput(nn.Module):
+    """``LayerNorm(dense(x) + input)`` (HF's ``Blip2QFormerSelfOutput``, no dropout)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + input_tensor)
+
+
+class Blip2QFormerAttention(nn.Module):
+    """HF's ``Blip2QFormerAttention``: multi-head attention + output projection, residual, LN."""
+
+    def __init__(self, config=None, is_cross_attention: bool = False, *, hidden_size: int = 768,
+                 num_heads: int = 12, encoder_hidden_size: int = 1408,
+                 layer_norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.attention = Blip2QFormerMultiHeadAttention(
+            config, is_cross_attention, hidden_size=hidden_size, num_heads=num_heads,
+            encoder_hidden_size=encoder_hidden_size)
+        self.output = Blip2QFormerSelfOutput(_cfg(config, "hidden_size", hidden_size),
+                                             _cfg(config, "layer_norm_eps", layer_norm_eps))
+
+    def forward(self, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.attention(hidden_states, encoder_hidden_states)
+        if hidden_states.shape[0] != out.shape[0]:
+            hidden_states = hidden_states.expand(out.shape[0], -1, -1)
+        return self.output(out, hidden_states)
