@@ -10,6 +10,7 @@ from .rope import (
     rope,
     vision_rope,
 )
+from .patch_embed import patch_embed
 
 __all__ = [
     "apply_rotary_pos_emb",
@@ -21,4 +22,5 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "patch_embed",
 ]

@@ -1,0 +1,210 @@
+"""Patch embedding (stride = kernel conv as one GEMM + bias + positions + CLS, uint8 pixels with
+the normalization folded in): public wrapper, fake kernels and autograd for torch.ops.vlmkern."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _patch_embed_checks as chk
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def patch_embed(
+    pixels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    patch_size: int | None = None,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    rescale: float = 1.0,
+    channels_last: bool = False,
+    pos_interp: str | None = None,
+    temporal_patch_size: int | None = None,
+    grid_thw: torch.Tensor | None = None,
+    spatial_merge_size: int = 1,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Patchify + project + bias + positions (+ CLS) in one op, forward and backward.
+
+    **Image mode** (``grid_thw`` is None; CLIP, SigLIP, InternViT, BLIP-2/EVA, Mllama's conv):
+    ``pixels`` ``(B, C, H, W)`` or, with ``channels_last=True``, ``(B, H, W, C)``; any strides;
+    float (cast to ``weight.dtype`` first, as HF does) or ``uint8``. ``weight`` ``(D, C, P, P)``
+    (a Conv2d weight), ``H`` and ``W`` divisible by ``P``. Returns ``(B, [1 +] (H/P)·(W/P), D)``
+    in ``weight.dtype``: ``Out[b, 1 + i] = conv(x)[b, :, i] + bias + pos[i]`` and, with
+    ``cls_token`` ``(D,)``, ``Out[b, 0] = cls_token + pos_embed[0]`` (HF's cat-then-add).
+    ``pos_embed`` ``(L, D)`` or ``(1, L, D)`` holds ``[1 +] S·S`` rows (the CLS position first
+    when ``cls_token`` is given); it is bicubic-resized (``align_corners=False``, exactly HF's
+    ``interpolate_pos_encoding``) to the ``(H/P, W/P)`` grid when that differs from ``(S, S)``.
+    ``pos_interp``: ``"bicubic"`` (default) or ``"none"`` (the table must already have
+    ``(H/P)·(W/P)`` rows).
+
+    **Packed mode** (``grid_thw`` given; Qwen2-VL / 2.5-VL / 3-VL): ``pixels`` are the processor's
+    pre-patchified rows ``(N, C·T·P·P)`` in ``(C, T, ph, pw)`` order, ``weight`` the Conv3d weight
+    ``(D, C, T, P, P)``, ``grid_thw`` ``(n, 3)`` int32/int64 on the same device. ``pos_embed``
+    ``(S·S, D)`` (Qwen3-VL) is resampled bilinearly (``align_corners=True``) to each entry's
+    ``(h, w)`` grid in spatial-merge-block order (``spatial_merge_size``), as HF's
+    ``Qwen3VLVisionModel`` does. Returns ``(tokens (N, D), cu_seqlens (n + 1,) int32)``, the
+    token offsets of each ``grid_thw`` entry (all its frames), computed on the device without a
+    host sync. On the CPU, grid_thw's values are validated (positive, sum of t·h·w == N); CUDA
+    never reads them back.
+
+    **Normalization** (both modes): ``x = (p · rescale − mean[c]) / std[c]`` per channel, e.g.
+    ``uint8`` pixels with ``rescale=1/255`` and the processor's mean/std, is folded into the
+    GEMM weights (computed in float64): ``W' = W·rescale/std``, ``b' = b − Σ W·mean/std``.
+
+    Differentiable in ``weight``, ``bias``, ``pos_embed`` (through the resize), ``cls_token`` and
+    float ``pixels``. ``patch_size`` / ``temporal_patch_size``, when given, must match ``weight``.
+    """
+    if grid_thw is None:
+        _expect(patch_size, weight.shape[-1] if weight.dim() == 4 else None, "patch_size")
+        if pixels.dtype != weight.dtype and pixels.dtype in _FLOATS:
+            pixels = pixels.to(weight.dtype)
+        if pos_embed is not None and pos_embed.dim() == 3 and pos_embed.shape[0] == 1:
+            pos_embed = pos_embed[0]
+        if cls_token is not None and cls_token.dim() > 1:
+            cls_token = cls_token.reshape(-1)
+        interp = "bicubic" if pos_interp is None else pos_interp
+        return torch.ops.vlmkern.patch_embed(
+            pixels, weight, bias, pos_embed, cls_token, _floats(mean), _floats(std),
+            float(rescale), channels_last, interp,
+        )
+    if pos_interp not in (None, "bilinear"):
+        raise ValueError(
+            f"vlmkern.patch_embed: with grid_thw the positions are resampled bilinearly "
+            f"(align_corners=True); pos_interp must be None or 'bilinear', got {pos_interp!r}"
+        )
+    if cls_token is not None or channels_last:
+        raise ValueError("vlmkern.patch_embed: cls_token and channels_last are image-mode only "
+                         "(grid_thw not given)")
+    if weight.dim() == 5:
+        _expect(patch_size, weight.shape[-1], "patch_size")
+        _expect(temporal_patch_size, weight.shape[2], "temporal_patch_size")
+    if pixels.dtype != weight.dtype and pixels.dtype in _FLOATS:
+        pixels = pixels.to(weight.dtype)
+    return torch.ops.vlmkern.patch_embed_packed(
+        pixels, weight, bias, grid_thw, pos_embed, spatial_merge_size, _floats(mean),
+        _floats(std), float(rescale),
+    )
+
+
+def _expect(given: int | None, actual: int | None, name: str) -> None:
+    if given is not None and actual is not None and given != actual:
+        raise ValueError(f"vlmkern.patch_embed: {name}={given} but weight has {actual}")
+
+
+def _floats(v: Sequence[float] | None) -> list[float] | None:
+    return None if v is None else [float(x) for x in v]
+
+
+# ---- fake (meta) kernels --------------------------------------------------------------------
+
+
+@torch.library.register_fake("vlmkern::patch_embed")
+def _patch_embed_fake(pixels, weight, bias=None, pos_embed=None, cls_token=None, mean=None,
+                      std=None, rescale=1.0, channels_last=False, pos_interp="bicubic"):
+    gh, gw, _, _ = chk.check_image(pixels, weight, bias, pos_embed, cls_token is not None, mean,
+                                   std, rescale, channels_last, pos_interp)
+    chk.check_param(cls_token, "cls_token", 1, "(D,)", weight)
+    first = 1 if cls_token is not None else 0
+    return weight.new_empty((pixels.shape[0], first + gh * gw, weight.shape[0]))
+
+
+@torch.library.register_fake("vlmkern::patch_embed_backward")
+def _patch_embed_backward_fake(grad, pixels, weight, has_bias, pos_embed, has_cls, mean, std,
+                               rescale, channels_last, pos_interp, output_mask):
+    gh, gw, side, resize = chk.check_image(pixels, weight, None, pos_embed, has_cls, mean, std,
+                                           rescale, channels_last, pos_interp)
+    first = 1 if has_cls else 0
+    chk.check_grad(grad, (pixels.shape[0], first + gh * gw, weight.shape[0]), weight,
+                   "(B, T, D)")
+    chk._fail(not output_mask[0] or pixels.dtype != torch.uint8,
+              "pixels is uint8: it has no gradient")
+    d = weight.shape[0]
+    empty = weight.new_empty((0,))
+    return (
+        pixels.new_empty(pixels.shape) if output_mask[0] else pixels.new_empty((0,)),
+        weight.new_empty(weight.shape) if output_mask[1] else empty,
+        weight.new_empty((d,)) if output_mask[2] and has_bias else empty,
+        weight.new_empty(pos_embed.shape) if output_mask[3] and pos_embed is not None else empty,
+        weight.new_empty((d,)) if output_mask[4] and has_cls else empty,
+    )
+
+
+@torch.library.register_fake("vlmkern::patch_embed_packed")
+def _patch_embed_packed_fake(patches, weight, bias, grid_thw, pos_embed=None,
+                             spatial_merge_size=1, mean=None, std=None, rescale=1.0):
+    chk.check_packed(patches, weight, bias, grid_thw, pos_embed, spatial_merge_size, mean, std,
+                     rescale)
+    tokens = weight.new_empty((patches.shape[0], weight.shape[0]))
+    return tokens, grid_thw.new_empty((grid_thw.shape[0] + 1,), dtype=torch.int32)
+
+
+@torch.library.register_fake("vlmkern::patch_embed_packed_backward")
+def _patch_embed_packed_backward_fake(grad, patches, weight, has_bias, grid_thw, pos_embed,
+                                      spatial_merge_size, mean, std, rescale, output_mask):
+    chk.check_packed(patches, weight, None, grid_thw, pos_embed, spatial_merge_size, mean, std,
+                     rescale)
+    chk.check_grad(grad, (patches.shape[0], weight.shape[0]), weight, "(N, D)")
+    chk._fail(not output_mask[0] or patches.dtype != torch.uint8,
+              "patches is uint8: it has no gradient")
+    empty = weight.new_empty((0,))
+    return (
+        weight.new_empty(patches.shape) if output_mask[0] else patches.new_empty((0,)),
+        weight.new_empty(weight.shape) if output_mask[1] else empty,
+        weight.new_empty((weight.shape[0],)) if output_mask[2] and has_bias else empty,
+        weight.new_empty(pos_embed.shape) if output_mask[3] and pos_embed is not None else empty,
+    )
+
+
+# ---- autograd: the backward ops recompute the patch matrix; the forward saves only inputs ------
+
+
+def _setup_image(ctx, inputs, output) -> None:
+    pixels, weight, bias, pos_embed, cls_token, mean, std, rescale, channels_last, interp = inputs
+    ctx.save_for_backward(pixels, weight, pos_embed)
+    ctx.has_bias, ctx.has_cls = bias is not None, cls_token is not None
+    ctx.args = (mean, std, rescale, channels_last, interp)
+
+
+def _image_backward(ctx, grad):
+    pixels, weight, pos_embed = ctx.saved_tensors
+    mean, std, rescale, channels_last, interp = ctx.args
+    mask = [bool(m) for m in ctx.needs_input_grad[:5]]
+    grads = torch.ops.vlmkern.patch_embed_backward(
+        grad, pixels, weight, ctx.has_bias, pos_embed, ctx.has_cls, mean, std, rescale,
+        channels_last, interp, mask,
+    )
+    return (*(g if m else None for g, m in zip(grads, mask, strict=True)),) + (None,) * 5
+
+
+def _setup_packed(ctx, inputs, output) -> None:
+    patches, weight, bias, grid_thw, pos_embed, merge, mean, std, rescale = inputs
+    ctx.save_for_backward(patches, weight, grid_thw, pos_embed)
+    ctx.has_bias = bias is not None
+    ctx.args = (merge, mean, std, rescale)
+
+
+def _packed_backward(ctx, grad, _grad_cu_seqlens):
+    patches, weight, grid_thw, pos_embed = ctx.saved_tensors
+    merge, mean, std, rescale = ctx.args
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[4])]
+    d_patches, d_weight, d_bias, d_pos = torch.ops.vlmkern.patch_embed_packed_backward(
+        grad, patches, weight, ctx.has_bias, grid_thw, pos_embed, merge, mean, std, rescale,
+        mask,
+    )
+    return (d_patches if mask[0] else None, d_weight if mask[1] else None,
+            d_bias if mask[2] else None, None, d_pos if mask[3] else None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "vlmkern::patch_embed", _image_backward, setup_context=_setup_image
+)
+torch.library.register_autograd(
+    "vlmkern::patch_embed_packed", _packed_backward, setup_context=_setup_packed
+)
