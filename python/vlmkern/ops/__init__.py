@@ -1,6 +1,7 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
 from .mrope_position_ids import mrope_position_ids
+from .patch_embed import patch_embed
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import (
     apply_rotary_pos_emb,
@@ -10,7 +11,6 @@ from .rope import (
     rope,
     vision_rope,
 )
-from .patch_embed import patch_embed
 
 __all__ = [
     "apply_rotary_pos_emb",

@@ -24,6 +24,7 @@ def patch_embed(
     std: Sequence[float] | None = None,
     rescale: float = 1.0,
     channels_last: bool = False,
+    crop: bool = False,
     pos_interp: str | None = None,
     temporal_patch_size: int | None = None,
     grid_thw: torch.Tensor | None = None,
@@ -41,7 +42,9 @@ def patch_embed(
     when ``cls_token`` is given); it is bicubic-resized (``align_corners=False``, exactly HF's
     ``interpolate_pos_encoding``) to the ``(H/P, W/P)`` grid when that differs from ``(S, S)``.
     ``pos_interp``: ``"bicubic"`` (default) or ``"none"`` (the table must already have
-    ``(H/P)·(W/P)`` rows).
+    ``(H/P)·(W/P)`` rows). ``H`` or ``W`` not divisible by ``P`` is an error unless
+    ``crop=True``, which drops the trailing ``H mod P`` rows / ``W mod P`` columns as a
+    ``padding="valid"`` Conv2d does (SigLIP-so400m/14 at 384², 27×27 patches); it is a view.
 
     **Packed mode** (``grid_thw`` given; Qwen2-VL / 2.5-VL / 3-VL): ``pixels`` are the processor's
     pre-patchified rows ``(N, C·T·P·P)`` in ``(C, T, ph, pw)`` order, ``weight`` the Conv3d weight
@@ -62,6 +65,11 @@ def patch_embed(
     """
     if grid_thw is None:
         _expect(patch_size, weight.shape[-1] if weight.dim() == 4 else None, "patch_size")
+        if crop and pixels.dim() == 4 and weight.dim() == 4 and weight.shape[-1] > 0:
+            p = weight.shape[-1]
+            h_dim, w_dim = (1, 2) if channels_last else (2, 3)
+            pixels = pixels.narrow(h_dim, 0, pixels.shape[h_dim] // p * p)
+            pixels = pixels.narrow(w_dim, 0, pixels.shape[w_dim] // p * p)
         if pixels.dtype != weight.dtype and pixels.dtype in _FLOATS:
             pixels = pixels.to(weight.dtype)
         if pos_embed is not None and pos_embed.dim() == 3 and pos_embed.shape[0] == 1:
@@ -164,17 +172,24 @@ def _patch_embed_packed_backward_fake(grad, patches, weight, has_bias, grid_thw,
 # ---- autograd: the backward ops recompute the patch matrix; the forward saves only inputs ------
 
 
+def _requires_grad(tensors) -> list[bool]:
+    """Which inputs get a gradient (ctx.needs_input_grad is flattened with Nones and float lists
+    removed, so it cannot be indexed by argument position)."""
+    return [t is not None and t.requires_grad for t in tensors]
+
+
 def _setup_image(ctx, inputs, output) -> None:
     pixels, weight, bias, pos_embed, cls_token, mean, std, rescale, channels_last, interp = inputs
     ctx.save_for_backward(pixels, weight, pos_embed)
     ctx.has_bias, ctx.has_cls = bias is not None, cls_token is not None
     ctx.args = (mean, std, rescale, channels_last, interp)
+    ctx.mask = _requires_grad(inputs[:5])
 
 
 def _image_backward(ctx, grad):
     pixels, weight, pos_embed = ctx.saved_tensors
     mean, std, rescale, channels_last, interp = ctx.args
-    mask = [bool(m) for m in ctx.needs_input_grad[:5]]
+    mask = ctx.mask
     grads = torch.ops.vlmkern.patch_embed_backward(
         grad, pixels, weight, ctx.has_bias, pos_embed, ctx.has_cls, mean, std, rescale,
         channels_last, interp, mask,
@@ -187,13 +202,13 @@ def _setup_packed(ctx, inputs, output) -> None:
     ctx.save_for_backward(patches, weight, grid_thw, pos_embed)
     ctx.has_bias = bias is not None
     ctx.args = (merge, mean, std, rescale)
+    ctx.mask = _requires_grad((patches, weight, bias, pos_embed))
 
 
 def _packed_backward(ctx, grad, _grad_cu_seqlens):
     patches, weight, grid_thw, pos_embed = ctx.saved_tensors
     merge, mean, std, rescale = ctx.args
-    needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[4])]
+    mask = ctx.mask
     d_patches, d_weight, d_bias, d_pos = torch.ops.vlmkern.patch_embed_packed_backward(
         grad, patches, weight, ctx.has_bias, grid_thw, pos_embed, merge, mean, std, rescale,
         mask,

@@ -1,6 +1,7 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
 from .mrope_position_ids import mrope_position_ids
+from .patch_embed import patch_embed
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import apply_rotary_pos_emb, mrope, rope, vision_rope
 
@@ -12,4 +13,5 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "patch_embed",
 ]
