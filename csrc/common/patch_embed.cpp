@@ -285,7 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   const at::Tensor cls_sum = need_cls_sum ? grad.select(1, 0).sum(0) : at::Tensor();
   if (output_mask[3] && pos_embed) {
     at::Tensor dp = tokens.sum(0);  // (L, D)
-    if (g.resize) {
+    if (g.resize && g.l == 0) {
+      dp = at::zeros({g.s * g.s, g.d}, weight.options());
+    } else if (g.resize) {
       const at::Tensor up = dp.view({1, g.gh, g.gw, g.d}).permute({0, 3, 1, 2});
       dp = at::upsample_bicubic2d_backward(up, {g.gh, g.gw}, {1, g.d, g.s, g.s}, false)
                .permute({0, 2, 3, 1})

@@ -21,8 +21,8 @@ def _normalize(x: torch.Tensor, mean, std, rescale: float, dim: int) -> torch.Te
 def _resize_bicubic(table: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     """(S·S, D) square table -> (gh·gw, D), as HF's interpolate_pos_encoding."""
     side = round(table.shape[0] ** 0.5)
-    if (side, side) == (gh, gw):
-        return table
+    if (side, side) == (gh, gw) or gh * gw == 0:
+        return table[: gh * gw]
     img = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     img = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False)
     return img.permute(0, 2, 3, 1).reshape(gh * gw, -1)
@@ -77,8 +77,11 @@ def patch_embed(
     if mean is not None or std is not None or rescale != 1.0:
         x = _normalize(x, mean, std, rescale, 1)
     p = weight.shape[-1]
-    tokens = F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
     gh, gw = x.shape[2] // p, x.shape[3] // p
+    if gh * gw == 0:  # conv2d rejects an input smaller than its kernel
+        tokens = x.new_zeros((x.shape[0], 0, weight.shape[0]))
+    else:
+        tokens = F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
     if pos_embed is not None and pos_embed.dim() == 3:
         pos_embed = pos_embed[0]
     if cls_token is not None:
