@@ -95,4 +95,4 @@ def assert_close_two_tier(out, args, kwargs, what="", ref_fn=None):
     low_t = low[0] if isinstance(low, tuple) else low
     err_pt = (low_t.double() - ref_t).abs().max().item()
     floor = 2 * torch.finfo(out_t.dtype).eps * scale
-    assert err <= 2 * err_pt + floor, f"{what}: {out_t.dtype} error {err:.3g} > 2x torch {err_pt:.3g}"
+    assert err <= 2 * err_pt + floor, f"{what}: {out_t.dtype} error {err:.3g}, torch {err_pt:.3g}"
