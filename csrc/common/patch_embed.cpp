@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
       x = channels_last ? normalize_rows(x.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
                         : normalize_rows(x.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
     }
-    const at::Tensor dw = at::mm(rows.t(), x.view({g.b * g.l, -1}));
+    const at::Tensor dw = at::mm(rows.t(), x.view({g.b * g.l, g.c * g.p * g.p}));
     d_weight = channels_last
                    ? dw.view({g.d, g.p, g.p, g.c}).permute({0, 3, 1, 2}).contiguous()
                    : dw.view({g.d, g.c, g.p, g.p});

@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_packed_ba
   if (output_mask[0]) d_patches = at::mm(grad, fold_weight(weight, std::nullopt, norm).first);
   if (output_mask[1]) {
     at::Tensor x = patches.to(weight.scalar_type());
-    if (norm.active()) x = normalize_rows(x.reshape({g.n, g.c, -1}), norm, 1);
+    if (norm.active()) x = normalize_rows(x.reshape({g.n, g.c, g.k / g.c}), norm, 1);
     d_weight = at::mm(grad.t(), x.reshape({g.n, g.k})).view(weight.sizes());
   }
   if (output_mask[2] && has_bias) d_bias = grad.sum(0);

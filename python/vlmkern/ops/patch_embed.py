@@ -133,13 +133,12 @@ def _patch_embed_backward_fake(grad, pixels, weight, has_bias, pos_embed, has_cl
     chk._fail(not output_mask[0] or pixels.dtype != torch.uint8,
               "pixels is uint8: it has no gradient")
     d = weight.shape[0]
-    empty = weight.new_empty((0,))
     return (
-        pixels.new_empty(pixels.shape) if output_mask[0] else pixels.new_empty((0,)),
-        weight.new_empty(weight.shape) if output_mask[1] else empty,
-        weight.new_empty((d,)) if output_mask[2] and has_bias else empty,
-        weight.new_empty(pos_embed.shape) if output_mask[3] and pos_embed is not None else empty,
-        weight.new_empty((d,)) if output_mask[4] and has_cls else empty,
+        pixels.new_empty(pixels.shape if output_mask[0] else (0,)),
+        weight.new_empty(weight.shape if output_mask[1] else (0,)),
+        weight.new_empty((d,) if output_mask[2] and has_bias else (0,)),
+        weight.new_empty(pos_embed.shape if output_mask[3] and pos_embed is not None else (0,)),
+        weight.new_empty((d,) if output_mask[4] and has_cls else (0,)),
     )
 
 
@@ -160,12 +159,11 @@ def _patch_embed_packed_backward_fake(grad, patches, weight, has_bias, grid_thw,
     chk.check_grad(grad, (patches.shape[0], weight.shape[0]), weight, "(N, D)")
     chk._fail(not output_mask[0] or patches.dtype != torch.uint8,
               "patches is uint8: it has no gradient")
-    empty = weight.new_empty((0,))
     return (
-        weight.new_empty(patches.shape) if output_mask[0] else patches.new_empty((0,)),
-        weight.new_empty(weight.shape) if output_mask[1] else empty,
-        weight.new_empty((weight.shape[0],)) if output_mask[2] and has_bias else empty,
-        weight.new_empty(pos_embed.shape) if output_mask[3] and pos_embed is not None else empty,
+        patches.new_empty(patches.shape if output_mask[0] else (0,)),
+        weight.new_empty(weight.shape if output_mask[1] else (0,)),
+        weight.new_empty((weight.shape[0],) if output_mask[2] and has_bias else (0,)),
+        weight.new_empty(pos_embed.shape if output_mask[3] and pos_embed is not None else (0,)),
     )
 
 
