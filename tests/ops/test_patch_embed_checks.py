@@ -7,7 +7,6 @@ import torch
 from patch_embed_testing import make_params, make_pixels
 from testing_utils import deterministic_mode
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vlmkern
 from vlmkern import reference
@@ -30,8 +29,9 @@ def _image(dtype=torch.float64, B=2, H=6, W=4, P=2, D=3, side=2, flavour="intern
 def _packed(dtype=torch.float64, grid=((1, 2, 4), (2, 2, 2)), D=3, side=3, grad=True):
     grid = torch.tensor(grid, dtype=torch.int64).reshape(-1, 3)
     n = int(grid.prod(1).sum())
-    tensors = [torch.randn(n, 3 * 2 * 2 * 2).to(dtype), (torch.randn(D, 3, 2, 2, 2) * 0.3).to(dtype),
-               torch.randn(D).to(dtype), torch.randn(side * side, D).to(dtype) if side else None]
+    weight = (torch.randn(D, 3, 2, 2, 2) * 0.3).to(dtype)
+    tensors = [torch.randn(n, 3 * 2 * 2 * 2).to(dtype), weight, torch.randn(D).to(dtype),
+               torch.randn(side * side, D).to(dtype) if side else None]
     if grad:
         tensors = [t.detach().requires_grad_() if t is not None else None for t in tensors]
     return tensors, grid
@@ -157,12 +157,16 @@ def _packed_samples():
     return out
 
 
-@pytest.mark.parametrize(("args", "name"), _image_samples(), ids=lambda v: v if isinstance(v, str) else "")
+def _ids(v):
+    return v if isinstance(v, str) else ""
+
+
+@pytest.mark.parametrize(("args", "name"), _image_samples(), ids=_ids)
 def test_opcheck_image(args, name):
     torch.library.opcheck(image_op.default, args)
 
 
-@pytest.mark.parametrize(("args", "name"), _packed_samples(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("args", "name"), _packed_samples(), ids=_ids)
 def test_opcheck_packed(args, name):
     torch.library.opcheck(packed_op.default, args)
 
