@@ -351,7 +351,8 @@ def run_op(
             except Exception as e:  # noqa: BLE001 - a provider that cannot run is reported
                 log(f"  [skip] {name} on {case.shape}: {type(e).__name__}: {e}".splitlines()[0])
                 continue
-            check_equal(name, case, out, ref, exact)
+            if not getattr(fn, "roofline", False):  # a roofline (e.g. bare mm) is timed only
+                check_equal(name, case, out, ref, exact)
             del out
             jobs[name] = (fn, sets, case.kwargs)
         jobs[COPY] = (copy_fn, copy_case_sets(case.bytes_moved, n_sets, cfg), {})
@@ -362,6 +363,8 @@ def run_op(
             torch.cuda.empty_cache()
         base = timings.get(baseline)
         copy_med = timings[COPY].median
+        roof = [timings[n].median for n, f in providers.items()
+                if getattr(f, "roofline", False) and n in timings]
         for name, t in timings.items():
             med = t.median
             rec = {
@@ -378,6 +381,7 @@ def run_op(
                 f"speedup_vs_{baseline}": (base.median / med) if base else None,
                 "flops": case.flops,
                 "tflop_s": (case.flops / (med * 1e-6) / 1e12) if case.flops else None,
+                "pct_of_roofline": 100.0 * roof[0] / med if roof else None,
                 "timing": t.method,
                 "timing_note": t.note,
                 "n_sets": t.n_sets,
@@ -397,6 +401,9 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
     key = f"speedup_vs_{baseline}"
     head = ["shape", "provider", "median us", "p20", "p80", "GB/s", "% of copy",
             f"x vs {baseline}"]
+    gemm = any(r.get("tflop_s") for r in records)  # GEMM-like op: TFLOP/s and % of its roofline
+    if gemm:
+        head += ["TFLOP/s", "% of mm"]
     rows = []
     notes = []
     for r in records:
@@ -408,7 +415,9 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
             r["shape"], prov, f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}",
             f"{r['p80_us']:.1f}", f"{r['gb_s']:.1f}", f"{r['pct_of_copy']:.0f}%",
             f"{r[key]:.2f}x" if r.get(key) else "-",
-        ])
+        ] + ([f"{r['tflop_s']:.2f}" if r.get("tflop_s") else "-",
+              f"{r['pct_of_roofline']:.0f}%" if r.get("pct_of_roofline") else "-"]
+             if gemm else []))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     left = {0, 1}
