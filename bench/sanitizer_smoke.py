@@ -165,7 +165,8 @@ def run_mrope_smoke(device: str) -> int:
 
 def smoke_patch_embed(device: str) -> int:
     """patch_embed (image: CLIP / SigLIP flavours, NCHW and NHWC, resized positions, uint8 +
-    folded normalization) and packed Qwen3-VL rows, forward + backward, against the reference."""
+    folded normalization), packed Qwen3-VL rows and a list of differently sized images, forward +
+    backward, against the reference."""
     n = 0
     for dtype in DTYPES:
         for cls, bias, layout in ((True, False, "nchw"), (False, True, "nhwc")):
@@ -202,7 +203,18 @@ def smoke_patch_embed(device: str) -> int:
         out.float().sum().backward()
         _close(out.detach(), ref, f"patch_embed packed {dtype}")
         assert torch.equal(cu.cpu(), ref_cu) and td.grad is not None
-        n += 2
+        images = [torch.randn(3, h, w).to(dtype) for h, w in ((14, 21), (7, 7), (28, 14))]
+        imd = [im.to(device).requires_grad_(True) for im in images]
+        pos = torch.randn(10, 16).to(dtype)  # CLS row + a 3x3 table
+        pos_d = pos.to(device).requires_grad_(True)
+        out, cu = vlmkern.ops.patch_embed(imd, w.to(device), b.to(device), pos_embed=pos_d,
+                                          cls_token=c.to(device))
+        out.float().square().sum().backward()
+        for i, im in enumerate(images):
+            ref = vlmkern.reference.patch_embed(im[None], w, b, pos_embed=pos, cls_token=c)[0]
+            _close(out.detach()[cu[i] : cu[i + 1]], ref, f"patch_embed varlen {i} {dtype}")
+        assert all(im.grad is not None for im in imd) and pos_d.grad is not None
+        n += 3
     return n
 
 
@@ -220,6 +232,8 @@ CASES: dict[str, Callable[[str], int]] = {
     "patch_embed_backward": smoke_patch_embed,
     "patch_embed_packed": smoke_patch_embed,
     "patch_embed_packed_backward": smoke_patch_embed,
+    "patch_embed_varlen": smoke_patch_embed,
+    "patch_embed_varlen_backward": smoke_patch_embed,
 }
 
 

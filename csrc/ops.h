@@ -7,6 +7,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace vlmkern {
 
@@ -106,5 +107,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_packed_ba
     const at::Tensor& grid_thw, const std::optional<at::Tensor>& pos_embed,
     int64_t spatial_merge_size, std::optional<at::ArrayRef<double>> mean,
     std::optional<at::ArrayRef<double>> std, double rescale, std::array<bool, 4> output_mask);
+std::tuple<at::Tensor, at::Tensor> patch_embed_varlen_cpu(
+    at::TensorList pixels, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
+    std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std,
+    double rescale, bool channels_last, std::string_view pos_interp);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+patch_embed_varlen_backward_cpu(const at::Tensor& grad, at::TensorList pixels,
+                               const at::Tensor& weight, bool has_bias,
+                               const std::optional<at::Tensor>& pos_embed, bool has_cls,
+                               std::optional<at::ArrayRef<double>> mean,
+                               std::optional<at::ArrayRef<double>> std, double rescale,
+                               bool channels_last, std::string_view pos_interp,
+                               std::array<bool, 5> output_mask);
+std::tuple<at::Tensor, at::Tensor> patch_embed_varlen_cuda(
+    at::TensorList pixels, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
+    std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std,
+    double rescale, bool channels_last, std::string_view pos_interp);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+patch_embed_varlen_backward_cuda(const at::Tensor& grad, at::TensorList pixels,
+                               const at::Tensor& weight, bool has_bias,
+                               const std::optional<at::Tensor>& pos_embed, bool has_cls,
+                               std::optional<at::ArrayRef<double>> mean,
+                               std::optional<at::ArrayRef<double>> std, double rescale,
+                               bool channels_last, std::string_view pos_interp,
+                               std::array<bool, 5> output_mask);
 
 }  // namespace vlmkern

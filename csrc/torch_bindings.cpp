@@ -75,6 +75,20 @@ TORCH_LIBRARY(vlmkern, m) {
       "Tensor grid_thw, Tensor? pos_embed, int spatial_merge_size, float[]? mean, float[]? std, "
       "float rescale, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // pixels [(C, H_i, W_i)] images of different sizes -> (tokens (sum T_i, D), cu_seqlens (n + 1,)
+  //   int32): image-mode patch embed of each, packed; the same optional arguments.
+  m.def(
+      "patch_embed_varlen(Tensor[] pixels, Tensor weight, Tensor? bias=None, "
+      "Tensor? pos_embed=None, Tensor? cls_token=None, float[]? mean=None, float[]? std=None, "
+      "float rescale=1.0, bool channels_last=False, str pos_interp='bicubic') -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: ([d pixels_i] or [], d weight, d bias, d pos_embed, d cls_token).
+  m.def(
+      "patch_embed_varlen_backward(Tensor grad, Tensor[] pixels, Tensor weight, bool has_bias, "
+      "Tensor? pos_embed, bool has_cls, float[]? mean, float[]? std, float rescale, "
+      "bool channels_last, str pos_interp, bool[5] output_mask) "
+      "-> (Tensor[], Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef VLMKERN_WITH_CUDA

@@ -200,40 +200,66 @@ at::Tensor grid_positions(const at::Tensor& table, const ImageGeom& g) {
 
 }  // namespace
 
-at::Tensor patch_embed_forward(const at::Tensor& pixels, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& pos_embed,
-                               const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
-                               bool channels_last, std::string_view pos_interp) {
+namespace patch_embed_detail {
+
+int64_t image_tokens(const at::Tensor& pixels, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& pos_embed,
+                     const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                     bool channels_last, std::string_view pos_interp) {
   const ImageGeom g = check_image(pixels, weight, bias, pos_embed, cls_token.has_value(), norm,
                                   channels_last, pos_interp);
   check_param(kOp, cls_token, "cls_token", 1, "(D,)", weight);
+  return (g.cls ? 1 : 0) + g.l;
+}
+
+void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& pos_embed,
+                              const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                              bool channels_last, std::string_view pos_interp) {
+  const ImageGeom g = check_image(pixels, weight, bias, pos_embed, cls_token.has_value(), norm,
+                                  channels_last, pos_interp);
   const int64_t first = g.cls ? 1 : 0;
-  at::Tensor out = at::empty({g.b, first + g.l, g.d}, weight.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   if (g.cls) {  // CLS row: cls_token + pos_embed[0], as HF's cat-then-add
     at::Tensor row = pos_embed ? cls_token->add(pos_embed->select(0, 0)) : *cls_token;
     out.select(1, 0).copy_(row);
   }
-  if (g.l == 0) return out;
+  if (g.l == 0) return;
   const auto [w2, b2] = folded_weight(weight, bias, norm, g);
   const at::Tensor x = patch_matrix(pixels, g, weight.scalar_type());
   at::Tensor addend = b2;  // (D,) or (L, D): bias and positions, added by the GEMM itself
   if (pos_embed) {
-    const at::Tensor pos = grid_positions(pos_embed->narrow(0, first, pos_embed->size(0) - first), g);
+    const at::Tensor pos =
+        grid_positions(pos_embed->narrow(0, first, pos_embed->size(0) - first), g);
     addend = b2.defined() ? pos.add(b2) : pos;
   }
   const at::Tensor wt = w2.t();
   if (!g.cls && !pos_embed) {  // one GEMM over the whole batch
     at::Tensor flat = out.view({g.b * g.l, g.d});
     addend.defined() ? at::addmm_out(flat, addend, x, wt) : at::mm_out(flat, x, wt);
-    return out;
+    return;
   }
   for (int64_t i = 0; i < g.b; ++i) {  // each image's tokens are one contiguous (L, D) block
     at::Tensor block = out.select(0, i).narrow(0, first, g.l);
     const at::Tensor xi = x.narrow(0, i * g.l, g.l);
     addend.defined() ? at::addmm_out(block, addend, xi, wt) : at::mm_out(block, xi, wt);
   }
+}
+
+}  // namespace patch_embed_detail
+
+at::Tensor patch_embed_forward(const at::Tensor& pixels, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& pos_embed,
+                               const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                               bool channels_last, std::string_view pos_interp) {
+  const int64_t tokens = image_tokens(pixels, weight, bias, pos_embed, cls_token, norm,
+                                      channels_last, pos_interp);
+  at::Tensor out = at::empty({pixels.size(0), tokens, weight.size(0)}, weight.options());
+  patch_embed_forward_into(out, pixels, weight, bias, pos_embed, cls_token, norm, channels_last,
+                           pos_interp);
   return out;
 }
 

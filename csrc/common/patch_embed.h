@@ -8,6 +8,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace vlmkern {
 
@@ -55,5 +56,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_packed_ba
     const at::Tensor& grad, const at::Tensor& patches, const at::Tensor& weight, bool has_bias,
     const at::Tensor& grid_thw, const std::optional<at::Tensor>& pos_embed,
     int64_t spatial_merge_size, const PixelNorm& norm, std::array<bool, 4> output_mask);
+
+// A list of images (C, H_i, W_i) / (H_i, W_i, C) of different sizes: each embedded as in image
+// mode (positions resized to its own grid), packed -> (tokens (sum T_i, D), cu_seqlens (n + 1,)).
+std::tuple<at::Tensor, at::Tensor> patch_embed_varlen_forward(
+    at::TensorList images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
+    const PixelNorm& norm, bool channels_last, std::string_view pos_interp);
+
+// Its backward: ([d image_i] (empty unless requested), d weight, d bias, d pos_embed, d cls).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+patch_embed_varlen_backward(const at::Tensor& grad, at::TensorList images,
+                            const at::Tensor& weight, bool has_bias,
+                            const std::optional<at::Tensor>& pos_embed, bool has_cls,
+                            const PixelNorm& norm, bool channels_last,
+                            std::string_view pos_interp, std::array<bool, 5> output_mask);
 
 }  // namespace vlmkern

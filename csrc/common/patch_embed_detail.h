@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "common/checks.h"
@@ -38,6 +39,20 @@ std::pair<at::Tensor, at::Tensor> fold_weight(const at::Tensor& weight,
 // x (M, C, R) or (M, R, C) patch rows (channel_dim 1 or 2) -> normalized copy, x * scale[c] -
 // offset[c] in float32 (float64 for double) cast back: the conv input of normalize-then-embed.
 at::Tensor normalize_rows(const at::Tensor& x, const PixelNorm& norm, int64_t channel_dim);
+
+// Image mode, checked: the number of output tokens per image, [1 +] (H/P)(W/P).
+int64_t image_tokens(const at::Tensor& pixels, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& pos_embed,
+                     const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                     bool channels_last, std::string_view pos_interp);
+
+// Image mode into `out` (B, T, D), each (T, D) block contiguous (a slice of a packed output).
+void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& pos_embed,
+                              const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                              bool channels_last, std::string_view pos_interp);
 
 // Empty (0,) placeholder for an unrequested gradient.
 at::Tensor no_grad_output(const at::Tensor& like);

@@ -61,8 +61,9 @@ def square_side(rows: int, what: str) -> int:
 
 
 def check_image(pixels, weight, bias, pos_embed, has_cls, mean, std, rescale, channels_last,
-                pos_interp) -> tuple[int, int, int, bool]:
-    """Returns (gh, gw, table side S or 0, resize)."""
+                pos_interp) -> tuple[int, int]:
+    """Returns the patch grid (gh, gw). Whether the table gets resized is not computed here: a
+    comparison of the grid with S would add a guard (a recompilation) under torch.compile."""
     check_rank(pixels, 4, OP, "pixels", "(B, H, W, C)" if channels_last else "(B, C, H, W)")
     check_rank(weight, 4, OP, "weight", "(D, C, P, P)")
     check_dtype_device(pixels, "pixels", weight)
@@ -84,7 +85,6 @@ def check_image(pixels, weight, bias, pos_embed, has_cls, mean, std, rescale, ch
     check_param(bias, "bias", 1, "(D,)", weight)
     check_param(pos_embed, "pos_embed", 2, "(L, D)", weight)
     check_norm(mean, std, rescale, c)
-    side, resize = 0, False
     if pos_embed is not None:
         rows = pos_embed.shape[0] - (1 if has_cls else 0)
         plus = " + 1 (CLS)" if has_cls else ""
@@ -92,10 +92,9 @@ def check_image(pixels, weight, bias, pos_embed, has_cls, mean, std, rescale, ch
             _fail(rows == gh * gw, f"pos_embed has {pos_embed.shape[0]} rows but the ({gh}, {gw})"
                   f" grid needs {gh * gw}{plus} (pos_interp='none')")
         else:
-            side = square_side(rows, f"pos_embed has {pos_embed.shape[0]} rows: not a square "
-                               f"S*S table{plus}")
-            resize = side != gh or side != gw
-    return gh, gw, side, resize
+            square_side(rows, f"pos_embed has {pos_embed.shape[0]} rows: not a square S*S "
+                        f"table{plus}")
+    return gh, gw
 
 
 def check_packed(patches, weight, bias, grid_thw, pos_embed, merge, mean, std,

@@ -13,7 +13,7 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def patch_embed(
-    pixels: torch.Tensor,
+    pixels: torch.Tensor | Sequence[torch.Tensor],
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -46,6 +46,11 @@ def patch_embed(
     ``crop=True``, which drops the trailing ``H mod P`` rows / ``W mod P`` columns as a
     ``padding="valid"`` Conv2d does (SigLIP-so400m/14 at 384², 27×27 patches); it is a view.
 
+    **Variable-resolution images** (``pixels`` a list of ``(C, H, W)`` / ``(H, W, C)`` images of
+    different sizes, image mode otherwise): returns ``(tokens (Σ T_i, D), cu_seqlens (n + 1,)
+    int32)``, each image's ``[CLS +]`` tokens packed in order with positions resized to its own
+    grid; one op call, the per-image loop runs in C++ and cu_seqlens is filled on the device.
+
     **Packed mode** (``grid_thw`` given; Qwen2-VL / 2.5-VL / 3-VL): ``pixels`` are the processor's
     pre-patchified rows ``(N, C·T·P·P)`` in ``(C, T, ph, pw)`` order, ``weight`` the Conv3d weight
     ``(D, C, T, P, P)``, ``grid_thw`` ``(n, 3)`` int32/int64 on the same device. ``pos_embed``
@@ -63,6 +68,9 @@ def patch_embed(
     Differentiable in ``weight``, ``bias``, ``pos_embed`` (through the resize), ``cls_token`` and
     float ``pixels``. ``patch_size`` / ``temporal_patch_size``, when given, must match ``weight``.
     """
+    if isinstance(pixels, (list, tuple)):
+        return _varlen(list(pixels), weight, bias, patch_size, pos_embed, cls_token, mean, std,
+                       rescale, channels_last, crop, pos_interp, grid_thw)
     if grid_thw is None:
         _expect(patch_size, weight.shape[-1] if weight.dim() == 4 else None, "patch_size")
         if crop and pixels.dim() == 4 and weight.dim() == 4 and weight.shape[-1] > 0:
@@ -100,6 +108,29 @@ def patch_embed(
     )
 
 
+def _varlen(images, weight, bias, patch_size, pos_embed, cls_token, mean, std, rescale,
+            channels_last, crop, pos_interp, grid_thw):
+    """A list of (C, H, W) (or (H, W, C)) images of different sizes -> packed tokens."""
+    if grid_thw is not None:
+        raise ValueError("vlmkern.patch_embed: a list of images takes no grid_thw")
+    _expect(patch_size, weight.shape[-1] if weight.dim() == 4 else None, "patch_size")
+    p = weight.shape[-1] if weight.dim() == 4 else 0
+    h_dim, w_dim = (0, 1) if channels_last else (1, 2)
+    if crop and p > 0:  # views only
+        images = [im.narrow(h_dim, 0, im.shape[h_dim] // p * p).narrow(
+            w_dim, 0, im.shape[w_dim] // p * p) if im.dim() == 3 else im for im in images]
+    images = [im.to(weight.dtype) if im.dtype != weight.dtype and im.dtype in _FLOATS else im
+              for im in images]
+    if pos_embed is not None and pos_embed.dim() == 3 and pos_embed.shape[0] == 1:
+        pos_embed = pos_embed[0]
+    if cls_token is not None and cls_token.dim() > 1:
+        cls_token = cls_token.reshape(-1)
+    return torch.ops.vlmkern.patch_embed_varlen(
+        images, weight, bias, pos_embed, cls_token, _floats(mean), _floats(std), float(rescale),
+        channels_last, "bicubic" if pos_interp is None else pos_interp,
+    )
+
+
 def _expect(given: int | None, actual: int | None, name: str) -> None:
     if given is not None and actual is not None and given != actual:
         raise ValueError(f"vlmkern.patch_embed: {name}={given} but weight has {actual}")
@@ -115,7 +146,7 @@ def _floats(v: Sequence[float] | None) -> list[float] | None:
 @torch.library.register_fake("vlmkern::patch_embed")
 def _patch_embed_fake(pixels, weight, bias=None, pos_embed=None, cls_token=None, mean=None,
                       std=None, rescale=1.0, channels_last=False, pos_interp="bicubic"):
-    gh, gw, _, _ = chk.check_image(pixels, weight, bias, pos_embed, cls_token is not None, mean,
+    gh, gw = chk.check_image(pixels, weight, bias, pos_embed, cls_token is not None, mean,
                                    std, rescale, channels_last, pos_interp)
     chk.check_param(cls_token, "cls_token", 1, "(D,)", weight)
     first = 1 if cls_token is not None else 0
@@ -125,7 +156,7 @@ def _patch_embed_fake(pixels, weight, bias=None, pos_embed=None, cls_token=None,
 @torch.library.register_fake("vlmkern::patch_embed_backward")
 def _patch_embed_backward_fake(grad, pixels, weight, has_bias, pos_embed, has_cls, mean, std,
                                rescale, channels_last, pos_interp, output_mask):
-    gh, gw, side, resize = chk.check_image(pixels, weight, None, pos_embed, has_cls, mean, std,
+    gh, gw = chk.check_image(pixels, weight, None, pos_embed, has_cls, mean, std,
                                            rescale, channels_last, pos_interp)
     first = 1 if has_cls else 0
     chk.check_grad(grad, (pixels.shape[0], first + gh * gw, weight.shape[0]), weight,
@@ -164,6 +195,51 @@ def _patch_embed_packed_backward_fake(grad, patches, weight, has_bias, grid_thw,
         weight.new_empty(weight.shape if output_mask[1] else (0,)),
         weight.new_empty((weight.shape[0],) if output_mask[2] and has_bias else (0,)),
         weight.new_empty(pos_embed.shape if output_mask[3] and pos_embed is not None else (0,)),
+    )
+
+
+def _varlen_tokens(pixels, weight, bias, pos_embed, cls_token, mean, std, rescale,
+                   channels_last, pos_interp) -> list[int]:
+    tokens = []
+    layout = "(H, W, C)" if channels_last else "(C, H, W)"
+    for i, img in enumerate(pixels):
+        chk.check_rank(img, 3, chk.OP, f"pixels[{i}]", layout)
+        chk._fail(img.dtype == pixels[0].dtype,
+                  f"pixels[{i}] dtype {img.dtype} differs from pixels[0]'s {pixels[0].dtype}")
+        gh, gw = chk.check_image(img.unsqueeze(0), weight, bias, pos_embed,
+                                       cls_token is not None, mean, std, rescale, channels_last,
+                                       pos_interp)
+        chk.check_param(cls_token, "cls_token", 1, "(D,)", weight)
+        tokens.append((cls_token is not None) + gh * gw)
+    return tokens
+
+
+@torch.library.register_fake("vlmkern::patch_embed_varlen")
+def _patch_embed_varlen_fake(pixels, weight, bias=None, pos_embed=None, cls_token=None,
+                             mean=None, std=None, rescale=1.0, channels_last=False,
+                             pos_interp="bicubic"):
+    tokens = _varlen_tokens(pixels, weight, bias, pos_embed, cls_token, mean, std, rescale,
+                            channels_last, pos_interp)
+    return (weight.new_empty((sum(tokens), weight.shape[0])),
+            weight.new_empty((len(pixels) + 1,), dtype=torch.int32))
+
+
+@torch.library.register_fake("vlmkern::patch_embed_varlen_backward")
+def _patch_embed_varlen_backward_fake(grad, pixels, weight, has_bias, pos_embed, has_cls, mean,
+                                      std, rescale, channels_last, pos_interp, output_mask):
+    cls = weight.new_empty((weight.shape[0],)) if has_cls else None
+    total = sum(_varlen_tokens(pixels, weight, None, pos_embed, cls, mean, std, rescale,
+                               channels_last, pos_interp))
+    chk.check_grad(grad, (total, weight.shape[0]), weight, "(T, D)")
+    d = weight.shape[0]
+    images = [im.new_empty(im.shape, dtype=weight.dtype) for im in pixels] if output_mask[0] \
+        else []
+    return (
+        images,
+        weight.new_empty(weight.shape if output_mask[1] else (0,)),
+        weight.new_empty((d,) if output_mask[2] and has_bias else (0,)),
+        weight.new_empty(pos_embed.shape if output_mask[3] and pos_embed is not None else (0,)),
+        weight.new_empty((d,) if output_mask[4] and has_cls else (0,)),
     )
 
 
@@ -215,8 +291,32 @@ def _packed_backward(ctx, grad, _grad_cu_seqlens):
             d_bias if mask[2] else None, None, d_pos if mask[3] else None, None, None, None, None)
 
 
+def _setup_varlen(ctx, inputs, output) -> None:
+    images, weight, bias, pos_embed, cls_token, mean, std, rescale, channels_last, interp = inputs
+    ctx.save_for_backward(weight, pos_embed, *images)
+    ctx.has_bias, ctx.has_cls = bias is not None, cls_token is not None
+    ctx.args = (mean, std, rescale, channels_last, interp)
+    ctx.mask = [any(im.requires_grad for im in images),
+                *_requires_grad((weight, bias, pos_embed, cls_token))]
+
+
+def _varlen_backward(ctx, grad, _grad_cu_seqlens):
+    weight, pos_embed, *images = ctx.saved_tensors
+    mean, std, rescale, channels_last, interp = ctx.args
+    mask = ctx.mask
+    d_images, *grads = torch.ops.vlmkern.patch_embed_varlen_backward(
+        grad, images, weight, ctx.has_bias, pos_embed, ctx.has_cls, mean, std, rescale,
+        channels_last, interp, mask,
+    )
+    return (list(d_images) if mask[0] else [None] * len(images),
+            *(g if m else None for g, m in zip(grads, mask[1:], strict=True))) + (None,) * 5
+
+
 torch.library.register_autograd(
     "vlmkern::patch_embed", _image_backward, setup_context=_setup_image
+)
+torch.library.register_autograd(
+    "vlmkern::patch_embed_varlen", _varlen_backward, setup_context=_setup_varlen
 )
 torch.library.register_autograd(
     "vlmkern::patch_embed_packed", _packed_backward, setup_context=_setup_packed
