@@ -68,12 +68,14 @@ std::tuple<at::Tensor, at::Tensor> mrope_position_ids_cuda(
 at::Tensor patch_embed_cpu(const at::Tensor& pixels, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& pos_embed,
-                       const std::optional<at::Tensor>& cls_token, std::optional<at::ArrayRef<double>> mean,
+                       const std::optional<at::Tensor>& cls_token,
+                       std::optional<at::ArrayRef<double>> mean,
                        std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
                        std::string_view pos_interp);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cpu(
     const at::Tensor& grad, const at::Tensor& pixels, const at::Tensor& weight, bool has_bias,
-    const std::optional<at::Tensor>& pos_embed, bool has_cls, std::optional<at::ArrayRef<double>> mean,
+    const std::optional<at::Tensor>& pos_embed, bool has_cls,
+    std::optional<at::ArrayRef<double>> mean,
     std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
     std::string_view pos_interp, std::array<bool, 5> output_mask);
 std::tuple<at::Tensor, at::Tensor> patch_embed_packed_cpu(
@@ -89,12 +91,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_packed_ba
 at::Tensor patch_embed_cuda(const at::Tensor& pixels, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& pos_embed,
-                       const std::optional<at::Tensor>& cls_token, std::optional<at::ArrayRef<double>> mean,
+                       const std::optional<at::Tensor>& cls_token,
+                       std::optional<at::ArrayRef<double>> mean,
                        std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
                        std::string_view pos_interp);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cuda(
     const at::Tensor& grad, const at::Tensor& pixels, const at::Tensor& weight, bool has_bias,
-    const std::optional<at::Tensor>& pos_embed, bool has_cls, std::optional<at::ArrayRef<double>> mean,
+    const std::optional<at::Tensor>& pos_embed, bool has_cls,
+    std::optional<at::ArrayRef<double>> mean,
     std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
     std::string_view pos_interp, std::array<bool, 5> output_mask);
 std::tuple<at::Tensor, at::Tensor> patch_embed_packed_cuda(

@@ -111,7 +111,8 @@ Taps bilinear_taps(const at::Tensor& grid_thw, int64_t n, int64_t s, int64_t m) 
   const at::Tensor w = grid.select(1, 2).index_select(0, img);
   const at::Tensor within = (rows - cu.index_select(0, img)).remainder((h * w).clamp_min(1));
   const at::Tensor blocks_w = w.div(m, "floor").clamp_min(1);
-  const at::Tensor row = within.div(blocks_w * (m * m), "floor") * m + within.div(m, "floor").remainder(m);
+  const at::Tensor row =
+      within.div(blocks_w * (m * m), "floor") * m + within.div(m, "floor").remainder(m);
   const at::Tensor col = within.div(m * m, "floor").remainder(blocks_w) * m + within.remainder(m);
   at::Tensor taps[2][2], weights[2][2];
   const at::Tensor coord[2] = {row, col}, size[2] = {h, w};
@@ -155,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
     const Taps taps = bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size);
     at::Tensor pos;
     for (int k = 0; k < 4; ++k) {
-      const at::Tensor term = pos_embed->index_select(0, taps.index[k]) * taps.weight[k].unsqueeze(1);
+      const at::Tensor term =
+          pos_embed->index_select(0, taps.index[k]) * taps.weight[k].unsqueeze(1);
       pos = k == 0 ? term : pos.add_(term);
     }
     tokens.add_(pos.to(weight.scalar_type()));

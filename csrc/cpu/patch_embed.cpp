@@ -10,7 +10,8 @@ namespace vlmkern {
 at::Tensor patch_embed_cpu(const at::Tensor& pixels, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& pos_embed,
-                       const std::optional<at::Tensor>& cls_token, std::optional<at::ArrayRef<double>> mean,
+                       const std::optional<at::Tensor>& cls_token,
+                       std::optional<at::ArrayRef<double>> mean,
                        std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
                        std::string_view pos_interp) {
   return patch_embed_forward(pixels, weight, bias, pos_embed, cls_token, {mean, std, rescale},
@@ -19,7 +20,8 @@ at::Tensor patch_embed_cpu(const at::Tensor& pixels, const at::Tensor& weight,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cpu(
     const at::Tensor& grad, const at::Tensor& pixels, const at::Tensor& weight, bool has_bias,
-    const std::optional<at::Tensor>& pos_embed, bool has_cls, std::optional<at::ArrayRef<double>> mean,
+    const std::optional<at::Tensor>& pos_embed, bool has_cls,
+    std::optional<at::ArrayRef<double>> mean,
     std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
     std::string_view pos_interp, std::array<bool, 5> output_mask) {
   return patch_embed_backward(grad, pixels, weight, has_bias, pos_embed, has_cls,
