@@ -1,6 +1,10 @@
 // Packed-mode patch embedding (Qwen2-VL / 2.5-VL / 3-VL pre-patchified rows + grid_thw): one GEMM
 // with the bias, Qwen3-VL's bilinear (align_corners=True) position table resampled per image in
-// spatial-merge-block order, cu_seqlens computed on the input's device (no host sync); backward.
+// spatial-merge-block order (a row loop on the CPU, ATen ops elsewhere), cu_seqlens computed on the
+// input's device (no host sync); backward.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
@@ -139,6 +143,49 @@ at::ScalarType accum_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// CPU: tokens[r] += dtype(sum_k table[idx_k[r]] * w_k[r]), the taps summed in fp32 (fp64 for
+// double) in tap order and rounded before the add, as HF's (embedding * weights).sum(1).to(dtype)
+// then hidden + pos; one pass over the rows instead of 4 gathered (N, D) temporaries.
+void add_positions_cpu(const at::Tensor& tokens, const at::Tensor& table, const Taps& taps) {
+  const int64_t n = tokens.size(0), d = tokens.size(1);
+  at::Tensor idx[4], wts[4];
+  for (int k = 0; k < 4; ++k) {
+    idx[k] = taps.index[k].contiguous();
+    wts[k] = taps.weight[k].to(at::kFloat).contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(),
+                                  "patch_embed_positions", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* tab = table.const_data_ptr<scalar_t>();
+    scalar_t* out = tokens.mutable_data_ptr<scalar_t>();
+    const int64_t* ix[4];
+    const float* wx[4];
+    for (int k = 0; k < 4; ++k) {
+      ix[k] = idx[k].const_data_ptr<int64_t>();
+      wx[k] = wts[k].const_data_ptr<float>();
+    }
+    at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row[4];
+        acc_t w[4];
+        for (int k = 0; k < 4; ++k) {
+          row[k] = tab + ix[k][r] * d;
+          w[k] = static_cast<acc_t>(wx[k][r]);
+        }
+        scalar_t* o = out + r * d;
+        for (int64_t j = 0; j < d; ++j) {
+          acc_t p = static_cast<acc_t>(row[0][j]) * w[0];
+          p += static_cast<acc_t>(row[1][j]) * w[1];
+          p += static_cast<acc_t>(row[2][j]) * w[2];
+          p += static_cast<acc_t>(row[3][j]) * w[3];
+          o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) +
+                                       static_cast<acc_t>(static_cast<scalar_t>(p)));
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
@@ -152,15 +199,20 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
   const auto [w2, b2] = fold_weight(weight, bias, norm);
   const at::Tensor x = patches.to(weight.scalar_type());
   at::Tensor tokens = b2.defined() ? at::addmm(b2, x, w2.t()) : at::mm(x, w2.t());
-  if (pos_embed && g.n > 0 && g.d > 0) {  // + sum_k table[idx_k] * w_k (fp32), cast, as HF
+  if (pos_embed && g.n > 0 && g.d > 0) {
     const Taps taps = bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size);
-    at::Tensor pos;
-    for (int k = 0; k < 4; ++k) {
-      const at::Tensor term =
-          pos_embed->index_select(0, taps.index[k]) * taps.weight[k].unsqueeze(1);
-      pos = k == 0 ? term : pos.add_(term);
+    if (tokens.is_cpu()) {
+      add_positions_cpu(tokens, pos_embed->contiguous(), taps);
+    } else {  // + sum_k table[idx_k] * w_k in fp32 (one table conversion), cast, added
+      const at::Tensor table = pos_embed->to(accum_type(*pos_embed));
+      at::Tensor pos;
+      for (int k = 0; k < 4; ++k) {
+        at::Tensor gathered = table.index_select(0, taps.index[k]);
+        const at::Tensor w = taps.weight[k].to(table.scalar_type()).unsqueeze(1);
+        pos = k == 0 ? gathered.mul_(w) : pos.addcmul_(gathered, w);
+      }
+      tokens.add_(pos.to(weight.scalar_type()));
     }
-    tokens.add_(pos.to(weight.scalar_type()));
   }
   return {tokens, cu_seqlens};
 }
