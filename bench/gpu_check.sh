@@ -3,10 +3,19 @@
 # each under a time limit, results in one folder of <= 8 files. See bench/README.md.
 #
 # Usage: bash bench/gpu_check.sh [RESULTS_DIR]
-#   default RESULTS_DIR: bench/results/<UTC date>-<gpu short name>-<short commit>
+#   default RESULTS_DIR: $OUT when the device tool runs it, else
+#   bench/results/<UTC date>-<gpu short name>-<short commit>
+# The device tool allows 600 s per command and gives the machine back ~30 s after it, so one call
+# cannot hold every stage: run three calls that each rebuild (about a minute), e.g.
+#   VLMKERN_GPU_CHECK_STAGES="build info tests"   then "build sanitizer"   then "build bench"
+# and commit each call's folder (bench/README.md).
 # Environment:
 #   VLMKERN_GPU_CHECK_STAGES     stages to run, default "build info tests sanitizer bench"
 #   VLMKERN_GPU_CHECK_TIMEOUT    seconds per stage, default 600
+#   VLMKERN_GPU_CHECK_BUDGET     seconds for the whole call (stages are cut to fit, later ones
+#                                skipped); default 560 when $OUT is set, else unlimited
+#   VLMKERN_GPU_CHECK_MARKERS    pytest -m expression of the tests stage; default "gpu" (the CPU
+#                                tests run in CI), "" runs everything
 #   VLMKERN_GPU_CHECK_ALLOW_CPU  1: run without a GPU (dry check; default stages "info tests bench",
 #                                sanitizer skipped, quick CPU bench)
 #   VLMKERN_GPU_CHECK_BENCH_ARGS extra arguments for `python3 -m vlmkern.bench all`
@@ -20,6 +29,9 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 ALLOW_CPU=${VLMKERN_GPU_CHECK_ALLOW_CPU:-0}
 STAGE_TIMEOUT=${VLMKERN_GPU_CHECK_TIMEOUT:-600}
+BUDGET=${VLMKERN_GPU_CHECK_BUDGET:-$([[ -n ${OUT:-} ]] && echo 560 || echo 0)}
+START_TIME=$(date +%s)
+MARKERS=${VLMKERN_GPU_CHECK_MARKERS-gpu}
 SANITIZER_TOOLS="memcheck racecheck initcheck synccheck"
 
 # ---- stages (each runs in a child `bash $0 --stage NAME` under `timeout`) --------------------------
@@ -62,8 +74,8 @@ sys.exit(0 if vlmkern.info()["cuda_kernels"] else "FAIL: vlmkern was built witho
 
 stage_tests() {
     "$PY" -c 'import vlmkern; print("testing vlmkern from", vlmkern.__file__)'
-    # -m "": run every marker (gpu, slow); nothing deselected.
-    "$PY" -m pytest tests -q -m "" -p no:cacheprovider --junitxml="$DIR/tests.xml"
+    # MARKERS "gpu" (default): the CUDA tests, slow ones included; "" runs every test.
+    "$PY" -m pytest tests -q -m "$MARKERS" -p no:cacheprovider --junitxml="$DIR/tests.xml"
 }
 
 find_sanitizer() {
@@ -132,7 +144,7 @@ else
 fi
 export VLMKERN_COMMIT=$COMMIT  # the bench header uses it too
 DATE_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-DIR=${1:-bench/results/$(date -u +%Y-%m-%d)-$GPU_SHORT-$COMMIT}
+DIR=${1:-${OUT:-bench/results/$(date -u +%Y-%m-%d)-$GPU_SHORT-$COMMIT}}
 mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd) || exit 2
 
 if [[ $ALLOW_CPU == 1 ]]; then
@@ -146,7 +158,7 @@ if [[ $ALLOW_CPU == 1 && " $STAGES " == *" sanitizer "* ]]; then
     echo "gpu_check: no GPU, the sanitizer stage is skipped" >&2
     STAGES=${STAGES//sanitizer/}
 fi
-export PY DIR ALLOW_CPU STAGE_TIMEOUT GPU_ARCH BENCH_ARGS SANITIZER_TOOLS
+export PY DIR ALLOW_CPU GPU_ARCH BENCH_ARGS SANITIZER_TOOLS MARKERS
 export PYTHONUNBUFFERED=1
 
 # stage -> results file (the folder holds only these 8 files, as the device tool returns 8)
@@ -170,7 +182,7 @@ write_summary() {
         stages+="$s:${RESULT[$s]:-SKIPPED}:${SECONDS_TAKEN[$s]:-0};"
     done
     STAGE_RESULTS=$stages GPU_NAME=$GPU_NAME GPU_DRIVER=$GPU_DRIVER COMMIT=$COMMIT \
-        DATE_UTC=$DATE_UTC timeout 120 "$PY" - <<'EOF' >"$DIR/summary.md.tmp" \
+        DATE_UTC=$DATE_UTC timeout 30 "$PY" - <<'EOF' >"$DIR/summary.md.tmp" \
         && mv "$DIR/summary.md.tmp" "$DIR/summary.md" || rm -f "$DIR/summary.md.tmp"
 import os
 import re
@@ -256,21 +268,39 @@ print("\n".join(out))
 EOF
 }
 
+# Seconds the next stage may take: STAGE_TIMEOUT, cut to what is left of BUDGET (minus 40 s for
+# the kill grace and the summary); 0 when too little is left to start it.
+stage_limit() {
+    local left
+    if ((BUDGET <= 0)); then echo "$STAGE_TIMEOUT"; return; fi
+    left=$((BUDGET - ($(date +%s) - START_TIME) - 40))
+    if ((left < 30)); then echo 0; elif ((left < STAGE_TIMEOUT)); then echo "$left";
+    else echo "$STAGE_TIMEOUT"; fi
+}
+
 run_stage() {
-    local name=$1 log=$DIR/${LOG[$1]} t0 rc
+    local name=$1 log=$DIR/${LOG[$1]} t0 rc limit
+    limit=$(stage_limit)
+    if ((limit == 0)); then
+        RESULT[$name]="SKIPPED (budget of ${BUDGET} s spent)" SECONDS_TAKEN[$name]=0
+        echo "== [$name] skipped: the call's budget of ${BUDGET} s is spent"
+        write_summary
+        return
+    fi
+    export STAGE_TIMEOUT=$limit
     t0=$(date +%s)
     echo "== [$name] $(date -u +%H:%M:%S) (log: $log)"
     if [[ $name == bench ]]; then
         rm -f "$DIR/bench.json"
         local err
         err=$(mktemp)
-        timeout -k 30 "$STAGE_TIMEOUT" bash "$0" --stage "$name" >"$log" 2>"$err"
+        timeout -k 10 "$STAGE_TIMEOUT" bash "$0" --stage "$name" >"$log" 2>"$err"
         rc=$?
         { echo; echo "## stderr"; cat "$err"; } >>"$log"
         rm -f "$err"
     else
         [[ $name == tests ]] && rm -f "$DIR/tests.xml"
-        timeout -k 30 "$STAGE_TIMEOUT" bash "$0" --stage "$name" >"$log" 2>&1
+        timeout -k 10 "$STAGE_TIMEOUT" bash "$0" --stage "$name" >"$log" 2>&1
         rc=$?
     fi
     SECONDS_TAKEN[$name]=$(($(date +%s) - t0))

@@ -163,6 +163,56 @@ def run_mrope_smoke(device: str) -> int:
     return n
 
 
+def smoke_mlp_projector(device: str) -> int:
+    """mlp_projector forward + backward (every gradient) on small odd sizes: LLaVA (quick_gelu),
+    InternVL (CLS-dropped grid, post LayerNorm), Qwen2.5-VL (RMSNorm, merge), Qwen3-VL DeepStack,
+    Idefics3 (r = 3, one Linear, no bias), an empty batch; bf16 and fp32, against the reference
+    (gradients through the reference's autograd on the CPU)."""
+    c, n1, d = 7, 13, 11
+    connectors = [  # (x shape as made, kwargs, features normalized)
+        ((2, 9, c), {"activation": "quick_gelu"}, 0),
+        ((2, 1 + 6 * 4, c), {"norm": "layernorm", "norm_position": "post", "shuffle": 2,
+                             "grid": (6, 4)}, 4 * c),
+        ((4 * 5, c), {"norm": "rmsnorm", "eps": 1e-6, "merge": 2}, c),
+        ((4 * 3, c), {"norm": "layernorm", "norm_position": "post", "merge": 2}, 4 * c),
+        ((1, 1 + 6 * 6, c), {"activation": "none", "shuffle": 3, "grid": (6, 6)}, 0),
+        ((0, 5, c), {}, 0),
+    ]  # fmt: skip
+    n = 0
+    for dtype in DTYPES:
+        for shape, kw, features in connectors:
+            f = kw.get("shuffle") or kw.get("merge") or 1
+            single = kw.get("shuffle") == 3
+            params = {"w1": torch.randn(n1, c * f * f) * (c * f * f) ** -0.5,
+                      "b1": None if single else torch.randn(n1),
+                      "w2": None if single else torch.randn(d, n1) * n1**-0.5,
+                      "b2": None if single else torch.randn(d),
+                      "norm_weight": 1 + 0.1 * torch.randn(features) if features else None,
+                      "norm_bias": 0.1 * torch.randn(features)
+                      if kw.get("norm") == "layernorm" else None}  # fmt: skip
+            params = {k: v.to(dtype) if v is not None else None for k, v in params.items()}
+            base = torch.randn(shape).to(dtype)
+            view = (lambda t: t[:, 1:]) if "grid" in kw else (lambda t: t)
+            names = ["x", *(k for k, v in params.items() if v is not None)]
+            ref_leaves = [base.clone().requires_grad_()] + [
+                params[k].clone().requires_grad_() for k in names[1:]]
+            dev_leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
+            outs = []
+            for fn, leaves in ((vlmkern.reference.mlp_projector, ref_leaves),
+                               (vlmkern.ops.mlp_projector, dev_leaves)):  # fmt: skip
+                p = {**dict.fromkeys(params), **dict(zip(names[1:], leaves[1:], strict=True))}
+                out = fn(view(leaves[0]), p.pop("w1"), p.pop("b1"), p.pop("w2"), p.pop("b2"),
+                         **p, **kw)  # fmt: skip
+                out.backward(torch.ones(out.shape).to(dtype).to(out.device))
+                outs.append(out.detach())
+            what = f"mlp_projector {kw} {dtype}"
+            _close(outs[1], outs[0], what)
+            for name, r, g in zip(names, ref_leaves, dev_leaves, strict=True):
+                _close(g.grad, r.grad, f"{what} grad {name}")
+            n += 1
+    return n
+
+
 def smoke_patch_embed(device: str) -> int:
     """patch_embed (image: CLIP / SigLIP flavours, NCHW and NHWC, resized positions, uint8 +
     folded normalization), packed Qwen3-VL rows and a list of differently sized images, forward +
@@ -228,6 +278,8 @@ CASES: dict[str, Callable[[str], int]] = {
     "rope_cos_sin": smoke_rope,
     "rope_cos_sin_backward": smoke_rope,
     "mrope_position_ids": run_mrope_smoke,
+    "mlp_projector": smoke_mlp_projector,
+    "mlp_projector_backward": smoke_mlp_projector,
     "patch_embed": smoke_patch_embed,
     "patch_embed_backward": smoke_patch_embed,
     "patch_embed_packed": smoke_patch_embed,

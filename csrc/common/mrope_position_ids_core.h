@@ -167,10 +167,13 @@ VLMKERN_HD Geom block_geom(const Args& a, int64_t kind, int64_t idx) {
   }
   g.grid_row = row;
   const int64_t base = row * a.grid_s0[m];
-  const int64_t t = frame ? 1 : load_int(a.grids[m], base, a.grid_bytes[m]);
+  // A frame is a (1, h, w) block of its video, whose t must still be valid: a negative one would
+  // have made frame_ends non-monotonic (the CPU rejects it up front; CUDA marks the row).
+  const int64_t video_t = load_int(a.grids[m], base, a.grid_bytes[m]);
+  const int64_t t = frame ? 1 : video_t;
   const int64_t h = load_int(a.grids[m], base + a.grid_s1[m], a.grid_bytes[m]);
   const int64_t w = load_int(a.grids[m], base + 2 * a.grid_s1[m], a.grid_bytes[m]);
-  if (t < 0 || h < 0 || w < 0) {
+  if (video_t < 0 || h < 0 || w < 0) {
     g.error = kBadGrid;
     return g;
   }
@@ -190,6 +193,14 @@ VLMKERN_HD Geom block_geom(const Args& a, int64_t kind, int64_t idx) {
       g.iv32 = static_cast<const float*>(a.interval)[row * a.interval_stride];
     } else {
       g.iv64 = static_cast<const double*>(a.interval)[row * a.interval_stride];
+    }
+    // A NaN/inf interval, or one whose last frame offset leaves int64, gives no positions (the
+    // CPU rejects it up front; CUDA marks the row -1 with delta 0, as documented).
+    const double iv = g.iv_kind == kIntervalF32 ? static_cast<double>(g.iv32) : g.iv64;
+    const double span = iv * static_cast<double>(g.t > 0 ? g.t - 1 : 0);
+    if (!(iv == iv && span > -9.0e18 && span < 9.0e18 && iv > -1.0e300 && iv < 1.0e300)) {
+      g.error = kBadGrid;
+      return g;
     }
   }
   const int64_t hw = g.h > g.w ? g.h : g.w;

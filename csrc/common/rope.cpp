@@ -31,8 +31,9 @@ RopeParams qk_params(const char* op, const at::Tensor& q, const at::Tensor& k) {
   const int64_t b = q.size(0), s = q.size(1), d = q.size(3);
   VLMKERN_CHECK(k.size(0) == b && k.size(1) == s && k.size(3) == d, op, "k shape ", k.sizes(),
                 " does not match q shape ", q.sizes(), " in B, S or D");
-  VLMKERN_CHECK(q.size(2) <= INT32_MAX && k.size(2) <= INT32_MAX && d <= INT32_MAX, op,
-                "head counts and D must fit in int32");
+  VLMKERN_CHECK((q.size(2) + k.size(2)) * d <= INT32_MAX, op,
+                "one token's q and k heads hold (Hq + Hk) * D = ", (q.size(2) + k.size(2)) * d,
+                " elements; at most 2^31 - 1 are supported");
   RopeParams p;
   p.q_in = q.const_data_ptr();
   p.k_in = k.const_data_ptr();

@@ -33,7 +33,8 @@ int vector_width(const RopeParams& p) {
 template <typename T, int V>
 cudaError_t launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t tokens = p.batch * p.seq;
-  const unsigned grid = static_cast<unsigned>(tokens < (int64_t{1} << 30) ? tokens : (1 << 30));
+  // One block per token up to 65535 blocks (hundreds per SM), then a grid-stride loop.
+  const unsigned grid = static_cast<unsigned>(tokens < 65535 ? tokens : 65535);
   rope_kernel<T, V><<<grid, kRopeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -363,6 +363,29 @@ def test_cuda_inconsistent_rows_are_marked():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("interval", [float("nan"), float("inf"), 1e30])
+def test_cuda_bad_video_interval_marks_the_row(interval):
+    """A non-finite (or int64-overflowing) interval: row -1 and delta 0 on CUDA, as documented;
+    the other row is unaffected."""
+    tt = torch.tensor([[0, 2, 2, 0], [0, 0, 0, 0]], device="cuda")
+    grid = torch.tensor([[2, 2, 2]], device="cuda")  # t = 2: the interval scales frame 1
+    pos, delta = op(mm_token_type_ids=tt, video_grid_thw=grid, model="qwen2_5_vl",
+                    second_per_grid_ts=torch.tensor([interval], device="cuda"),
+                    text_after_video="max_plus_one")
+    assert (pos[:, 0] == -1).all() and delta[0].item() == 0
+    assert pos[:, 1].tolist() == [[0, 1, 2, 3]] * 3
+
+
+@pytest.mark.gpu
+def test_cuda_negative_video_frames_mark_the_row():
+    """Qwen3-VL splits videos into frames: a negative t is a bad grid, not a garbled frame map."""
+    tt = torch.tensor([[0, 2, 2, 0]], device="cuda")
+    grid = torch.tensor([[-1, 2, 4]], device="cuda")
+    pos, delta = op(mm_token_type_ids=tt, video_grid_thw=grid, model="qwen3_vl")
+    assert (pos == -1).all() and delta[0].item() == 0
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_cuda_past_int32_indexing():
     """3·B·S > 2**31 output elements: positions are written through 64-bit offsets."""

@@ -515,6 +515,20 @@ def test_cuda_angle_precision_vs_hf_at_30000(hf):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_cuda_angle_precision_at_30000_without_hf(interleaved):
+    """The same check with no transformers: the reference with compute_dtype=None is HF's math
+    (fp32 product angle, CUDA cosf/sinf, fp32 rotation)."""
+    sec = [24, 20, 20] if interleaved else [16, 24, 24]
+    q, k = make_qk("bhsd", "fused", 1, 256, 8, 2, 128, torch.float32, "cuda")
+    pos = qwen_text_positions(1, 256, 30000).cuda()
+    ref = reference.mrope(q, k, pos, sec, interleaved=interleaved, compute_dtype=None)
+    out = vlmkern.ops.mrope(q, k, pos, sec, interleaved=interleaved)
+    for o, r in zip(out, ref, strict=True):
+        assert rel_err(o, r) <= 1e-6
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["rope", "vision"])
 def test_cuda_many_tokens_grid_stride(kind):
     """B·S = 300000 tokens > 2^16 (and past the one-block-per-token grid of small inputs)."""

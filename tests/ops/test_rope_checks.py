@@ -398,6 +398,17 @@ def test_op_rejects_bad_input(op, case, dev):
         op(q, k, pos, inv_freq, axis, 1.0)
 
 
+@pytest.mark.parametrize("dev", ["cpu", "meta"])
+def test_op_rejects_more_than_int32_elements_per_token(dev):
+    """The CUDA kernel indexes one token's (Hq + Hk) * D elements in int32."""
+    q = torch.zeros(1, device=dev).expand(1, 1, 2**16, 2**15)  # stride 0: no memory
+    k = torch.zeros(1, 1, 1, 2**15, device=dev)
+    pos = torch.zeros(1, 1, 1, dtype=torch.int64, device=dev)
+    with pytest.raises(RuntimeError, match=r"vlmkern\.rope: one token's q and k heads hold "
+                       r"\(Hq \+ Hk\) \* D = 2147516416 elements"):
+        rope_op(q, k, pos, _F, _A, 1.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("where", ["k", "positions"])
 def test_op_rejects_mixed_devices(where):

@@ -11,10 +11,17 @@ namespace vlmkern {
 constexpr int kGatherThreads = 256;
 constexpr int kGatherUnroll = 4;
 
+// The element moved per index: a native type of kBytes bytes, so a unit is one load and one store
+// (a byte array would be moved as bytes or halves and repacked).
 template <int kBytes>
-struct alignas(kBytes) GatherUnit {
-  unsigned char b[kBytes];
-};
+struct GatherUnitOf;
+template <> struct GatherUnitOf<1> { using type = unsigned char; };
+template <> struct GatherUnitOf<2> { using type = unsigned short; };
+template <> struct GatherUnitOf<4> { using type = unsigned int; };
+template <> struct GatherUnitOf<8> { using type = uint2; };
+template <> struct GatherUnitOf<16> { using type = uint4; };
+template <int kBytes>
+using GatherUnit = typename GatherUnitOf<kBytes>::type;
 
 template <typename Index, int NDIM>
 struct GatherArgs {

@@ -11,6 +11,7 @@ REGISTRY: dict[str, str] = {
     "pixel_shuffle": "vlmkern.bench.pixel_shuffle",
     "mrope_position_ids": "vlmkern.bench.mrope_position_ids",
     "rope": "vlmkern.bench.rope",
+    "projector": "vlmkern.bench.projector",
     "patch_embed": "vlmkern.bench.patch_embed",
 }
 

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             recs = run_op(name, mod.cases(cfg), mod.providers(cfg), mod.reference(), cfg,
                           baseline=mod.BASELINE, exact=mod.EXACT,
-                          log=lambda s: print(s, file=sys.stderr, flush=True))
+                          log=lambda s: print(s, file=sys.stderr, flush=True),
+                          rooflines=getattr(mod, "ROOFLINES", ()))
         except AssertionError as e:  # a provider disagrees with vlmkern.reference
             print(f"vlmkern.bench {name}: WRONG RESULT, aborting: {e}", file=sys.stderr)
             return 1

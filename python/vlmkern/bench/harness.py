@@ -19,6 +19,7 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COPY = "copy"  # name of the copy-roofline provider row
+MM = "torch.mm"  # name of a GEMM bench's roofline provider (same GEMM shapes, nothing else)
 
 
 @dataclass
@@ -333,8 +334,10 @@ def run_op(
     baseline: str,
     exact: bool = True,
     log: Callable[[str], None] = print,
+    rooflines: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Check then time every provider (plus the copy roofline) on every case; return records."""
+    """Check then time every provider (plus the copy roofline) on every case; return records.
+    Providers named in `rooflines` (e.g. MM) compute something else on purpose: not checked."""
     records = []
     for case in cases:
         probe = case.make_inputs()
@@ -351,7 +354,7 @@ def run_op(
             except Exception as e:  # noqa: BLE001 - a provider that cannot run is reported
                 log(f"  [skip] {name} on {case.shape}: {type(e).__name__}: {e}".splitlines()[0])
                 continue
-            if not getattr(fn, "roofline", False):  # a roofline (e.g. bare mm) is timed only
+            if name not in rooflines:
                 check_equal(name, case, out, ref, exact)
             del out
             jobs[name] = (fn, sets, case.kwargs)
@@ -363,10 +366,10 @@ def run_op(
             torch.cuda.empty_cache()
         base = timings.get(baseline)
         copy_med = timings[COPY].median
-        roof = [timings[n].median for n, f in providers.items()
-                if getattr(f, "roofline", False) and n in timings]
+        mm = timings.get(MM)
         for name, t in timings.items():
             med = t.median
+            gemm_row = bool(case.flops) and name != COPY
             rec = {
                 "op": op_name,
                 "shape": case.shape,
@@ -380,8 +383,8 @@ def run_op(
                 "pct_of_copy": 100.0 * copy_med / med,
                 f"speedup_vs_{baseline}": (base.median / med) if base else None,
                 "flops": case.flops,
-                "tflop_s": (case.flops / (med * 1e-6) / 1e12) if case.flops else None,
-                "pct_of_roofline": 100.0 * roof[0] / med if roof else None,
+                "tflop_s": (case.flops / (med * 1e-6) / 1e12) if gemm_row else None,
+                "pct_of_mm": (100.0 * mm.median / med) if mm and gemm_row else None,
                 "timing": t.method,
                 "timing_note": t.note,
                 "n_sets": t.n_sets,
@@ -401,9 +404,9 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
     key = f"speedup_vs_{baseline}"
     head = ["shape", "provider", "median us", "p20", "p80", "GB/s", "% of copy",
             f"x vs {baseline}"]
-    gemm = any(r.get("tflop_s") for r in records)  # GEMM-like op: TFLOP/s and % of its roofline
+    gemm = any(r.get("tflop_s") for r in records)
     if gemm:
-        head += ["TFLOP/s", "% of mm"]
+        head += ["TFLOP/s", f"% of {MM}"]
     rows = []
     notes = []
     for r in records:
@@ -415,9 +418,10 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
             r["shape"], prov, f"{r['median_us']:.1f}", f"{r['p20_us']:.1f}",
             f"{r['p80_us']:.1f}", f"{r['gb_s']:.1f}", f"{r['pct_of_copy']:.0f}%",
             f"{r[key]:.2f}x" if r.get(key) else "-",
-        ] + ([f"{r['tflop_s']:.2f}" if r.get("tflop_s") else "-",
-              f"{r['pct_of_roofline']:.0f}%" if r.get("pct_of_roofline") else "-"]
-             if gemm else []))
+        ])
+        if gemm:
+            rows[-1] += [f"{r['tflop_s']:.2f}" if r.get("tflop_s") else "-",
+                         f"{r['pct_of_mm']:.0f}%" if r.get("pct_of_mm") else "-"]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     left = {0, 1}

@@ -8,12 +8,32 @@ from .patch_embed import (
     SiglipVisionEmbeddings,
 )
 from .pixel_shuffle import PixelShuffle
+from .projector import (
+    Idefics3Connector,
+    InternVLMultiModalProjector,
+    LlavaMultiModalProjector,
+    PaliGemmaMultiModalProjector,
+    Qwen2_5_VLPatchMerger,
+    Qwen2VLPatchMerger,
+    Qwen3VLVisionPatchMerger,
+    QwenRMSNorm,
+    SmolVLMConnector,
+)
 from .rope import MRotary, VisionRotary
 
 __all__ = [
     "MRotary",
     "PixelShuffle",
     "VisionRotary",
+    "Idefics3Connector",
+    "InternVLMultiModalProjector",
+    "LlavaMultiModalProjector",
+    "PaliGemmaMultiModalProjector",
+    "Qwen2VLPatchMerger",
+    "Qwen2_5_VLPatchMerger",
+    "Qwen3VLVisionPatchMerger",
+    "QwenRMSNorm",
+    "SmolVLMConnector",
     "CLIPVisionEmbeddings",
     "InternVLVisionEmbeddings",
     "Qwen2VLPatchEmbed",

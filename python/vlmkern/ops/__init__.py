@@ -1,5 +1,6 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
+from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .patch_embed import patch_embed
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
@@ -22,5 +23,6 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "mlp_projector",
     "patch_embed",
 ]

@@ -280,7 +280,8 @@ def apply_rotary_pos_emb(
         cos, sin: ``(B or 1, S, R)`` or ``(S, R)`` with ``R ≤ D`` even (HF passes ``R = D``);
             the first R dims are rotated, the rest pass through.
 
-    ``x·cos + rotate_half(x)·sin`` in fp32 (HF does it in the model dtype), one rounding.
+    ``x·cos + rotate_half(x)·sin`` in fp32 (HF does it in the model dtype), one rounding; fp64
+    q and k are rotated in fp64, but cos and sin are read as fp32 (an fp64 table is rounded).
     Differentiable in q and k; cos and sin are treated as constants.
     """
     if unsqueeze_dim not in (1, 2):
@@ -341,6 +342,11 @@ def _check_qk(op, q, k) -> None:
         k.shape[0] == q.shape[0] and k.shape[1] == q.shape[1] and k.shape[3] == q.shape[3],
         lambda: f"vlmkern.{op}: k shape {list(k.shape)} does not match q shape {list(q.shape)} "
         "in B, S or D",
+    )
+    torch._check(
+        (q.shape[2] + k.shape[2]) * q.shape[3] <= 2**31 - 1,
+        lambda: f"vlmkern.{op}: one token's q and k heads hold (Hq + Hk) * D = "
+        f"{(q.shape[2] + k.shape[2]) * q.shape[3]} elements; at most 2^31 - 1 are supported",
     )
 
 

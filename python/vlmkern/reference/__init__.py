@@ -1,5 +1,6 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
+from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .patch_embed import patch_embed
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
@@ -13,5 +14,6 @@ __all__ = [
     "pixel_unshuffle",
     "rope",
     "vision_rope",
+    "mlp_projector",
     "patch_embed",
 ]

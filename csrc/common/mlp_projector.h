@@ -1,0 +1,72 @@
+// MLP projector (VLM connector): argument checks and the device-independent ATen composite of the
+// forward and backward, shared by the CPU and CUDA registrations until fused kernels replace them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+namespace vlmkern {
+
+enum class ProjectorActivation { kGelu, kGeluTanh, kQuickGelu, kNone };
+enum class ProjectorNorm { kNone, kLayerNorm, kRmsNorm };
+
+// The string/int options of the schema, parsed and validated.
+struct ProjectorOptions {
+  ProjectorActivation activation;
+  ProjectorNorm norm;
+  bool norm_post;  // norm_position == "post": over the K features after the shuffle / merge
+  double eps;
+  int64_t shuffle;  // pixel-shuffle factor r (1 = none)
+  int64_t merge;    // Qwen spatial merge size s: s*s consecutive tokens form one row (1 = none)
+};
+
+ProjectorOptions parse_projector_options(std::string_view activation, std::string_view norm,
+                                         std::string_view norm_position, double eps,
+                                         int64_t shuffle, int64_t merge);
+
+// Sizes of one call. Rows: M tokens after the shuffle / merge, each of K = factor^2 * C features;
+// the norm normalizes `groups` groups of `norm_features` features per row.
+struct ProjectorShape {
+  int64_t m, k, n1, d, factor, c, groups, norm_features;
+  std::vector<int64_t> out_sizes;
+};
+
+// Checks every argument (messages "vlmkern.mlp_projector: ...", naming the argument).
+ProjectorShape check_mlp_projector(const at::Tensor& x, const at::Tensor& w1,
+                                   const std::optional<at::Tensor>& b1,
+                                   const std::optional<at::Tensor>& w2,
+                                   const std::optional<at::Tensor>& b2,
+                                   const std::optional<at::Tensor>& norm_weight,
+                                   const std::optional<at::Tensor>& norm_bias,
+                                   const ProjectorOptions& opt);
+
+// Backward-only checks: grad_out has the output's shape, hidden / mean / rstd the forward's.
+void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
+                           const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                           const ProjectorShape& s, const ProjectorOptions& opt, bool has_w2);
+
+// Forward: (out, hidden = GEMM1 + b1 before the activation, mean, rstd). See torch_bindings.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const ProjectorOptions& opt);
+
+// Backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); undefined where output_mask is off.
+using ProjectorGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& w1,
+                                           const std::optional<at::Tensor>& w2,
+                                           const std::optional<at::Tensor>& norm_weight,
+                                           const std::optional<at::Tensor>& norm_bias,
+                                           const at::Tensor& hidden, const at::Tensor& mean,
+                                           const at::Tensor& rstd, const ProjectorOptions& opt,
+                                           std::array<bool, 7> output_mask);
+
+}  // namespace vlmkern

@@ -1,0 +1,281 @@
+"""mlp_projector forward: the two numeric tiers (fp32 vs fp64 ≤ 1e-5; bf16/fp16 ≤ 2× PyTorch's own
+error) on every connector mode × M = 0, 1, 113, 577 × layouts, the erf-vs-tanh GELU trap, output
+shapes, the grid path, fuzzing, and the CUDA-only checks (auto-skipped without a GPU). Autograd,
+opcheck, compile and bad inputs: test_mlp_projector_checks.py; HF modules: tests/nn."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from projector_testing import (
+    MODES,
+    OURS,
+    REF,
+    assert_lowprec_tier,
+    cast,
+    factor,
+    fp32_rel_err,
+    make_weights,
+    make_x,
+    max_err,
+    options,
+    run,
+)
+from testing_utils import assert_nontrivial
+from torch.utils._python_dispatch import TorchDispatchMode
+
+LAYOUTS = ["contiguous", "cls", "strided", "transposed"]
+C, N1, D = 37, 93, 45  # odd sizes, off every tile edge
+
+
+def _inputs(name, rows, layout, dtype=torch.float32, device="cpu", c=C, n1=N1, d=D):
+    mode = MODES[name]
+    x, grid = make_x(mode, rows, c, layout)
+    weights = make_weights(mode, c, n1, d)
+    x, weights = cast(x, weights, dtype)
+    x = x.to(device)
+    weights = {n: (t.to(device) if t is not None else None) for n, t in weights.items()}
+    return mode, x, weights, options(mode, grid)
+
+
+def _ref64(x, weights, opts):
+    x64, w64 = cast(x.cpu(), {n: (t.cpu() if t is not None else None)
+                              for n, t in weights.items()}, torch.float64)  # fmt: skip
+    return run(REF, x64, w64, opts)
+
+
+# --- G3(a): fp32 against the float64 reference -------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 113, 577])
+@pytest.mark.parametrize("name", MODES)
+def test_fp32_matches_fp64_reference(name, rows, layout):
+    _, x, weights, opts = _inputs(name, rows, layout)
+    out = run(OURS, x, weights, opts)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert out.shape == ref64.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert fp32_rel_err(out, ref64) <= 1e-5
+    assert fp32_rel_err(out, run(REF, x, weights, opts)) <= 1e-5  # the same chain in fp32
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_empty_batch(name):
+    mode, x, weights, opts = _inputs(name, 0, "contiguous")
+    out = run(OURS, x, weights, opts)
+    ref = run(REF, x, weights, opts)
+    assert out.shape == ref.shape and out.numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "c", "n1", "d", "rows"),
+    [
+        pytest.param("llava", 1024, 1024, 512, 577, id="llava-clip-l"),
+        pytest.param("internvl", 256, 1024, 512, 256, id="internvl"),
+        pytest.param("qwen2_vl", 320, 1280, 896, 92, id="qwen2-vl"),
+        pytest.param("qwen2_5_vl", 320, 1280, 896, 92, id="qwen2.5-vl"),
+        pytest.param("idefics3", 128, 512, 512, 169, id="idefics3"),
+    ],
+)
+def test_fp32_at_wide_k(name, c, n1, d, rows):
+    """Long reductions (K up to 1280) still meet 1e-5 relative to fp64."""
+    _, x, weights, opts = _inputs(name, rows, "cls", c=c, n1=n1, d=d)
+    out = run(OURS, x, weights, opts)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert fp32_rel_err(out, ref64) <= 1e-5
+
+
+# --- G3(b): bf16 / fp16 within 2x of PyTorch's own error ----------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "cls"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", MODES)
+def test_lowprec_within_2x_of_pytorch(name, dtype, layout):
+    _, x, weights, opts = _inputs(name, 113, layout, dtype)
+    out = run(OURS, x, weights, opts)
+    assert out.dtype == dtype
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+
+
+# --- exact erf GELU: the fp32 tier catches a tanh GELU that the low-precision tier lets by -------
+
+
+def test_tanh_gelu_fails_the_fp32_tier_but_not_the_bf16_one():
+    _, x, weights, opts = _inputs("llava", 577, "contiguous")
+    ref64 = _ref64(x, weights, opts)
+    erf = run(OURS, x, weights, opts)
+    tanh = run(OURS, x, weights, opts, activation="gelu_tanh")
+    assert fp32_rel_err(erf, ref64) <= 1e-5
+    assert fp32_rel_err(tanh, ref64) > 1e-5  # a tanh epilogue (cuBLASLt, apex) is caught here
+    xb, wb = cast(x, weights, torch.bfloat16)
+    ref64_b = _ref64(xb, wb, opts)
+    tanh_b = run(OURS, xb, wb, opts, activation="gelu_tanh")
+    assert_lowprec_tier(tanh_b, run(REF, xb, wb, opts), ref64_b)  # ... and not here
+
+
+def test_activations_differ_from_each_other():
+    _, x, weights, opts = _inputs("llava", 64, "contiguous")
+    outs = {a: run(OURS, x, weights, opts, activation=a)
+            for a in ("gelu", "gelu_tanh", "quick_gelu", "none")}  # fmt: skip
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert max_err(outs[a], outs[b]) > 1e-5, (a, b)
+
+
+# --- shapes, modes and the wrapper -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_output_shape(name):
+    mode, x, weights, opts = _inputs(name, 6, "contiguous")
+    out = run(OURS, x, weights, opts)
+    d = D if mode.second else N1
+    if mode.shuffle:
+        r = mode.shuffle
+        assert out.shape == (x.shape[0], x.shape[1] // r, x.shape[2] // r, d)
+    elif mode.merge:
+        assert out.shape == (x.shape[0] // mode.merge**2, d)
+    else:
+        assert out.shape == (*x.shape[:-1], d)
+
+
+@pytest.mark.parametrize("name", ["internvl", "idefics3", "shuffle_prenorm_rms"])
+def test_grid_path_equals_4d_path(name):
+    mode, x, weights, opts = _inputs(name, 5, "cls")
+    out3 = run(OURS, x, weights, opts)
+    x4 = x.unflatten(1, opts["grid"])
+    out4 = run(OURS, x4, weights, {**opts, "grid": None})
+    assert out3.shape == (1, 5, out4.shape[-1])
+    assert torch.equal(out3, out4.reshape(out3.shape))
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def test_grid_path_hands_the_strided_view_to_the_op():
+    """feats[:, 1:] reaches the op as a view of feats (no copy in the wrapper)."""
+    mode, x, weights, opts = _inputs("internvl", 6, "cls")
+    feats = x._base if x._base is not None else x
+    with _OpLog() as log:
+        run(OURS, x, weights, opts)
+    ops = [args for func, args in log.calls if "mlp_projector" in str(func)]
+    others = [func for func, _ in log.calls if "mlp_projector" not in str(func)]
+    assert len(ops) == 1
+    assert all(func.is_view for func in others), others
+    assert ops[0][0].untyped_storage().data_ptr() == feats.untyped_storage().data_ptr()
+
+
+def test_merge_of_prenorm_is_norm_then_view():
+    """Qwen2-VL: LayerNorm on C, then x.view(-1, 4C); post-norm (Qwen3-VL DeepStack) differs."""
+    _, x, weights, opts = _inputs("qwen2_vl", 9, "contiguous")
+    merged = torch.nn.functional.layer_norm(x, (C,), weights["norm_weight"], weights["norm_bias"],
+                                            1e-6).view(-1, 4 * C)  # fmt: skip
+    expected = run(REF, merged, {**weights, "norm_weight": None, "norm_bias": None},
+                   {**opts, "norm": None, "merge": None})  # fmt: skip
+    assert fp32_rel_err(run(OURS, x, weights, opts), expected) <= 1e-5
+
+
+def test_leading_dims_are_kept():
+    _, x, weights, opts = _inputs("llava", 12, "contiguous")
+    x5 = x.reshape(2, 3, 2, C)
+    out = run(OURS, x5, weights, opts)
+    assert out.shape == (2, 3, 2, D)
+    assert torch.allclose(out.reshape(1, 12, D), run(OURS, x, weights, opts), atol=1e-6)
+
+
+# --- G12: hypothesis fuzz ------------------------------------------------------------------------
+
+
+@settings(derandomize=True, max_examples=60, deadline=None, database=None)
+@given(
+    name=st.sampled_from(sorted(MODES)),
+    rows=st.integers(0, 9),
+    c=st.integers(1, 9) | st.sampled_from([31, 64]),
+    n1=st.integers(1, 17),
+    d=st.integers(1, 17),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_against_reference(name, rows, c, n1, d, dtype, layout, seed):
+    torch.manual_seed(seed)
+    if rows == 0 and layout == "cls":
+        layout = "contiguous"  # a grid has positive sides
+    mode, x, weights, opts = _inputs(name, rows, layout, dtype, c=c, n1=n1, d=d)
+    out = run(OURS, x, weights, opts)
+    ref64 = _ref64(x, weights, opts)
+    assert out.shape == ref64.shape and out.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+    else:
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert max_err(out, ref64) <= tol * (1 + (ref64.abs().max().item() if rows else 0))
+    assert factor(mode) >= 1
+
+
+# --- CUDA only (skipped without a GPU) ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", MODES)
+def test_cuda_tiers(name, dtype, layout):
+    _, x, weights, opts = _inputs(name, 577, layout, dtype, device="cuda")
+    out = run(OURS, x, weights, opts)
+    assert out.device == x.device
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    if dtype == torch.float32:
+        assert fp32_rel_err(out, ref64) <= 1e-5
+    else:
+        assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_current_stream():
+    _, x, weights, opts = _inputs("internvl", 256, "cls", torch.bfloat16, device="cuda")
+    expected = run(OURS, x, weights, opts)
+    fresh = x.clone()
+    x.zero_()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(fresh)
+        out = run(OURS, x, weights, opts)
+    side.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_repeats_are_bit_identical():
+    _, x, weights, opts = _inputs("qwen2_5_vl", 400, "contiguous", torch.bfloat16, device="cuda")
+    first = run(OURS, x, weights, opts)
+    for _ in range(20):
+        assert torch.equal(run(OURS, x, weights, opts), first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(OURS, x, weights, opts)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run(OURS, x, weights, opts)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, run(OURS, x, weights, opts))
