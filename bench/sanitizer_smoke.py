@@ -255,6 +255,61 @@ def smoke_cross_attention(device: str) -> int:
     return n
 
 
+def smoke_patch_embed(device: str) -> int:
+    """patch_embed (image: CLIP / SigLIP flavours, NCHW and NHWC, resized positions, uint8 +
+    folded normalization), packed Qwen3-VL rows and a list of differently sized images, forward +
+    backward, against the reference."""
+    n = 0
+    for dtype in DTYPES:
+        for cls, bias, layout in ((True, False, "nchw"), (False, True, "nhwc")):
+            x = torch.randn(2, 3, 21, 14).to(dtype)
+            w, b = (torch.randn(16, 3, 7, 7) * 0.1).to(dtype), torch.randn(16).to(dtype)
+            pos, c = torch.randn(9 + cls, 16).to(dtype), torch.randn(16).to(dtype)
+            kw = {"pos_embed": pos, "cls_token": c if cls else None}
+            bias_t = b if bias else None
+            ref = vlmkern.reference.patch_embed(x, w, bias_t, **kw)
+            xd = (x.permute(0, 2, 3, 1) if layout == "nhwc" else x).to(device)
+            xd = xd.detach().requires_grad_(True)
+            wd = w.to(device).requires_grad_(True)
+            kwd = {k: v.to(device) if v is not None else None for k, v in kw.items()}
+            out = vlmkern.ops.patch_embed(xd, wd, bias_t.to(device) if bias else None,
+                                          channels_last=layout == "nhwc", **kwd)
+            out.float().square().sum().backward()
+            _close(out.detach(), ref, f"patch_embed {layout} cls={cls} {dtype}")
+            assert xd.grad is not None and wd.grad is not None
+            n += 1
+        u8 = torch.randint(0, 256, (2, 3, 14, 14), dtype=torch.uint8)
+        norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "rescale": 1 / 255}
+        ref = vlmkern.reference.patch_embed(u8, w, b, **norm)
+        _close(vlmkern.ops.patch_embed(u8.to(device), w.to(device), b.to(device), **norm), ref,
+               f"patch_embed uint8 {dtype}")
+        grid = torch.tensor([[1, 4, 6], [2, 2, 2]])
+        rows = torch.randn(32, 3 * 2 * 4 * 4).to(dtype)
+        w3, table = (torch.randn(16, 3, 2, 4, 4) * 0.1).to(dtype), torch.randn(36, 16).to(dtype)
+        ref, ref_cu = vlmkern.reference.patch_embed(rows, w3, b, pos_embed=table, grid_thw=grid,
+                                                    spatial_merge_size=2)
+        td = table.to(device).requires_grad_(True)
+        out, cu = vlmkern.ops.patch_embed(rows.to(device), w3.to(device), b.to(device),
+                                          pos_embed=td, grid_thw=grid.to(device),
+                                          spatial_merge_size=2)
+        out.float().sum().backward()
+        _close(out.detach(), ref, f"patch_embed packed {dtype}")
+        assert torch.equal(cu.cpu(), ref_cu) and td.grad is not None
+        images = [torch.randn(3, h, w).to(dtype) for h, w in ((14, 21), (7, 7), (28, 14))]
+        imd = [im.to(device).requires_grad_(True) for im in images]
+        pos = torch.randn(10, 16).to(dtype)  # CLS row + a 3x3 table
+        pos_d = pos.to(device).requires_grad_(True)
+        out, cu = vlmkern.ops.patch_embed(imd, w.to(device), b.to(device), pos_embed=pos_d,
+                                          cls_token=c.to(device))
+        out.float().square().sum().backward()
+        for i, im in enumerate(images):
+            ref = vlmkern.reference.patch_embed(im[None], w, b, pos_embed=pos, cls_token=c)[0]
+            _close(out.detach()[cu[i] : cu[i + 1]], ref, f"patch_embed varlen {i} {dtype}")
+        assert all(im.grad is not None for im in imd) and pos_d.grad is not None
+        n += 3
+    return n
+
+
 # op name (as in vlmkern.info()["ops"]) -> smoke function; an op missing here fails the run.
 CASES: dict[str, Callable[[str], int]] = {
     "pixel_shuffle": smoke_pixel_shuffle,
@@ -270,6 +325,12 @@ CASES: dict[str, Callable[[str], int]] = {
     "cross_attention": smoke_cross_attention,
     "cross_attention_backward": smoke_cross_attention,
     "mllama_kv_ranges": smoke_cross_attention,
+    "patch_embed": smoke_patch_embed,
+    "patch_embed_backward": smoke_patch_embed,
+    "patch_embed_packed": smoke_patch_embed,
+    "patch_embed_packed_backward": smoke_patch_embed,
+    "patch_embed_varlen": smoke_patch_embed,
+    "patch_embed_varlen_backward": smoke_patch_embed,
 }
 
 

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace vlmkern {
 
@@ -62,6 +63,80 @@ std::tuple<at::Tensor, at::Tensor> mrope_position_ids_cuda(
     const std::optional<at::Tensor>& video_intervals, int64_t spatial_merge_size,
     int64_t image_token, int64_t video_token, bool split_video_frames,
     std::string_view text_after_video);
+// patch_embed: image mode (B, C, H, W) -> (B, [1 +] L, D) and packed Qwen mode (N, K) + grid_thw
+// -> (tokens (N, D), cu_seqlens); both devices run the composite of common/patch_embed.h.
+at::Tensor patch_embed_cpu(const at::Tensor& pixels, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& pos_embed,
+                       const std::optional<at::Tensor>& cls_token,
+                       std::optional<at::ArrayRef<double>> mean,
+                       std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
+                       std::string_view pos_interp);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& pixels, const at::Tensor& weight, bool has_bias,
+    const std::optional<at::Tensor>& pos_embed, bool has_cls,
+    std::optional<at::ArrayRef<double>> mean,
+    std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
+    std::string_view pos_interp, std::array<bool, 5> output_mask);
+std::tuple<at::Tensor, at::Tensor> patch_embed_packed_cpu(
+    const at::Tensor& patches, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& grid_thw, const std::optional<at::Tensor>& pos_embed,
+    int64_t spatial_merge_size, std::optional<at::ArrayRef<double>> mean,
+    std::optional<at::ArrayRef<double>> std, double rescale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_packed_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& patches, const at::Tensor& weight, bool has_bias,
+    const at::Tensor& grid_thw, const std::optional<at::Tensor>& pos_embed,
+    int64_t spatial_merge_size, std::optional<at::ArrayRef<double>> mean,
+    std::optional<at::ArrayRef<double>> std, double rescale, std::array<bool, 4> output_mask);
+at::Tensor patch_embed_cuda(const at::Tensor& pixels, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& pos_embed,
+                       const std::optional<at::Tensor>& cls_token,
+                       std::optional<at::ArrayRef<double>> mean,
+                       std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
+                       std::string_view pos_interp);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& pixels, const at::Tensor& weight, bool has_bias,
+    const std::optional<at::Tensor>& pos_embed, bool has_cls,
+    std::optional<at::ArrayRef<double>> mean,
+    std::optional<at::ArrayRef<double>> std, double rescale, bool channels_last,
+    std::string_view pos_interp, std::array<bool, 5> output_mask);
+std::tuple<at::Tensor, at::Tensor> patch_embed_packed_cuda(
+    const at::Tensor& patches, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& grid_thw, const std::optional<at::Tensor>& pos_embed,
+    int64_t spatial_merge_size, std::optional<at::ArrayRef<double>> mean,
+    std::optional<at::ArrayRef<double>> std, double rescale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_packed_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& patches, const at::Tensor& weight, bool has_bias,
+    const at::Tensor& grid_thw, const std::optional<at::Tensor>& pos_embed,
+    int64_t spatial_merge_size, std::optional<at::ArrayRef<double>> mean,
+    std::optional<at::ArrayRef<double>> std, double rescale, std::array<bool, 4> output_mask);
+std::tuple<at::Tensor, at::Tensor> patch_embed_varlen_cpu(
+    at::TensorList pixels, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
+    std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std,
+    double rescale, bool channels_last, std::string_view pos_interp);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+patch_embed_varlen_backward_cpu(const at::Tensor& grad, at::TensorList pixels,
+                               const at::Tensor& weight, bool has_bias,
+                               const std::optional<at::Tensor>& pos_embed, bool has_cls,
+                               std::optional<at::ArrayRef<double>> mean,
+                               std::optional<at::ArrayRef<double>> std, double rescale,
+                               bool channels_last, std::string_view pos_interp,
+                               std::array<bool, 5> output_mask);
+std::tuple<at::Tensor, at::Tensor> patch_embed_varlen_cuda(
+    at::TensorList pixels, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token,
+    std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std,
+    double rescale, bool channels_last, std::string_view pos_interp);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+patch_embed_varlen_backward_cuda(const at::Tensor& grad, at::TensorList pixels,
+                               const at::Tensor& weight, bool has_bias,
+                               const std::optional<at::Tensor>& pos_embed, bool has_cls,
+                               std::optional<at::ArrayRef<double>> mean,
+                               std::optional<at::ArrayRef<double>> std, double rescale,
+                               bool channels_last, std::string_view pos_interp,
+                               std::array<bool, 5> output_mask);
 
 // mlp_projector: (out, hidden, mean, rstd), see torch_bindings.cpp; its backward: seven gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cpu(

@@ -82,6 +82,50 @@ TORCH_LIBRARY(vlmkern, m) {
   // Mllama tile mask (B, S, M, T) -> int32 (B, S, ceil(M*T/2), 2) [start, end) key ranges.
   m.def("mllama_kv_ranges(Tensor cross_attention_mask, int num_vision_tokens=1601) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  m.set_python_module("vlmkern.ops.patch_embed");
+  // pixels (B, C, H, W) / channels_last (B, H, W, C), float or uint8, weight (D, C, P, P)
+  //   -> (B, [1 +] (H/P)(W/P), D): conv patchify + bias + (bicubic-resized) positions + CLS row,
+  //   per-channel (x * rescale - mean) / std folded into the GEMM.
+  m.def(
+      "patch_embed(Tensor pixels, Tensor weight, Tensor? bias=None, Tensor? pos_embed=None, "
+      "Tensor? cls_token=None, float[]? mean=None, float[]? std=None, float rescale=1.0, "
+      "bool channels_last=False, str pos_interp='bicubic') -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: (d pixels, d weight, d bias, d pos_embed, d cls_token); masked-off ones are (0,).
+  m.def(
+      "patch_embed_backward(Tensor grad, Tensor pixels, Tensor weight, bool has_bias, "
+      "Tensor? pos_embed, bool has_cls, float[]? mean, float[]? std, float rescale, "
+      "bool channels_last, str pos_interp, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // patches (N, C*T*P*P), weight (D, C, T, P, P), grid_thw (n, 3), pos_embed (S*S, D) Qwen3-VL
+  //   -> (tokens (N, D), cu_seqlens (n + 1,) int32): Qwen2-VL / 2.5-VL / 3-VL packed patch embed.
+  m.def(
+      "patch_embed_packed(Tensor patches, Tensor weight, Tensor? bias, Tensor grid_thw, "
+      "Tensor? pos_embed=None, int spatial_merge_size=1, float[]? mean=None, float[]? std=None, "
+      "float rescale=1.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: (d patches, d weight, d bias, d pos_embed); masked-off ones are (0,).
+  m.def(
+      "patch_embed_packed_backward(Tensor grad, Tensor patches, Tensor weight, bool has_bias, "
+      "Tensor grid_thw, Tensor? pos_embed, int spatial_merge_size, float[]? mean, float[]? std, "
+      "float rescale, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // pixels [(C, H_i, W_i)] images of different sizes -> (tokens (sum T_i, D), cu_seqlens (n + 1,)
+  //   int32): image-mode patch embed of each, packed; the same optional arguments.
+  m.def(
+      "patch_embed_varlen(Tensor[] pixels, Tensor weight, Tensor? bias=None, "
+      "Tensor? pos_embed=None, Tensor? cls_token=None, float[]? mean=None, float[]? std=None, "
+      "float rescale=1.0, bool channels_last=False, str pos_interp='bicubic') -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: ([d pixels_i] or [], d weight, d bias, d pos_embed, d cls_token).
+  m.def(
+      "patch_embed_varlen_backward(Tensor grad, Tensor[] pixels, Tensor weight, bool has_bias, "
+      "Tensor? pos_embed, bool has_cls, float[]? mean, float[]? std, float rescale, "
+      "bool channels_last, str pos_interp, bool[5] output_mask) "
+      "-> (Tensor[], Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef VLMKERN_WITH_CUDA

@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "rope": "vlmkern.bench.rope",
     "projector": "vlmkern.bench.projector",
     "cross_attention": "vlmkern.bench.cross_attention",
+    "patch_embed": "vlmkern.bench.patch_embed",
 }
 
 

@@ -6,6 +6,13 @@ from .cross_attention import (
     MllamaCrossAttentionDecoderLayer,
     MllamaTextCrossAttention,
 )
+from .patch_embed import (
+    CLIPVisionEmbeddings,
+    InternVLVisionEmbeddings,
+    Qwen2VLPatchEmbed,
+    Qwen3VLPatchEmbed,
+    SiglipVisionEmbeddings,
+)
 from .pixel_shuffle import PixelShuffle
 from .projector import (
     Idefics3Connector,
@@ -37,4 +44,9 @@ __all__ = [
     "Blip2QFormerMultiHeadAttention",
     "MllamaCrossAttentionDecoderLayer",
     "MllamaTextCrossAttention",
+    "CLIPVisionEmbeddings",
+    "InternVLVisionEmbeddings",
+    "Qwen2VLPatchEmbed",
+    "Qwen3VLPatchEmbed",
+    "SiglipVisionEmbeddings",
 ]

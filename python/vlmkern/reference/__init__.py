@@ -3,6 +3,7 @@
 from .cross_attention import cross_attention, mllama_kv_ranges
 from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
+from .patch_embed import patch_embed
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 from .rope import apply_rotary_pos_emb, mrope, rope, vision_rope
 
@@ -17,4 +18,5 @@ __all__ = [
     "mlp_projector",
     "cross_attention",
     "mllama_kv_ranges",
+    "patch_embed",
 ]

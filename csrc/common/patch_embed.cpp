@@ -1,0 +1,328 @@
+// Image-mode patch embedding (CLIP, SigLIP, InternViT, BLIP-2, Mllama): checks, then one GEMM per
+// image whose epilogue addend is bias + (resized) positions, CLS row written at offset 0; and the
+// backward (dW, db, d positions through the bicubic resize, d CLS, d pixels). Shared helpers too.
+#include "common/patch_embed.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/upsample_bicubic2d.h>
+#include <ATen/ops/upsample_bicubic2d_backward.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+#include <string>
+
+#include "common/patch_embed_detail.h"
+
+namespace vlmkern {
+namespace patch_embed_detail {
+
+std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+void check_dtype_device(const char* op, const at::Tensor& pixels, const char* pixels_name,
+                        const at::Tensor& weight) {
+  const auto wt = weight.scalar_type();
+  VLMKERN_CHECK(wt == at::kFloat || wt == at::kDouble || wt == at::kHalf || wt == at::kBFloat16,
+                op, "weight must be float32, float64, float16 or bfloat16, got ",
+                dtype_name(wt));
+  VLMKERN_CHECK(pixels.scalar_type() == at::kByte || pixels.scalar_type() == wt, op,
+                pixels_name, " must be uint8 or weight's dtype ", dtype_name(wt), ", got ",
+                dtype_name(pixels.scalar_type()));
+  VLMKERN_CHECK(weight.device() == pixels.device(), op, "weight is on ", weight.device(),
+                " but ", pixels_name, " is on ", pixels.device());
+}
+
+void check_param(const char* op, const std::optional<at::Tensor>& t, const char* name,
+                 int64_t rank, const char* layout, const at::Tensor& weight) {
+  if (!t) return;
+  check_rank(*t, rank, op, name, layout);
+  VLMKERN_CHECK(t->device() == weight.device(), op, name, " is on ", t->device(),
+                " but weight is on ", weight.device());
+  VLMKERN_CHECK(t->scalar_type() == weight.scalar_type(), op, name, " dtype ",
+                dtype_name(t->scalar_type()), " does not match weight dtype ",
+                dtype_name(weight.scalar_type()));
+  VLMKERN_CHECK(t->size(rank - 1) == weight.size(0), op, name, " has width ", t->size(rank - 1),
+                " but weight has D=", weight.size(0), " outputs");
+}
+
+void check_norm(const char* op, const PixelNorm& norm, int64_t channels) {
+  if (norm.mean) {
+    VLMKERN_CHECK(static_cast<int64_t>(norm.mean->size()) == channels, op, "mean has ",
+                  norm.mean->size(), " values but there are C=", channels, " channels");
+  }
+  if (norm.std) {
+    VLMKERN_CHECK(static_cast<int64_t>(norm.std->size()) == channels, op, "std has ",
+                  norm.std->size(), " values but there are C=", channels, " channels");
+    for (size_t c = 0; c < norm.std->size(); ++c) {
+      VLMKERN_CHECK((*norm.std)[c] != 0.0 && std::isfinite((*norm.std)[c]), op,
+                    "std must be finite and nonzero, got ", (*norm.std)[c], " at channel ", c);
+    }
+  }
+  VLMKERN_CHECK(std::isfinite(norm.rescale) && norm.rescale != 0.0, op,
+                "rescale must be finite and nonzero, got ", norm.rescale);
+}
+
+std::pair<at::Tensor, at::Tensor> fold_weight(const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const PixelNorm& norm) {
+  const int64_t d = weight.size(0), c = weight.size(1);
+  int64_t k = 1;
+  for (int64_t i = 1; i < weight.dim(); ++i) k *= weight.size(i);
+  if (!norm.active()) return {weight.reshape({d, k}), bias ? *bias : at::Tensor()};
+  const at::Tensor w64 = weight.reshape({d, c, k / c}).to(at::kDouble);
+  at::Tensor folded = at::empty_like(w64);
+  at::Tensor b64 = at::zeros({d}, w64.options());
+  if (bias) b64.add_(*bias);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    folded.select(1, ch).copy_(w64.select(1, ch)).mul_(norm.scale(ch));
+    if (norm.mean) b64.sub_(w64.select(1, ch).sum(1).mul_(norm.offset(ch)));
+  }
+  const auto dt = weight.scalar_type();
+  at::Tensor b_out = (bias || norm.mean) ? b64.to(dt) : at::Tensor();
+  return {folded.to(dt).view({d, k}), b_out};
+}
+
+at::Tensor normalize_rows(const at::Tensor& x, const PixelNorm& norm, int64_t channel_dim) {
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor xf = at::empty(x.sizes(), x.options().dtype(ct));
+  for (int64_t ch = 0; ch < x.size(channel_dim); ++ch) {
+    xf.select(channel_dim, ch)
+        .copy_(x.select(channel_dim, ch))
+        .mul_(norm.scale(ch))
+        .sub_(norm.offset(ch));
+  }
+  return xf.to(x.scalar_type());
+}
+
+at::Tensor no_grad_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace patch_embed_detail
+
+namespace {
+
+using namespace patch_embed_detail;
+constexpr const char* kOp = "patch_embed";
+
+struct ImageGeom {
+  int64_t b, c, p, gh, gw, l, d, s;
+  bool cls, resize, channels_last;
+};
+
+ImageGeom check_image(const at::Tensor& pixels, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& pos_embed, bool has_cls,
+                      const PixelNorm& norm, bool channels_last, std::string_view pos_interp) {
+  check_rank(pixels, 4, kOp, "pixels", channels_last ? "(B, H, W, C)" : "(B, C, H, W)");
+  check_rank(weight, 4, kOp, "weight", "(D, C, P, P)");
+  check_dtype_device(kOp, pixels, "pixels", weight);
+  VLMKERN_CHECK(pos_interp == "bicubic" || pos_interp == "none", kOp,
+                "pos_interp must be 'bicubic' or 'none', got '", pos_interp, "'");
+  ImageGeom g{};
+  g.channels_last = channels_last;
+  g.b = pixels.size(0);
+  g.c = pixels.size(channels_last ? 3 : 1);
+  const int64_t h = pixels.size(channels_last ? 1 : 2), w = pixels.size(channels_last ? 2 : 3);
+  g.p = weight.size(2);
+  g.d = weight.size(0);
+  VLMKERN_CHECK(g.p >= 1 && weight.size(3) == g.p, kOp,
+                "weight must have a square patch (D, C, P, P) with P >= 1, got shape ",
+                weight.sizes());
+  VLMKERN_CHECK(weight.size(1) == g.c && g.c >= 1, kOp, "pixels has C=", g.c,
+                " channels but weight expects C=", weight.size(1));
+  VLMKERN_CHECK(h % g.p == 0, kOp, "pixels height H=", h, " is not divisible by the patch size P=",
+                g.p);
+  VLMKERN_CHECK(w % g.p == 0, kOp, "pixels width W=", w, " is not divisible by the patch size P=",
+                g.p);
+  g.gh = h / g.p;
+  g.gw = w / g.p;
+  g.l = g.gh * g.gw;
+  g.cls = has_cls;
+  check_param(kOp, bias, "bias", 1, "(D,)", weight);
+  check_param(kOp, pos_embed, "pos_embed", 2, "(L, D)", weight);
+  check_norm(kOp, norm, g.c);
+  if (pos_embed) {
+    const int64_t rows = pos_embed->size(0) - (has_cls ? 1 : 0);
+    const char* plus = has_cls ? " + 1 (CLS)" : "";
+    if (pos_interp == "none") {
+      VLMKERN_CHECK(rows == g.l, kOp, "pos_embed has ", pos_embed->size(0), " rows but the (",
+                    g.gh, ", ", g.gw, ") grid needs ", g.l, plus, " (pos_interp='none')");
+      g.s = 0;
+    } else {
+      int64_t s = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(rows))));
+      while (s * s > rows) --s;
+      while ((s + 1) * (s + 1) <= rows) ++s;
+      VLMKERN_CHECK(rows >= 1 && s * s == rows, kOp, "pos_embed has ", pos_embed->size(0),
+                    " rows: not a square S*S table", plus);
+      g.s = s;
+      g.resize = s != g.gh || s != g.gw;
+    }
+  }
+  return g;
+}
+
+// pixels -> (B*gh*gw, K) rows in `dtype`, K in (C, ph, pw) order, or (ph, pw, C) channels-last.
+at::Tensor patch_matrix(const at::Tensor& pixels, const ImageGeom& g, at::ScalarType dtype) {
+  at::Tensor view;
+  if (g.channels_last) {  // (B, gh, P, gw, P, C) -> (B, gh, gw, P, P, C)
+    view = pixels.unflatten(1, {g.gh, g.p}).unflatten(3, {g.gw, g.p}).permute({0, 1, 3, 2, 4, 5});
+  } else {  // (B, C, gh, P, gw, P) -> (B, gh, gw, C, P, P)
+    view = pixels.unflatten(2, {g.gh, g.p}).unflatten(4, {g.gw, g.p}).permute({0, 2, 4, 1, 3, 5});
+  }
+  at::Tensor out = at::empty(view.sizes(), pixels.options().dtype(dtype));
+  out.copy_(view);
+  return out.view({g.b * g.l, g.c * g.p * g.p});
+}
+
+// Folded weight as (D, K) in the patch-row order of `g`.
+std::pair<at::Tensor, at::Tensor> folded_weight(const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const PixelNorm& norm, const ImageGeom& g) {
+  auto [w2, b2] = fold_weight(weight, bias, norm);
+  if (g.channels_last) {
+    w2 = w2.view({g.d, g.c, g.p, g.p}).permute({0, 2, 3, 1}).reshape({g.d, g.c * g.p * g.p});
+  }
+  return {w2, b2};
+}
+
+// The (gh*gw, D) patch positions: the table as is, or bicubic-resized exactly as HF's
+// interpolate_pos_encoding does (same op on the same (1, D, S, S) channels-last view).
+at::Tensor grid_positions(const at::Tensor& table, const ImageGeom& g) {
+  if (!g.resize) return table;
+  const at::Tensor img = table.view({1, g.s, g.s, g.d}).permute({0, 3, 1, 2});
+  const at::Tensor up = at::upsample_bicubic2d(img, {g.gh, g.gw}, /*align_corners=*/false);
+  return up.permute({0, 2, 3, 1}).reshape({g.l, g.d});
+}
+
+}  // namespace
+
+namespace patch_embed_detail {
+
+int64_t image_tokens(const at::Tensor& pixels, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& pos_embed,
+                     const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                     bool channels_last, std::string_view pos_interp) {
+  const ImageGeom g = check_image(pixels, weight, bias, pos_embed, cls_token.has_value(), norm,
+                                  channels_last, pos_interp);
+  check_param(kOp, cls_token, "cls_token", 1, "(D,)", weight);
+  return (g.cls ? 1 : 0) + g.l;
+}
+
+void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& pos_embed,
+                              const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                              bool channels_last, std::string_view pos_interp) {
+  const ImageGeom g = check_image(pixels, weight, bias, pos_embed, cls_token.has_value(), norm,
+                                  channels_last, pos_interp);
+  const int64_t first = g.cls ? 1 : 0;
+  if (out.numel() == 0) return;
+  if (g.cls) {  // CLS row: cls_token + pos_embed[0], as HF's cat-then-add
+    at::Tensor row = pos_embed ? cls_token->add(pos_embed->select(0, 0)) : *cls_token;
+    out.select(1, 0).copy_(row);
+  }
+  if (g.l == 0) return;
+  const auto [w2, b2] = folded_weight(weight, bias, norm, g);
+  const at::Tensor x = patch_matrix(pixels, g, weight.scalar_type());
+  at::Tensor addend = b2;  // (D,) or (L, D): bias and positions, added by the GEMM itself
+  if (pos_embed) {
+    const at::Tensor pos =
+        grid_positions(pos_embed->narrow(0, first, pos_embed->size(0) - first), g);
+    addend = b2.defined() ? pos.add(b2) : pos;
+  }
+  const at::Tensor wt = w2.t();
+  if (!g.cls && !pos_embed) {  // one GEMM over the whole batch
+    at::Tensor flat = out.view({g.b * g.l, g.d});
+    addend.defined() ? at::addmm_out(flat, addend, x, wt) : at::mm_out(flat, x, wt);
+    return;
+  }
+  for (int64_t i = 0; i < g.b; ++i) {  // each image's tokens are one contiguous (L, D) block
+    at::Tensor block = out.select(0, i).narrow(0, first, g.l);
+    const at::Tensor xi = x.narrow(0, i * g.l, g.l);
+    addend.defined() ? at::addmm_out(block, addend, xi, wt) : at::mm_out(block, xi, wt);
+  }
+}
+
+}  // namespace patch_embed_detail
+
+at::Tensor patch_embed_forward(const at::Tensor& pixels, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& pos_embed,
+                               const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
+                               bool channels_last, std::string_view pos_interp) {
+  const int64_t tokens = image_tokens(pixels, weight, bias, pos_embed, cls_token, norm,
+                                      channels_last, pos_interp);
+  at::Tensor out = at::empty({pixels.size(0), tokens, weight.size(0)}, weight.options());
+  patch_embed_forward_into(out, pixels, weight, bias, pos_embed, cls_token, norm, channels_last,
+                           pos_interp);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward(
+    const at::Tensor& grad, const at::Tensor& pixels, const at::Tensor& weight, bool has_bias,
+    const std::optional<at::Tensor>& pos_embed, bool has_cls, const PixelNorm& norm,
+    bool channels_last, std::string_view pos_interp, std::array<bool, 5> output_mask) {
+  const ImageGeom g =
+      check_image(pixels, weight, std::nullopt, pos_embed, has_cls, norm, channels_last,
+                  pos_interp);
+  const int64_t first = g.cls ? 1 : 0;
+  check_rank(grad, 3, kOp, "grad", "(B, T, D)");
+  VLMKERN_CHECK(grad.size(0) == g.b && grad.size(1) == first + g.l && grad.size(2) == g.d, kOp,
+                "grad must have shape [", g.b, ", ", first + g.l, ", ", g.d, "], got ",
+                grad.sizes());
+  VLMKERN_CHECK(grad.scalar_type() == weight.scalar_type() && grad.device() == weight.device(),
+                kOp, "grad must be ", dtype_name(weight.scalar_type()), " on ", weight.device());
+  VLMKERN_CHECK(!output_mask[0] || pixels.scalar_type() != at::kByte, kOp,
+                "pixels is uint8: it has no gradient");
+  const at::Tensor tokens = grad.narrow(1, first, g.l);
+  const at::Tensor rows = tokens.reshape({g.b * g.l, g.d});  // (M, D)
+  at::Tensor d_pixels = no_grad_output(pixels), d_weight = no_grad_output(weight);
+  at::Tensor d_bias = no_grad_output(weight), d_pos = no_grad_output(weight);
+  at::Tensor d_cls = no_grad_output(weight);
+  if (output_mask[0]) {  // dX = G @ W' (the scale folds in, the offset does not), back to pixels
+    const at::Tensor dx = at::mm(rows, folded_weight(weight, std::nullopt, norm, g).first);
+    d_pixels = at::empty(pixels.sizes(), pixels.options());
+    if (channels_last) {
+      d_pixels.view({g.b, g.gh, g.p, g.gw, g.p, g.c})
+          .copy_(dx.view({g.b, g.gh, g.gw, g.p, g.p, g.c}).permute({0, 1, 3, 2, 4, 5}));
+    } else {
+      d_pixels.view({g.b, g.c, g.gh, g.p, g.gw, g.p})
+          .copy_(dx.view({g.b, g.gh, g.gw, g.c, g.p, g.p}).permute({0, 3, 1, 4, 2, 5}));
+    }
+  }
+  if (output_mask[1]) {  // dW = G^T @ normalize(X), in the weight's (D, C, P, P) layout
+    at::Tensor x = patch_matrix(pixels, g, weight.scalar_type());
+    if (norm.active()) {
+      x = channels_last ? normalize_rows(x.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
+                        : normalize_rows(x.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
+    }
+    const at::Tensor dw = at::mm(rows.t(), x.view({g.b * g.l, g.c * g.p * g.p}));
+    d_weight = channels_last
+                   ? dw.view({g.d, g.p, g.p, g.c}).permute({0, 3, 1, 2}).contiguous()
+                   : dw.view({g.d, g.c, g.p, g.p});
+  }
+  if (output_mask[2] && has_bias) d_bias = rows.sum(0);
+  const bool need_cls_sum = (output_mask[3] && pos_embed && g.cls) || (output_mask[4] && g.cls);
+  const at::Tensor cls_sum = need_cls_sum ? grad.select(1, 0).sum(0) : at::Tensor();
+  if (output_mask[3] && pos_embed) {
+    at::Tensor dp = tokens.sum(0);  // (L, D)
+    if (g.resize && g.l == 0) {
+      dp = at::zeros({g.s * g.s, g.d}, weight.options());
+    } else if (g.resize) {
+      const at::Tensor up = dp.view({1, g.gh, g.gw, g.d}).permute({0, 3, 1, 2});
+      dp = at::upsample_bicubic2d_backward(up, {g.gh, g.gw}, {1, g.d, g.s, g.s}, false)
+               .permute({0, 2, 3, 1})
+               .reshape({g.s * g.s, g.d});
+    }
+    d_pos = g.cls ? at::cat({cls_sum.unsqueeze(0), dp}) : dp.contiguous();
+  }
+  if (output_mask[4] && g.cls) d_cls = cls_sum;
+  return {d_pixels, d_weight, d_bias, d_pos, d_cls};
+}
+
+}  // namespace vlmkern
