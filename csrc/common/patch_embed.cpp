@@ -4,6 +4,8 @@
 #include "common/patch_embed.h"
 
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -241,10 +243,16 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
     addend.defined() ? at::addmm_out(flat, addend, x, wt) : at::mm_out(flat, x, wt);
     return;
   }
-  for (int64_t i = 0; i < g.b; ++i) {  // each image's tokens are one contiguous (L, D) block
-    at::Tensor block = out.select(0, i).narrow(0, first, g.l);
-    const at::Tensor xi = x.narrow(0, i * g.l, g.l);
-    addend.defined() ? at::addmm_out(block, addend, xi, wt) : at::mm_out(block, xi, wt);
+  // One batched GEMM writes every image's (L, D) token block in place (batch stride (first + L)
+  // * D skips the CLS rows); the per-token addend is broadcast over the batch, not copied.
+  at::Tensor blocks = out.narrow(1, first, g.l);                     // (B, L, D) view
+  const at::Tensor xb = x.view({g.b, g.l, x.size(1)});               // (B, L, K)
+  const at::Tensor wb = wt.unsqueeze(0).expand({g.b, wt.size(0), g.d});  // (B, K, D), stride 0
+  if (addend.defined()) {
+    const at::Tensor add = addend.dim() == 1 ? addend.expand({g.l, g.d}) : addend;
+    at::baddbmm_out(blocks, add.expand({g.b, g.l, g.d}), xb, wb);
+  } else {
+    at::bmm_out(blocks, xb, wb);
   }
 }
 
