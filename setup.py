@@ -97,6 +97,9 @@ class CMakeBuild(build_ext):
                 f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DVLMKERN_CUDA_ARCHS={archs}",
+                # CUTLASS headers for the fused GEMMs: this root, else the nvidia-cutlass wheel of
+                # the building interpreter (pip's isolated env has none: then no CUTLASS path).
+                f"-DVLMKERN_CUTLASS_DIR={os.environ.get('VLMKERN_CUTLASS_DIR', '')}",
             ]
             log(f"CUDA kernels ON (torch {torch.__version__}, CUDA_HOME={cuda_home}, "
                 f"archs {archs})")

@@ -69,6 +69,12 @@ stage_info() {
     if [[ $ALLOW_CPU != 1 ]]; then
         "$PY" -c 'import sys, vlmkern
 sys.exit(0 if vlmkern.info()["cuda_kernels"] else "FAIL: vlmkern was built without CUDA kernels")'
+        # On an H100 / H200 the CUTLASS GEMM path must be there, or its tests skip unnoticed.
+        "$PY" -c 'import sys, torch, vlmkern
+sm90 = torch.cuda.get_device_capability() == (9, 0)
+sys.exit("FAIL: sm_90 GPU but vlmkern was built without CUTLASS (put the nvidia-cutlass wheel "
+         "in .whl/, or set VLMKERN_CUTLASS_DIR)" if sm90 and not vlmkern.info()["cutlass_gemm"]
+         else 0)'
     fi
 }
 

@@ -7,6 +7,7 @@ on the CPU."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -210,6 +211,38 @@ def smoke_mlp_projector(device: str) -> int:
             for name, r, g in zip(names, ref_leaves, dev_leaves, strict=True):
                 _close(g.grad, r.grad, f"{what} grad {name}")
             n += 1
+    return n + _smoke_projector_cutlass(device)
+
+
+def _smoke_projector_cutlass(device: str) -> int:
+    """The fused CUTLASS GEMM path (VLMKERN_PROJECTOR_GEMM=cutlass; sm_90a builds on an H100 /
+    H200 only): GELU + aux and identity epilogues, bias and none, tile-edge sizes, strided rows."""
+    from vlmkern import _C
+
+    if device != "cuda" or not _C.cutlass_gemm or torch.cuda.get_device_capability() != (9, 0):
+        return 0
+    before = os.environ.get("VLMKERN_PROJECTOR_GEMM")
+    os.environ["VLMKERN_PROJECTOR_GEMM"] = "cutlass"
+    n = 0
+    try:
+        k, n1, d = 136, 264, 72  # multiples of 8, off the 128 x 128 x 64 tiles
+        for dtype in (torch.bfloat16, torch.float16):
+            for rows, act, bias in ((113, "gelu", True), (1, "gelu", False), (200, "none", True)):
+                base = torch.randn(1 + rows, k + 8).to(dtype)
+                x = base[1:, :k]  # CLS-dropped rows, row stride K + 8 (kept on the device)
+                w1, w2 = torch.randn(n1, k) * k**-0.5, torch.randn(d, n1) * n1**-0.5
+                b1, b2 = (torch.randn(n1), torch.randn(d)) if bias else (None, None)
+                args = [t.to(dtype) if t is not None else None for t in (w1, b1, w2, b2)]
+                ref = vlmkern.reference.mlp_projector(x, *args, activation=act)
+                out = vlmkern.ops.mlp_projector(
+                    base.to(device)[1:, :k], *[t.to(device) if t is not None else None
+                                               for t in args], activation=act)  # fmt: skip
+                _close(out, ref, f"mlp_projector cutlass {act} bias={bias} M={rows} {dtype}")
+                n += 1
+    finally:
+        os.environ.pop("VLMKERN_PROJECTOR_GEMM")
+        if before is not None:
+            os.environ["VLMKERN_PROJECTOR_GEMM"] = before
     return n
 
 

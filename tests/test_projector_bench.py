@@ -44,6 +44,7 @@ def test_providers_agree_with_reference(name):
     assert ref.norm() > 0
     providers = bench.providers(Config("cpu", torch.float32, quick=True, compile=False))
     providers["torch._addmm_activation"] = bench._only_erf_gelu_cases(bench.addmm_activation_chain)
+    providers["vlmkern.cutlass"] = bench.vlmkern_cutlass  # on the CPU: the ATen path
     for pname, fn in providers.items():
         if pname in bench.ROOFLINES:
             out = fn(*inputs, spec=spec)

@@ -152,23 +152,33 @@ at::Tensor dense(const at::Tensor& a, const at::Tensor& w, const OptTensor& b) {
   return b ? at::addmm(*b, a, w.t()) : at::mm(a, w.t());
 }
 
+// act(a @ w^T + b) and its pre-activation: the device's fused kernel where it takes the inputs,
+// ATen's addmm + activation for whatever it leaves undefined.
+DenseAct dense_act(const at::Tensor& a, const at::Tensor& w, const OptTensor& b,
+                   ProjectorActivation act, bool keep_pre, FusedDenseFn fused) {
+  DenseAct r = fused ? fused(a, w, b, act, keep_pre) : DenseAct{};
+  if (!r.out.defined() && !r.pre.defined()) r.pre = dense(a, w, b);
+  if (!r.out.defined()) r.out = activation_forward(r.pre, act);
+  return r;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const OptTensor& norm_weight, const OptTensor& norm_bias,
-    const ProjectorOptions& opt) {
+    const ProjectorOptions& opt, FusedDenseFn fused_dense) {
   const auto s = check_mlp_projector(x, w1, b1, w2, b2, norm_weight, norm_bias, opt);
   const auto rows = projector_rows(x, s, opt);
   auto [xn, mean, rstd] = norm_forward(rows, norm_weight, norm_bias, s, opt);
-  auto h = dense(xn, w1, b1);
-  auto a = activation_forward(h, opt.activation);
+  // h (the pre-activation) is an output whenever there is a second Linear, or an activation to
+  // differentiate; a single identity Linear returns its output alone.
+  const bool keep_h = w2.has_value() || opt.activation != ProjectorActivation::kNone;
+  auto [a, h] = dense_act(xn, w1, b1, opt.activation, keep_h, fused_dense);
   if (w2) {
-    auto out = dense(a, *w2, b2).view(s.out_sizes);
-    return {out, h, mean, rstd};
+    auto out = dense_act(a, *w2, b2, ProjectorActivation::kNone, false, fused_dense).out;
+    return {out.view(s.out_sizes), h, mean, rstd};
   }
-  // Single Linear: the output is act(h); h is kept for the backward only when act is not identity.
-  const bool keep_h = opt.activation != ProjectorActivation::kNone;
   auto hidden = keep_h ? h : at::empty({0}, x.options());
   return {a.view(s.out_sizes), hidden, mean, rstd};
 }

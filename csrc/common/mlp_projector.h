@@ -50,12 +50,24 @@ void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
                            const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
                            const ProjectorShape& s, const ProjectorOptions& opt, bool has_w2);
 
+// One Linear + activation as a device may fuse it: out = act(a (M, K) @ w (N, K)^T + b (N)) and,
+// when keep_pre, pre = a @ w^T + b (the pre-activation, (M, N)). A device hook fills what it
+// can: both (fused epilogue), only `pre` (the composite applies the activation), or neither (the
+// composite runs the whole Linear + activation in ATen).
+struct DenseAct {
+  at::Tensor out, pre;
+};
+using FusedDenseFn = DenseAct (*)(const at::Tensor& a, const at::Tensor& w,
+                                  const std::optional<at::Tensor>& b, ProjectorActivation act,
+                                  bool keep_pre);
+
 // Forward: (out, hidden = GEMM1 + b1 before the activation, mean, rstd). See torch_bindings.cpp.
+// `fused_dense` (optional) runs both Linears where it can; the rest of the chain stays ATen's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
-    const ProjectorOptions& opt);
+    const ProjectorOptions& opt, FusedDenseFn fused_dense = nullptr);
 
 // Backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); undefined where output_mask is off.
 using ProjectorGrads =

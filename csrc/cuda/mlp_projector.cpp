@@ -1,13 +1,79 @@
 // CUDA registration of mlp_projector and its backward: the shared ATen composite (cuBLAS GEMMs,
-// ATen elementwise kernels, no host syncs) under a guard for x's device, until the fused CUTLASS
-// kernels (GEMM + bias + erf GELU epilogue, norm / shuffle in the operand load) replace it.
+// ATen elementwise kernels, no host syncs) under a guard for x's device; with
+// VLMKERN_PROJECTOR_GEMM=cutlass, its two Linears run on the fused CUTLASS GEMM + bias + GELU
+// kernel (cuda/gemm_bias_act.h) where the device and the inputs allow, else on ATen as before.
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "common/checks.h"
 #include "common/mlp_projector.h"
+#include "cuda/gemm_bias_act.h"
 #include "ops.h"
 
 namespace vlmkern {
+namespace {
+
+// VLMKERN_PROJECTOR_GEMM, read on every call (a getenv): "aten" (or unset) keeps cuBLAS;
+// "cutlass" takes the fused kernel where it can. The default stays "aten" until a GPU session
+// has validated the CUTLASS path (tests/ops/test_mlp_projector.py's gpu tests and the bench).
+bool use_cutlass_gemm() {
+  const char* env = std::getenv("VLMKERN_PROJECTOR_GEMM");
+  const std::string_view v = env ? env : "";
+  VLMKERN_CHECK(v.empty() || v == "aten" || v == "cutlass", "mlp_projector",
+                "VLMKERN_PROJECTOR_GEMM must be 'aten' or 'cutlass', got '", std::string(v), "'");
+  return v == "cutlass";
+}
+
+// The FusedDenseFn of the CUDA composite: a (M, K) row-major with any row stride, w (N, K) and b
+// contiguous, bf16 / fp16, on a compute-capability-9.0 device, sizes and pointers TMA-aligned.
+// GELU gets the fused epilogue (writing `pre` as its aux output when asked); the other
+// activations take the identity kernel and leave the activation to the composite.
+DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                       ProjectorActivation act, bool keep_pre) {
+  const auto dt = a.scalar_type();
+  if (dt != at::kBFloat16 && dt != at::kHalf) return {};
+  if (a.dim() != 2 || a.size(0) == 0 || a.stride(1) != 1 || !w.is_contiguous() ||
+      (b && !b->is_contiguous())) {
+    return {};
+  }
+  const bool gelu = act == ProjectorActivation::kGelu;
+  if (gelu && !keep_pre) return {};  // only gelu + aux is compiled (the op always keeps GEMM1's h)
+  GemmBiasActParams p{};
+  p.dtype = dt == at::kBFloat16 ? GemmDtype::kBFloat16 : GemmDtype::kFloat16;
+  p.act = gelu ? GemmActivation::kGelu : GemmActivation::kIdentity;
+  p.m = a.size(0);
+  p.n = w.size(0);
+  p.k = w.size(1);
+  p.a = a.const_data_ptr();
+  p.lda = a.stride(0);
+  p.w = w.const_data_ptr();
+  p.bias = b ? b->const_data_ptr() : nullptr;
+  p.device = a.get_device();
+  // (M, N) outputs, contiguous (the caching allocator's blocks are 512-byte aligned).
+  auto out = at::empty({p.m, p.n}, a.options());
+  auto pre = gelu ? at::empty({p.m, p.n}, a.options()) : out;
+  p.out = out.mutable_data_ptr();
+  p.aux = gelu ? pre.mutable_data_ptr() : nullptr;
+  if (gemm_bias_act_unsupported(p) != nullptr) return {};
+  const size_t ws_bytes = gemm_bias_act_workspace_size(p);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  C10_CUDA_CHECK(gemm_bias_act(p, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr, stream));
+  if (gelu) return {out, pre};
+  return {act == ProjectorActivation::kNone ? out : at::Tensor(), out};
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
@@ -17,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
     int64_t shuffle, int64_t merge) {
   const auto opt = parse_projector_options(activation, norm, norm_position, eps, shuffle, merge);
   const c10::cuda::CUDAGuard guard(x.device());
-  return mlp_projector_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, opt);
+  return mlp_projector_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, opt,
+                               use_cutlass_gemm() ? &cutlass_dense : nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -37,6 +37,7 @@ def info() -> dict:
         "cuda_kernels": bool(_C.cuda_kernels),
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a],
         "nvcc": _C.nvcc_version or None,
+        "cutlass_gemm": bool(getattr(_C, "cutlass_gemm", 0)),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": available_ops(),
@@ -52,6 +53,9 @@ def format_info(d: dict | None = None) -> str:
         "CUDA kernels: "
         + (f"compiled for {', '.join(d['cuda_archs'])} (nvcc {d['nvcc']})" if d["cuda_kernels"]
            else "not compiled (CPU-only build)"),
+        "CUTLASS GEMM (sm_90a): "
+        + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass selects it)" if d["cutlass_gemm"]
+           else "not compiled"),
         f"GPU: {d['gpu'] or 'none visible'}",
         "ops:",
     ]

@@ -1,6 +1,7 @@
 """MLP projector bench: vlmkern's op vs the HF-style PyTorch eager chain (InternVL's two-copy pixel
 shuffle, Qwen's view merge, F.layer_norm / Qwen2RMSNorm, F.linear, erf GELU), torch.compile of it,
-``torch._addmm_activation`` (cuBLASLt bias + *tanh* GELU epilogue: a different function, GPU only)
+``torch._addmm_activation`` (cuBLASLt bias + *tanh* GELU epilogue: a different function, GPU only),
+``vlmkern.cutlass`` (the op on its fused CUTLASS GEMM path, sm_90a builds with CUTLASS only)
 and a plain ``torch.mm`` of the same GEMM shapes (the roofline row, not checked), on LLaVA-1.5,
 InternVL2.5-8B, Qwen2-VL-7B and Idefics3 shapes.
 
@@ -9,6 +10,7 @@ Every provider is called as ``fn(x, w1, b1, w2, b2, norm_weight, norm_bias, rows
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +94,29 @@ def vlmkern_projector(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: Spec):
 
     return vlmkern.ops.mlp_projector(x, w1, b1, w2, b2, norm_weight=nw, norm_bias=nb,
                                      **spec.options())  # fmt: skip
+
+
+GEMM_ENV = "VLMKERN_PROJECTOR_GEMM"
+
+
+def vlmkern_cutlass(*inputs, spec: Spec):
+    """vlmkern with ``VLMKERN_PROJECTOR_GEMM=cutlass``: the fused CUTLASS GEMM + bias + GELU
+    (sm_90a; elsewhere, and on the CPU, the op falls back to its ATen path)."""
+    before = os.environ.get(GEMM_ENV)
+    os.environ[GEMM_ENV] = "cutlass"
+    try:
+        return vlmkern_projector(*inputs, spec=spec)
+    finally:
+        if before is None:
+            del os.environ[GEMM_ENV]
+        else:
+            os.environ[GEMM_ENV] = before
+
+
+def _has_cutlass_gemm() -> bool:
+    from vlmkern import _C
+
+    return bool(getattr(_C, "cutlass_gemm", 0)) and torch.cuda.get_device_capability() == (9, 0)
 
 
 def mm_roofline(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: Spec):
@@ -184,6 +209,8 @@ def providers(cfg: Config) -> dict[str, Callable]:
     if cfg.compile:
         out["torch.compile"] = _Compiled()
     if cfg.device == "cuda":
+        if _has_cutlass_gemm():
+            out["vlmkern.cutlass"] = vlmkern_cutlass
         out["torch._addmm_activation"] = _only_erf_gelu_cases(addmm_activation_chain)
     out[MM] = mm_roofline
     return out

@@ -71,6 +71,16 @@ def mlp_projector(
         ``(..., D)`` for plain rows; ``(B, H/r, W/r, D)`` (or ``(B, N/r², D)`` with ``grid``) for a
         shuffle; ``(T/s², D)`` for a merge of T tokens. Contiguous, x's dtype and device.
         Differentiable in x, the weights, the biases and the norm's parameters.
+
+    CUDA GEMMs: the environment variable ``VLMKERN_PROJECTOR_GEMM`` (read on every call) picks
+    them. ``"aten"`` — **the default** until a GPU session has validated the other path — runs
+    both Linears on cuBLAS (``addmm``) and the activation as an ATen kernel. ``"cutlass"`` runs
+    them on vlmkern's fused CUTLASS kernel (Hopper, compute capability 9.0; builds with the
+    ``nvidia-cutlass`` headers): GEMM1 + b1 + erf GELU in one epilogue that also writes the
+    returned pre-activation ``hidden``, GEMM2 + b2 likewise (other activations: GEMM + bias fused,
+    then ATen's activation). Inputs it cannot take fall back to the ATen path per GEMM: fp32 /
+    fp64, another GPU, K or N not a multiple of 8, rows not 16-byte aligned or a non-unit column
+    stride, non-contiguous weights. The backward is ATen's in both cases.
     """
     for name, value, allowed in (
         ("activation", activation, _ACTIVATIONS),

@@ -1,0 +1,102 @@
+// Dispatch of the fused GEMM + bias + activation over the compiled CUTLASS variants, with the
+// device and alignment checks that decide whether a call may take it (no CUTLASS headers here).
+#include <cstdint>
+
+#include "cuda/gemm_bias_act.h"
+
+namespace vlmkern {
+namespace {
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// The entry points of one compiled variant.
+struct VariantOps {
+  bool (*can_implement)(const GemmBiasActParams&);
+  size_t (*workspace_size)(const GemmBiasActParams&);
+  cudaError_t (*run)(const GemmBiasActParams&, void*, cudaStream_t);
+};
+
+template <class V>
+constexpr VariantOps ops_of() {
+  return {&V::can_implement, &V::workspace_size, &V::run};
+}
+
+// The compiled variant of (dtype, act, aux), or nullptr. VLMKERN_WITH_CUTLASS_SM90 comes from
+// CMake (CUTLASS headers found and sm_90a among the targets); each entry is one file in
+// cuda/instantiations/. The projector needs GEMM1 = gelu + aux (hidden is an output) and GEMM2 =
+// identity; its other activations take the identity kernel, then ATen's activation.
+const VariantOps* find_variant(GemmDtype dtype, GemmActivation act, bool aux) {
+#if defined(VLMKERN_WITH_CUTLASS_SM90)
+  using D = GemmDtype;
+  using A = GemmActivation;
+  static constexpr VariantOps kBf16Identity =
+      ops_of<GemmBiasActVariant<D::kBFloat16, A::kIdentity, false>>();
+  static constexpr VariantOps kBf16GeluAux =
+      ops_of<GemmBiasActVariant<D::kBFloat16, A::kGelu, true>>();
+  static constexpr VariantOps kFp16Identity =
+      ops_of<GemmBiasActVariant<D::kFloat16, A::kIdentity, false>>();
+  static constexpr VariantOps kFp16GeluAux =
+      ops_of<GemmBiasActVariant<D::kFloat16, A::kGelu, true>>();
+  const bool bf16 = dtype == D::kBFloat16;
+  if (act == A::kIdentity && !aux) return bf16 ? &kBf16Identity : &kFp16Identity;
+  if (act == A::kGelu && aux) return bf16 ? &kBf16GeluAux : &kFp16GeluAux;
+#else
+  (void)dtype, (void)act, (void)aux;
+#endif
+  return nullptr;
+}
+
+// Compute capability 9.0 exactly: sm_90a code runs on H100 / H200 and on nothing else.
+bool is_sm90(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the ATen fallback to trip on
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+}  // namespace
+
+bool gemm_bias_act_compiled() {
+#if defined(VLMKERN_WITH_CUTLASS_SM90)
+  return true;
+#else
+  return false;
+#endif
+}
+
+const char* gemm_bias_act_unsupported(const GemmBiasActParams& p) {
+  if (!gemm_bias_act_compiled()) return "built without the CUTLASS sm_90a path";
+  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr);
+  if (ops == nullptr) return "no kernel compiled for this dtype / activation / aux";
+  constexpr int64_t kMaxInt = INT32_MAX;  // CUTLASS's problem shape is int
+  if (p.m < 1 || p.n < 1 || p.k < 1 || p.m > kMaxInt || p.n > kMaxInt || p.k > kMaxInt) {
+    return "M, N, K must be in [1, 2^31)";
+  }
+  // TMA: 16-byte aligned base addresses and row strides (8 bf16 / fp16 elements).
+  if (p.k % 8 != 0 || p.n % 8 != 0 || p.lda % 8 != 0 || p.lda < p.k) {
+    return "K, N and lda must be multiples of 8 (and lda >= K)";
+  }
+  if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) ||
+      (p.bias != nullptr && !aligned16(p.bias)) || (p.aux != nullptr && !aligned16(p.aux))) {
+    return "a pointer is not 16-byte aligned";
+  }
+  if (!is_sm90(p.device)) return "the device is not compute capability 9.0 (sm_90a)";
+  if (!ops->can_implement(p)) return "CUTLASS can_implement rejected the problem";
+  return nullptr;
+}
+
+size_t gemm_bias_act_workspace_size(const GemmBiasActParams& p) {
+  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr);
+  return ops != nullptr ? ops->workspace_size(p) : 0;
+}
+
+cudaError_t gemm_bias_act(const GemmBiasActParams& p, void* workspace, cudaStream_t stream) {
+  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr);
+  if (ops == nullptr) return cudaErrorNotSupported;
+  return ops->run(p, workspace, stream);
+}
+
+}  // namespace vlmkern

@@ -1,0 +1,54 @@
+// Torch-free launcher of the fused GEMM + bias + activation (CUTLASS 3.x, Hopper sm_90a only):
+// out (M, N) = act(A (M, K) @ W (N, K)^T + bias (N)), optionally aux (M, N) = the pre-activation.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace vlmkern {
+
+enum class GemmDtype { kBFloat16, kFloat16 };
+// Epilogue activations, all in fp32 on the fp32 accumulator + bias: kGelu = 0.5x(1 + erff(x/√2));
+// kGeluTanh = 0.5x(1 + tanhf(√(2/π)(x + 0.044715x³))); kQuickGelu = x / (1 + expf(-1.702x)).
+enum class GemmActivation { kIdentity, kGelu, kGeluTanh, kQuickGelu };
+
+struct GemmBiasActParams {
+  GemmDtype dtype;
+  GemmActivation act;
+  int64_t m, n, k;     // M >= 1 rows of A; N output features; K reduction
+  const void* a;       // (M, K), row stride lda (elements), unit column stride
+  int64_t lda;         // >= K
+  const void* w;       // (N, K) contiguous
+  const void* bias;    // (N,) contiguous, or nullptr for none
+  void* out;           // (M, N) contiguous: act(A W^T + bias)
+  void* aux;           // (M, N) contiguous: A W^T + bias (before act), or nullptr for none
+  int device;          // CUDA device of every pointer (and of the stream)
+};
+
+// True when this build has the CUTLASS path (nvidia-cutlass headers found, sm_90a targeted).
+bool gemm_bias_act_compiled();
+
+// nullptr when `p` can run on the fused kernel, else why not (for logs and tests): no variant
+// compiled for (dtype, act, aux), a device that is not compute capability 9.0, sizes >= 2^31,
+// or TMA's alignment (16-byte pointers; K, N, lda multiples of 8 elements) unmet.
+const char* gemm_bias_act_unsupported(const GemmBiasActParams& p);
+
+// Workspace bytes `gemm_bias_act` needs for `p` (0 is common; the caller allocates it).
+size_t gemm_bias_act_workspace_size(const GemmBiasActParams& p);
+
+// Enqueues the GEMM on `stream` (no host synchronization; CUDA-graph capturable). `p` must have
+// passed gemm_bias_act_unsupported; `workspace` holds gemm_bias_act_workspace_size(p) bytes.
+cudaError_t gemm_bias_act(const GemmBiasActParams& p, void* workspace, cudaStream_t stream);
+
+// One compiled kernel: defined in kernels/gemm_bias_act.cuh, explicitly instantiated by one file
+// per variant under cuda/instantiations/ (gemm_bias_act.cu dispatches over the compiled ones).
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
+struct GemmBiasActVariant {
+  static bool can_implement(const GemmBiasActParams& p);  // CUTLASS's own checks
+  static size_t workspace_size(const GemmBiasActParams& p);
+  static cudaError_t run(const GemmBiasActParams& p, void* workspace, cudaStream_t stream);
+};
+
+}  // namespace vlmkern
