@@ -1,10 +1,10 @@
 // CUDA cross-attention forward, flash-attention 2 style (sm_80+ mma.sync, fp32 accumulation).
 //
 // One CTA = one q head x one window of kBlockM = 64 rows of q's S dim; 4 warps, each owning 16
-// rows. The Q tile is loaded once into smem (A fragments re-read by ldmatrix); K / V tiles of kBlockN = 64 keys
-// stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run on m16n8k16 tensor
-// cores, the online softmax in fp32 registers in the log2 domain (scores pre-multiplied by
-// scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16 (72) are zero-padded
+// rows. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix); K / V tiles of
+// kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run
+// on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain (scores
+// pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16 (72) are zero-padded
 // to kHeadDimPad in shared memory only.
 //
 // Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / 64)), or with cu_seqlens the packed
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int window_rows = static_cast<int>(p.seq_q - w0 < kBlockM ? p.seq_q - w0 : kBlockM);
 
-  // Q tile -> registers: kKChunks A fragments of the warp's (16, kHeadDimPad) rows.
+  // Q tile (kBlockM, kHeadDimPad) -> smem, zero-filled past the window and past D.
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + w0 * p.q_stride[1] +
                h * p.q_stride[2];
   load_tile_async<T, kBlockM, kHeadDimPad>(s_q, q, p.q_stride[1], window_rows, d);
