@@ -4,8 +4,8 @@
 // rows. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix); K / V tiles of
 // kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run
 // on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain (scores
-// pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16 (72) are zero-padded
-// to kHeadDimPad in shared memory only.
+// pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16
+// (72) are zero-padded to kHeadDimPad (80) in shared memory only.
 //
 // Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / 64)), or with cu_seqlens the packed
 // rows of the window: grid.x = ceil(total_q / 64) and the CTA runs one pass per segment that

@@ -35,7 +35,7 @@ constexpr int smem_bytes() {
   return (kBlockM + 4 * kBlockN) * smem_pitch<kHeadDimPad>() * static_cast<int>(sizeof(T));
 }
 
-// ---- PTX wrappers ---------------------------------------------------------------------------------
+// ---- PTX wrappers -------------------------------------------------------------------------------
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -125,7 +125,7 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t ro
   }
 }
 
-// ---- visibility ------------------------------------------------------------------------------------
+// ---- visibility ---------------------------------------------------------------------------------
 
 // Bits [lo - j0, hi - j0) of a 64-key tile starting at key j0 (clamped to the tile).
 __device__ __forceinline__ uint64_t span_bits(int64_t lo, int64_t hi, int64_t j0) {
