@@ -7,6 +7,7 @@ CUDA-only errors (fp32, head dims, backward). All `gpu`: auto-skipped without CU
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from xattn_testing import check, make_qkv, mllama_mask
 
 import vlmkern
@@ -269,3 +270,34 @@ def test_cuda_backward_raises():
     with pytest.raises(NotImplementedError, match=r"vlmkern.cross_attention_backward: CUDA "
                        r"backward not implemented yet"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("sample", ["dense", "ranges", "packed"])
+def test_opcheck_cuda(sample):
+    """Schema, fake kernel (its CUDA-only checks included) and AOT dispatch of the CUDA forward
+    (inputs without grad: the CUDA backward does not exist yet); mllama_kv_ranges too."""
+    q, k, v = (t.cuda() for t in make_qkv("bshd", "fused", 2, 70, 90, 4, 2, 72, torch.bfloat16))
+    kw = [None, None, None, None, None, "zero"]
+    if sample == "ranges":
+        r = vlmkern.ops.mllama_kv_ranges(mllama_mask(2, 70, 1, 3), 30)
+        kw = [r.cuda(), None, None, None, None, "uniform"]
+    elif sample == "packed":
+        q, k, v = (t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))
+        cq = torch.tensor([0, 70, 140], dtype=torch.int32, device="cuda")
+        ck = torch.tensor([0, 50, 180], dtype=torch.int32, device="cuda")
+        kw = [None, cq, ck, None, None, "zero"]
+    torch.library.opcheck(torch.ops.vlmkern.cross_attention.default, (q, k, v, *kw))
+    mask = mllama_mask(2, 9, 2, 2).cuda()
+    torch.library.opcheck(torch.ops.vlmkern.mllama_kv_ranges.default, (mask, 7))
+
+
+def test_compile_fullgraph_cuda():
+    """torch.compile(fullgraph, aot_eager) over 4 batch sizes: eager's values, ≤ 2 compilations."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(vlmkern.ops.cross_attention, fullgraph=True, backend=counter)
+    for b in (1, 2, 3, 5):
+        q, k, v = (t.cuda() for t in make_qkv("bhsd", "fused", b, 33, 70, 8, 2, 64,
+                                              torch.bfloat16))
+        assert torch.equal(fn(q, k, v), vlmkern.ops.cross_attention(q, k, v))
+    assert counter.frame_count <= 2
