@@ -182,7 +182,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
     const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
     std::optional<double> scale, std::string_view masked_rows);
+// CUDA: the forward takes fp16 / bf16 and D in {64, 72, 80, 96, 128}; the backward raises (not
+// implemented yet).
+std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows);
 // mllama_kv_ranges: tile mask (B, S, M, T) -> int32 (B, S, ceil(M*T/2), 2) visible key ranges.
 at::Tensor mllama_kv_ranges_cpu(const at::Tensor& mask, int64_t num_vision_tokens);
+at::Tensor mllama_kv_ranges_cuda(const at::Tensor& mask, int64_t num_vision_tokens);
 
 }  // namespace vlmkern

@@ -121,6 +121,18 @@ XattnParams make_xattn_params(const char* op, const at::Tensor& q, const at::Ten
   return p;
 }
 
+void check_xattn_cuda(const char* op, const XattnParams& p) {
+  VLMKERN_CHECK(p.dtype == at::kHalf || p.dtype == at::kBFloat16, op,
+                "the CUDA kernel takes float16 or bfloat16 q, k, v, got ", p.dtype,
+                " (cast them, or run on the CPU)");
+  const int64_t d = p.head_dim;
+  VLMKERN_CHECK(d == 64 || d == 72 || d == 80 || d == 96 || d == 128, op, "head dim D=", d,
+                " is not supported on CUDA: D must be 64, 72, 80, 96 or 128 (the CPU path takes "
+                "[1, ", kXattnMaxHeadDim, "])");
+  VLMKERN_CHECK(p.heads_q <= 65535, op, "Hq=", p.heads_q, " q heads exceed the CUDA grid limit "
+                "65535");
+}
+
 void check_xattn_backward(const XattnParams& p, const at::Tensor& grad_out, const at::Tensor& out,
                           const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse) {
   const char* op = "cross_attention_backward";

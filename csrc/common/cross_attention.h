@@ -61,6 +61,10 @@ XattnParams make_xattn_params(const char* op, const at::Tensor& q, const at::Ten
                               const std::optional<at::Tensor>& prefix_len,
                               std::optional<double> scale, std::string_view masked_rows);
 
+// What the CUDA kernel takes on top of make_xattn_params (the CPU path takes every dtype and
+// D in [1, 256]): float16 / bfloat16, D in {64, 72, 80, 96, 128}, Hq <= 65535 (grid.y).
+void check_xattn_cuda(const char* op, const XattnParams& p);
+
 // The backward's extra tensors: grad_out and out (B, Sq, Hq, D), lse and grad_lse (B, Hq, Sq).
 void check_xattn_backward(const XattnParams& p, const at::Tensor& grad_out, const at::Tensor& out,
                           const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse);

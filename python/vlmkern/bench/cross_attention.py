@@ -6,7 +6,9 @@ ViT packed segments (16 × 80) and PaliGemma-3B prefix-LM (8 / 1 heads × 256).
 
 Every provider is called as ``fn(q, k, v, aux, spec=...)`` with q/k/v in HF's ``(B, H, S, D)``
 (packed: ``(total, H, D)``) and returns the attention output in q's layout. TFLOP/s count only
-visible (query, key) pairs: 4·D·Hq·pairs.
+visible (query, key) pairs: 4·D·Hq·pairs. On CUDA the vlmkern provider runs the flash-attention 2
+forward kernel (bf16 / fp16; with ``--dtype fp32`` it reports that the CUDA kernel takes bf16 /
+fp16 only).
 """
 
 from __future__ import annotations

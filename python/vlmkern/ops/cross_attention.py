@@ -21,6 +21,7 @@ _OP = "cross_attention"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256  # kXattnMaxHeadDim in csrc/common/cross_attention.h
+CUDA_HEAD_DIMS = (64, 72, 80, 96, 128)  # check_xattn_cuda in csrc/common/cross_attention.cpp
 
 
 def cross_attention(
@@ -46,14 +47,18 @@ def cross_attention(
             of a fused qkv projection and learned queries expanded over the batch (batch stride
             0, BLIP-2 Q-Former) are read in place.
         k, v: the same layout with ``Hk`` heads and ``Sk`` keys; ``Hq % Hk == 0`` (GQA / MQA).
-            fp32 / fp16 / bf16 (fp64 on the CPU); ``D`` in ``[1, 256]`` on every device.
+            CPU: fp32 / fp16 / bf16 / fp64, ``D`` in ``[1, 256]``. CUDA (flash-attention 2
+            forward): fp16 / bf16 only (fp32 raises: cast, or run on the CPU), ``D`` in
+            ``{64, 72, 80, 96, 128}``; a head dim that is not contiguous (or rows not 16-byte
+            aligned) is copied once to a contiguous tensor, every other view is read in place.
         scale: default ``D ** -0.5``.
         kv_ranges: int32/int64 ``(B, Sq, R, 2)`` (packed: ``(total_q, R, 2)``): query row ``i``
             sees the union of its ``[start, end)`` key ranges (relative to its sequence's keys;
             ``start == end`` is an unused slot). Build it from Mllama's ``(B, S, M, T)`` tile mask
             with :func:`mllama_kv_ranges`.
         cu_seqlens_q, cu_seqlens_k: int32 ``(N + 1,)`` offsets of N packed sequences (given
-            together; validated on the CPU, trusted on CUDA to avoid a host sync).
+            together; validated on the CPU, trusted on CUDA to avoid a host sync: out-of-range
+            offsets and kv_ranges / prefix_len values are clamped there, not reported).
         masked_rows: what a query row that sees no key returns: ``"zero"`` (0, Meta's Llama 3.2
             reference) or ``"uniform"`` (HF transformers: its additive mask row is all zero, so the
             row attends over *all* ``Sk`` keys with ordinary softmax weights).
@@ -68,7 +73,8 @@ def cross_attention(
         ``out`` in q's layout and dtype (a view of a dense ``(B, Sq, Hq, D)`` buffer, so HF's
         ``out.transpose(1, 2).reshape(B, S, -1)`` is free). Differentiable in q, k, v (and through
         lse); the backward is deterministic (fixed summation order, no atomics). Double backward
-        raises.
+        raises. On CUDA the forward is deterministic too, but the backward is not implemented
+        yet: ``backward()`` through a CUDA call raises ``NotImplementedError``.
 
     Mllama's gate (``residual + tanh(gate) · o_proj(attn)``) is applied after the output
     projection, so the op takes no gate / residual: :class:`vlmkern.nn.MllamaTextCrossAttention`
@@ -192,6 +198,19 @@ def _check(op, q, k, v, kv_ranges, cu_q, cu_k, prefix_len, scale, masked_rows) -
                      f"{prefix_len.shape[0]} entries, expected one per sequence ({segments})")
 
 
+def _check_cuda(op, q) -> None:
+    """The CUDA kernel's extra limits (check_xattn_cuda), only for CUDA tensors."""
+    torch._check(q.dtype in (torch.float16, torch.bfloat16), lambda: f"vlmkern.{op}: the CUDA "
+                 f"kernel takes float16 or bfloat16 q, k, v, got {q.dtype} (cast them, or run on "
+                 "the CPU)")
+    d = q.shape[3]
+    torch._check(d in CUDA_HEAD_DIMS, lambda: f"vlmkern.{op}: head dim D={d} is not supported "
+                 f"on CUDA: D must be 64, 72, 80, 96 or 128 (the CPU path takes [1, "
+                 f"{MAX_HEAD_DIM}])")
+    torch._check(q.shape[2] <= 65535, lambda: f"vlmkern.{op}: Hq={q.shape[2]} q heads exceed the "
+                 "CUDA grid limit 65535")
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -200,6 +219,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _cross_attention_fake(q, k, v, kv_ranges=None, cu_seqlens_q=None, cu_seqlens_k=None,
                           prefix_len=None, scale=None, masked_rows="zero"):
     _check(_OP, q, k, v, kv_ranges, cu_seqlens_q, cu_seqlens_k, prefix_len, scale, masked_rows)
+    if q.device.type == "cuda":
+        _check_cuda(_OP, q)
     b, sq, hq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=_lse_dtype(q.dtype))
 

@@ -1,0 +1,147 @@
+// CUDA implementations of cross_attention (flash-attention 2 forward, cuda/cross_attention.cu),
+// cross_attention_backward (not implemented yet: a clear error) and mllama_kv_ranges (ATen ops,
+// no host sync). Shared checks from common/cross_attention.h; launches on the current stream of
+// q's device.
+#include <ATen/ops/add.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/eq.h>
+#include <ATen/ops/logical_and.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/cross_attention.h"
+#include "cuda/cross_attention.h"
+#include "ops.h"
+
+namespace vlmkern {
+namespace {
+
+// The kernel reads rows as 16-byte cp.async chunks: head dim contiguous, base and every stride
+// of a dim with more than one element a multiple of 8 elements (16 bytes). Views of fused
+// projections and batch-stride-0 shared queries pass as they are; anything else (a strided head
+// dim, an odd offset) is copied to a contiguous tensor first.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3; ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) % 8 == 0);
+  return ok ? t : t.contiguous();
+}
+
+XattnDevIndex dev_index(const XattnIndex& ix) {
+  XattnDevIndex d;
+  d.data = ix.data;
+  d.is64 = ix.is64 ? 1 : 0;
+  for (int i = 0; i < 4; ++i) d.stride[i] = ix.stride[i];
+  return d;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows) {
+  const char* op = "cross_attention";
+  const XattnParams p = make_xattn_params(op, q, k, v, kv_ranges, cu_seqlens_q, cu_seqlens_k,
+                                          prefix_len, scale, masked_rows);
+  check_xattn_cuda(op, p);
+  const c10::cuda::CUDAGuard guard(q.device());
+  // out (B, Sq, Hq, D) dense in q's dtype, lse (B, Hq, Sq) fp32.
+  at::Tensor out = at::empty({p.batch, p.seq_q, p.heads_q, p.head_dim}, q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
+  XattnCudaParams c;
+  c.q = qc.const_data_ptr();
+  c.k = kc.const_data_ptr();
+  c.v = vc.const_data_ptr();
+  c.out = out.mutable_data_ptr();
+  c.lse = lse.mutable_data_ptr<float>();
+  for (int i = 0; i < 3; ++i) {
+    c.q_stride[i] = qc.stride(i);
+    c.k_stride[i] = kc.stride(i);
+    c.v_stride[i] = vc.stride(i);
+  }
+  c.batch = p.batch;
+  c.seq_q = p.seq_q;
+  c.seq_k = p.seq_k;
+  c.heads_q = static_cast<int>(p.heads_q);
+  c.heads_k = static_cast<int>(p.heads_k);
+  c.head_dim = static_cast<int>(p.head_dim);
+  c.dtype = p.dtype == at::kHalf ? XattnDtype::kFloat16 : XattnDtype::kBFloat16;
+  c.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  c.uniform_masked_rows = p.uniform_masked_rows ? 1 : 0;
+  c.has_ranges = p.has_ranges ? 1 : 0;
+  c.ranges = dev_index(p.ranges);
+  c.num_ranges = p.num_ranges;
+  c.packed = p.packed ? 1 : 0;
+  c.cu_q = dev_index(p.cu_q);
+  c.cu_k = dev_index(p.cu_k);
+  c.num_segments = p.num_segments;
+  c.prefix_lm = p.prefix_lm ? 1 : 0;
+  c.prefix = dev_index(p.prefix);
+  C10_CUDA_CHECK(cuda_cross_attention_fwd(c, c10::cuda::getCurrentCUDAStream(q.device().index())));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "vlmkern.cross_attention_backward: CUDA backward not "
+                              "implemented yet (the CUDA forward exists; train on the CPU path "
+                              "for now)");
+  return {};
+}
+
+at::Tensor mllama_kv_ranges_cuda(const at::Tensor& mask, int64_t num_vision_tokens) {
+  const int64_t R = check_mllama_mask(mask, num_vision_tokens);
+  const int64_t B = mask.size(0), S = mask.size(1), tiles = mask.size(2) * mask.size(3);
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto i32 = mask.options().dtype(at::kInt);
+  if (B * S * R == 0) return at::zeros({B, S, R, 2}, i32);
+  // Visible iff 1 (HF); a run of visible tiles [i, j] becomes [i * n, (j + 1) * n). Runs start
+  // where a tile is visible and its predecessor is not, end where its successor is not; the r-th
+  // start / end (cumsum rank) goes to slot r by a one-hot sum (deterministic: no scatter).
+  const at::Tensor vis = at::eq(mask, 1).reshape({B, S, tiles});  // (B, S, tiles) bool
+  const at::Tensor prev = at::constant_pad_nd(vis.narrow(2, 0, tiles - 1), {1, 0}, 0);
+  const at::Tensor next = at::constant_pad_nd(vis.narrow(2, 1, tiles - 1), {0, 1}, 0);
+  const at::Tensor pos = at::arange(tiles, i32);  // (tiles,)
+  const at::Tensor slots = at::arange(R, i32);    // (R,)
+  auto compact = [&](const at::Tensor& flags, const at::Tensor& vals) {  // -> (B, S, R) int32
+    const at::Tensor rank = at::sub(at::cumsum(flags, 2, at::kInt), 1);  // (B, S, tiles)
+    const at::Tensor hot = at::logical_and(at::eq(rank.unsqueeze(-1), slots),
+                                           flags.unsqueeze(-1));  // (B, S, tiles, R)
+    return at::sum(at::mul(hot, vals.unsqueeze(-1)), {2}, false, at::kInt);
+  };
+  const at::Tensor lo = compact(at::logical_and(vis, at::logical_not(prev)),
+                                at::mul(pos, num_vision_tokens));
+  const at::Tensor hi = compact(at::logical_and(vis, at::logical_not(next)),
+                                at::mul(at::add(pos, 1), num_vision_tokens));
+  return at::stack({lo, hi}, -1);
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
+  m.impl("cross_attention", &cross_attention_cuda);
+  m.impl("cross_attention_backward", &cross_attention_backward_cuda);
+  m.impl("mllama_kv_ranges", &mllama_kv_ranges_cuda);
+}
+
+}  // namespace vlmkern

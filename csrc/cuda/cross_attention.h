@@ -1,0 +1,55 @@
+// Torch-free parameter block and launcher of the CUDA cross-attention forward (flash-attention 2
+// style, csrc/cuda/kernels/cross_attention_fwd.cuh). Filled by cuda/cross_attention.cpp from the
+// shared checks (common/cross_attention.h); nvcc never sees ATen.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace vlmkern {
+
+// An int32 / int64 index tensor on the device (strides in elements).
+struct XattnDevIndex {
+  const void* data = nullptr;
+  int is64 = 0;
+  int64_t stride[4] = {};
+};
+
+enum class XattnDtype : int { kFloat16, kBFloat16 };
+
+struct XattnCudaParams {
+  const void* q = nullptr;  // (B, Sq, Hq, D), stride(3) == 1, 16-byte aligned rows
+  const void* k = nullptr;  // (B, Sk, Hk, D)
+  const void* v = nullptr;  // (B, Sk, Hk, D)
+  void* out = nullptr;      // (B, Sq, Hq, D) dense, q's dtype
+  float* lse = nullptr;     // (B, Hq, Sq) dense fp32, natural log
+  int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {};  // (B, S, H), elements
+  int64_t batch = 0, seq_q = 0, seq_k = 0;
+  int heads_q = 0, heads_k = 0, head_dim = 0;
+  XattnDtype dtype = XattnDtype::kBFloat16;
+  float scale_log2 = 0.f;  // scale * log2(e)
+  int uniform_masked_rows = 0;
+  int has_ranges = 0;  // ranges (B, Sq, R, 2), relative to the sequence's keys
+  XattnDevIndex ranges;
+  int64_t num_ranges = 0;
+  int packed = 0;  // cu_q, cu_k (N + 1,), batch == 1
+  XattnDevIndex cu_q, cu_k;
+  int64_t num_segments = 0;
+  int prefix_lm = 0;  // prefix (B or N,)
+  XattnDevIndex prefix;
+};
+
+// Head dims the CUDA kernel takes (anything else is rejected by the glue before launching).
+inline bool xattn_cuda_head_dim_ok(int64_t d) {
+  return d == 64 || d == 72 || d == 80 || d == 96 || d == 128;
+}
+
+// Enqueues the forward on `stream`; returns the launch status (no sync, graph-capture safe).
+cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stream);
+
+// One instantiation per (element type, head dim padded to 16) in cuda/instantiations/.
+template <typename T, int kHeadDimPad>
+cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream);
+
+}  // namespace vlmkern

@@ -1,0 +1,290 @@
+// CUDA cross-attention forward, flash-attention 2 style (sm_80+ mma.sync, fp32 accumulation).
+//
+// One CTA = one q head x one window of kBlockM = 64 rows of q's S dim; 4 warps, each owning 16
+// rows. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix); K / V tiles of
+// kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run
+// on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain (scores
+// pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16
+// (72) are zero-padded to kHeadDimPad (80) in shared memory only.
+//
+// Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / 64)), or with cu_seqlens the packed
+// rows of the window: grid.x = ceil(total_q / 64) and the CTA runs one pass per segment that
+// overlaps its window (binary search on device, no host sync, no idle CTAs), each pass with its
+// own keys and writing only its own rows.
+//
+// Per pass, each row's visible keys (RowVis) give the CTA's key span (union over rows): tiles
+// outside it are never loaded; inside it, per-element masks come from 64-bit tile bit masks.
+// Rows that see nothing: out = 0, lse = -inf ("zero"), or every key ("uniform", HF).
+// No ATen/torch includes.
+#pragma once
+
+#include "cuda/kernels/cross_attention_tiles.cuh"
+
+namespace vlmkern::xattn_cuda {
+
+// Largest segment s in [0, n) with cu[s] <= row (cu_seqlens are trusted to be non-decreasing).
+__device__ __forceinline__ int64_t find_segment(const XattnDevIndex& cu, int64_t n, int64_t row) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (read_index(cu, mid * cu.stride[0]) <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Min start / max end over the CTA's rows that see something (empty: lo >= hi).
+__device__ __forceinline__ void cta_key_span(const RowVis (&vis)[2], int64_t* s_lo,
+                                             int64_t* s_hi, int64_t& lo, int64_t& hi) {
+  lo = INT64_MAX;
+  hi = 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (vis[r].lo < vis[r].hi) {
+      lo = vis[r].lo < lo ? vis[r].lo : lo;
+      hi = vis[r].hi > hi ? vis[r].hi : hi;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const int64_t l2 = __shfl_xor_sync(0xffffffffu, lo, off);
+    const int64_t h2 = __shfl_xor_sync(0xffffffffu, hi, off);
+    lo = l2 < lo ? l2 : lo;
+    hi = h2 > hi ? h2 : hi;
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    s_lo[warp] = lo;
+    s_hi[warp] = hi;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    lo = s_lo[w] < lo ? s_lo[w] : lo;
+    hi = s_hi[w] > hi ? s_hi[w] : hi;
+  }
+}
+
+// Masks the warp's (16, 64) score tile s (C fragments of 8 key blocks), scales it into the log2
+// domain, and applies the online-softmax update: s becomes P, m / l (running max, this thread's
+// partial sum) and o (the rescaled output) of the thread's rows g and g + 8.
+template <int kDBlocks>
+__device__ __forceinline__ void softmax_tile(float (&s)[8][4], const uint64_t (&bits)[2],
+                                             float scale_log2, float (&m)[2], float (&l)[2],
+                                             float (&o)[kDBlocks][4]) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = nb * 8 + 2 * t + e;
+        const bool seen = (bits[r] >> col) & 1ull;
+        const float x = seen ? s[nb][2 * r + e] * scale_log2 : -INFINITY;
+        s[nb][2 * r + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[r], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: P = 0, no NaN
+    const float alpha = exp2f(m[r] - m_use);
+    float sum = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = exp2f(s[nb][2 * r + e] - m_use);
+        s[nb][2 * r + e] = pv;
+        sum += pv;
+      }
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = m_new;
+#pragma unroll
+    for (int nb = 0; nb < kDBlocks; ++nb) {
+      o[nb][2 * r] *= alpha;
+      o[nb][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+template <typename T, int kHeadDimPad>
+__global__ void __launch_bounds__(kThreads)
+    cross_attention_fwd_kernel(const XattnCudaParams p) {
+  static_assert(kHeadDimPad % 16 == 0, "mma k-chunks of 16");
+  constexpr int kPitch = smem_pitch<kHeadDimPad>();
+  constexpr int kKChunks = kHeadDimPad / 16;  // mma k steps of S = Q Kᵀ
+  constexpr int kDBlocks = kHeadDimPad / 8;   // 8-column blocks of O
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch) T, smem
+  T* s_k = s_q + kBlockM * kPitch;           // 2 stages x (kBlockN, kPitch) T, smem
+  T* s_v = s_k + 2 * kBlockN * kPitch;       // 2 stages x (kBlockN, kPitch) T, smem
+  __shared__ int64_t s_lo[kThreads / 32], s_hi[kThreads / 32];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int d = p.head_dim;
+  const int64_t h = blockIdx.y, hk = h / (p.heads_q / p.heads_k);
+  int64_t b = 0, w0 = 0;  // batch, first row of the window in q's S dim
+  if (p.packed) {
+    w0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  } else {
+    const int64_t m_tiles = (p.seq_q + kBlockM - 1) / kBlockM;
+    b = blockIdx.x / m_tiles;
+    w0 = (blockIdx.x % m_tiles) * kBlockM;
+  }
+  const int window_rows = static_cast<int>(p.seq_q - w0 < kBlockM ? p.seq_q - w0 : kBlockM);
+
+  // Q tile (kBlockM, kHeadDimPad) -> smem, zero-filled past the window and past D.
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + w0 * p.q_stride[1] +
+               h * p.q_stride[2];
+  load_tile_async<T, kBlockM, kHeadDimPad>(s_q, q, p.q_stride[1], window_rows, d);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  // The warp's A fragments are re-read from s_q (ldmatrix) at every k step: keeping the whole
+  // (16, kHeadDimPad) Q in registers would spill at kHeadDimPad = 128.
+  const uint32_t q_frag_addr = smem_addr(s_q + (warp * 16 + (lane & 15)) * kPitch +
+                                         (lane >> 4) * 8);
+
+  int64_t seg = b, seg_end = b + 1;
+  if (p.packed) {
+    seg = find_segment(p.cu_q, p.num_segments, w0);
+    seg_end = p.num_segments;
+  }
+  for (; seg < seg_end; ++seg) {
+    int64_t q_begin = 0, q_end = p.seq_q, k_begin = 0, k_end = p.seq_k;
+    if (p.packed) {  // clamped: a bad cu_seqlens cannot make the kernel read out of bounds
+      q_begin = read_index(p.cu_q, seg * p.cu_q.stride[0]);
+      q_end = read_index(p.cu_q, (seg + 1) * p.cu_q.stride[0]);
+      k_begin = read_index(p.cu_k, seg * p.cu_k.stride[0]);
+      k_end = read_index(p.cu_k, (seg + 1) * p.cu_k.stride[0]);
+      clamp_range(q_begin, q_end, p.seq_q);
+      clamp_range(k_begin, k_end, p.seq_k);
+      if (q_begin >= w0 + kBlockM) break;
+      if (q_end <= w0) continue;  // empty, or ends before the window
+    }
+    const int64_t lq = q_end - q_begin, lk = k_end - k_begin;
+
+    // The thread's rows g and g + 8 of the warp's 16.
+    int64_t row[2];
+    bool valid[2];
+    RowVis vis[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row[r] = w0 + warp * 16 + g + 8 * r;
+      valid[r] = row[r] >= q_begin && row[r] < q_end;
+      vis[r] = row_visibility(p, valid[r], b, row[r], row[r] - q_begin, lq, lk, seg);
+    }
+    int64_t span_lo, span_hi;
+    cta_key_span(vis, s_lo, s_hi, span_lo, span_hi);
+    const int64_t kb_begin = span_lo < span_hi ? span_lo / kBlockN : 0;
+    const int64_t kb_end = span_lo < span_hi ? (span_hi + kBlockN - 1) / kBlockN : 0;
+
+    float o[kDBlocks][4];  // (16, kHeadDimPad) fp32 output accumulator, registers
+#pragma unroll
+    for (int nb = 0; nb < kDBlocks; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // log2-domain max, partial sums
+
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + k_begin * p.k_stride[1] +
+                 hk * p.k_stride[2];
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + k_begin * p.v_stride[1] +
+                 hk * p.v_stride[2];
+    auto load_kv = [&](int64_t kb, int stage) {  // tile kb -> stage: (kBlockN, kPitch) K and V
+      const int64_t j0 = kb * kBlockN;
+      const int n = static_cast<int>(lk - j0 < kBlockN ? lk - j0 : kBlockN);
+      load_tile_async<T, kBlockN, kHeadDimPad>(s_k + stage * kBlockN * kPitch,
+                                               k + j0 * p.k_stride[1], p.k_stride[1], n, d);
+      load_tile_async<T, kBlockN, kHeadDimPad>(s_v + stage * kBlockN * kPitch,
+                                               v + j0 * p.v_stride[1], p.v_stride[1], n, d);
+      cp_async_commit();
+    };
+    if (kb_begin < kb_end) load_kv(kb_begin, 0);
+
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int stage = static_cast<int>((kb - kb_begin) & 1);
+      if (kb + 1 < kb_end) {  // prefetch the next tile into the other stage (freed by the
+        load_kv(kb + 1, stage ^ 1);  // __syncthreads at the end of the previous iteration)
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* sk = s_k + stage * kBlockN * kPitch;  // (kBlockN, kPitch) T, smem
+      const T* sv = s_v + stage * kBlockN * kPitch;  // (kBlockN, kPitch) T, smem
+
+      // S = Q Kᵀ: (16, kBlockN) fp32 per warp, 8 C fragments of 8 keys.
+      float s[8][4];
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < kKChunks; ++kc) {
+        uint32_t qf[4];  // (16, 16) T A fragment of Q, registers
+        ldmatrix_x4(qf, q_frag_addr + kc * 16 * static_cast<uint32_t>(sizeof(T)));
+#pragma unroll
+        for (int n2 = 0; n2 < 4; ++n2) {  // keys 16 n2 .. 16 n2 + 15
+          uint32_t bk[4];
+          ldmatrix_x4(bk, smem_addr(sk + (n2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * kPitch +
+                                    kc * 16 + ((lane >> 3) & 1) * 8));
+          mma_16816<T>(s[2 * n2], qf, bk[0], bk[1]);
+          mma_16816<T>(s[2 * n2 + 1], qf, bk[2], bk[3]);
+        }
+      }
+
+      const int64_t j0 = kb * kBlockN;
+      uint64_t bits[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) bits[r] = tile_bits(p, vis[r], j0, lk);
+      softmax_tile<kDBlocks>(s, bits, p.scale_log2, m, l, o);
+
+      // O += P V: P (16, kBlockN) as 4 A fragments of 16 keys, V (kBlockN, kHeadDimPad).
+#pragma unroll
+      for (int kc = 0; kc < kBlockN / 16; ++kc) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]),
+                               pack2<T>(s[2 * kc][2], s[2 * kc][3]),
+                               pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                               pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+        for (int n2 = 0; n2 < kDBlocks / 2; ++n2) {  // head-dim columns 16 n2 .. 16 n2 + 15
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, smem_addr(sv + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) *
+                                              kPitch + n2 * 16 + (lane >> 4) * 8));
+          mma_16816<T>(o[2 * n2], a, bv[0], bv[1]);
+          mma_16816<T>(o[2 * n2 + 1], a, bv[2], bv[3]);
+        }
+      }
+      __syncthreads();  // both stages free for the next prefetch / pass
+    }
+
+    // Epilogue: out (B, Sq, Hq, D) dense in T, lse (B, Hq, Sq) fp32 natural log.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (!valid[r]) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      T* out = static_cast<T*>(p.out) + ((b * p.seq_q + row[r]) * p.heads_q + h) * d;
+#pragma unroll
+      for (int nb = 0; nb < kDBlocks; ++nb) {
+        if (nb * 8 < d) {
+          *reinterpret_cast<uint32_t*>(out + nb * 8 + 2 * t) =
+              pack2<T>(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
+        }
+      }
+      if (t == 0) {
+        p.lse[(b * p.heads_q + h) * p.seq_q + row[r]] =
+            sum > 0.f ? (m[r] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+      }
+    }
+    __syncthreads();  // s_lo / s_hi are rewritten by the next pass
+  }
+}
+
+}  // namespace vlmkern::xattn_cuda

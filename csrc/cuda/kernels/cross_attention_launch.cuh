@@ -1,0 +1,29 @@
+// launch_xattn_fwd<T, kHeadDimPad>: the grid / smem set-up of cross_attention_fwd_kernel, included
+// by the one-instantiation-per-file sources in cuda/instantiations/. No ATen/torch includes.
+#pragma once
+
+#include "cuda/cross_attention.h"
+#include "cuda/kernels/cross_attention_fwd.cuh"
+
+namespace vlmkern {
+
+template <typename T, int kHeadDimPad>
+cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
+  using namespace xattn_cuda;
+  // grid.x: 64-row windows (B * ceil(Sq / 64), or ceil(total_q / 64) packed), grid.y: q heads
+  // (<= 65535, checked by the glue).
+  const int64_t m_tiles = (p.seq_q + kBlockM - 1) / kBlockM;
+  const int64_t windows = p.packed ? m_tiles : p.batch * m_tiles;
+  if (windows == 0 || p.heads_q == 0) return cudaSuccess;
+  if (windows > INT32_MAX) return cudaErrorInvalidConfiguration;
+  constexpr int kSmem = smem_bytes<T, kHeadDimPad>();
+  auto* kernel = &cross_attention_fwd_kernel<T, kHeadDimPad>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kSmem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(p.heads_q));
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace vlmkern

@@ -1,0 +1,302 @@
+"""Dev aid, no GPU needed: a line-by-line numpy emulation of cross_attention_fwd_kernel
+(csrc/cuda/kernels/cross_attention_fwd.cuh) with lane-level ldmatrix / mma.m16n8k16 fragment
+semantics as the PTX ISA defines them. It checks the kernel's smem address formulas, fragment
+reuse (S accumulators -> P A fragments), masking, segment passes and epilogue against
+vlmkern.reference; keep it in step with the kernel when the kernel changes.
+
+usage: PYTHONPATH=python:tests python tools/xattn_emulate.py   (a few small cases, ~1 min)
+"""
+import math
+
+import numpy as np
+import torch
+
+BM = BN = 64
+
+
+def ldm(smem, rows, cols, trans):
+    regs = np.zeros((32, 4, 2), np.float32)
+    for i in range(4):
+        mat = np.stack([smem[rows[8 * i + j], cols[8 * i + j]:cols[8 * i + j] + 8]
+                        for j in range(8)])  # matrix i: row j from lane 8 i + j
+        assert mat.shape == (8, 8)
+        for L in range(32):
+            g, t = L // 4, L % 4
+            regs[L, i] = mat[g, 2 * t:2 * t + 2] if not trans else mat[2 * t:2 * t + 2, g]
+    return regs
+
+
+def mma(C, A, B0, B1):
+    Am = np.zeros((16, 16), np.float64)
+    Bm = np.zeros((16, 8), np.float64)
+    for L in range(32):
+        g, t = L // 4, L % 4
+        Am[g, 2 * t:2 * t + 2] = A[L, 0]
+        Am[g + 8, 2 * t:2 * t + 2] = A[L, 1]
+        Am[g, 2 * t + 8:2 * t + 10] = A[L, 2]
+        Am[g + 8, 2 * t + 8:2 * t + 10] = A[L, 3]
+        Bm[2 * t:2 * t + 2, g] = B0[L]
+        Bm[2 * t + 8:2 * t + 10, g] = B1[L]
+    Cm = Am @ Bm
+    for L in range(32):
+        g, t = L // 4, L % 4
+        C[L, 0:2] += Cm[g, 2 * t:2 * t + 2]
+        C[L, 2:4] += Cm[g + 8, 2 * t:2 * t + 2]
+
+
+def rnd(x, dt):
+    return torch.tensor(np.asarray(x, np.float32)).to(dt).float().numpy()
+
+
+def load_tile(src, d, DP, nrows):
+    """src (rows_n, d) rows of q / k / v -> (nrows, DP + 8) smem tile, zero-filled."""
+    rows_n = src.shape[0]
+    pitch = DP + 8
+    sm = np.full((nrows, pitch), np.nan, np.float32)  # pad columns stay NaN: must never be read
+    for r in range(nrows):
+        for ch in range(DP // 8):
+            if r < rows_n and ch * 8 < d:
+                sm[r, ch * 8:ch * 8 + 8] = src[r, ch * 8:ch * 8 + 8]
+            else:
+                sm[r, ch * 8:ch * 8 + 8] = 0
+    return sm
+
+
+def span_bits(lo, hi, j0):
+    a = min(max(lo - j0, 0), 64)
+    b = min(max(hi - j0, 0), 64)
+    if a >= b:
+        return 0
+    return ((1 << b) - 1) & ~((1 << a) - 1)
+
+
+def clamp(lo, hi, lk):
+    lo = min(max(lo, 0), lk)
+    hi = lo if hi < lo else min(hi, lk)
+    return lo, hi
+
+
+def row_vis(P, valid, b, row, i, lq, lk, seg):
+    v = dict(lo=0, hi=0, off=None, use=False)
+    if not valid:
+        return v
+    if P["ranges"] is not None:
+        rr = P["ranges"][b, row]
+        lo, hi = 1 << 62, 0
+        for a, e in rr.tolist():
+            a, e = clamp(a, e, lk)
+            if a < e:
+                lo, hi = min(lo, a), max(hi, e)
+        if lo < hi:
+            v.update(lo=lo, hi=hi, use=True, off=(b, row))
+    elif P["prefix"] is not None:
+        pre = min(max(int(P["prefix"][seg]), 0), lk)
+        causal = min(i + 1 + lk - lq, lk)
+        end = max(pre, causal)
+        v["hi"] = max(end, 0)
+    else:
+        v["hi"] = lk
+    if v["lo"] >= v["hi"] and P["uniform"]:
+        v.update(lo=0, hi=lk)
+    return v
+
+
+def tile_bits(P, v, j0, lk):
+    if not v["use"]:
+        return span_bits(v["lo"], v["hi"], j0)
+    bits = 0
+    for a, e in P["ranges"][v["off"]].tolist():
+        a, e = clamp(a, e, lk)
+        bits |= span_bits(a, e, j0)
+    return bits
+
+
+def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=None,
+            uniform=False):
+    """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) float tensors (values already in dt)."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    DP = (D + 15) // 16 * 16
+    scale = D ** -0.5 if scale is None else scale
+    sl2 = np.float32(scale * 1.4426950408889634)
+    qn, kn, vn = (t.float().numpy() for t in (q, k, v))
+    P = dict(ranges=None if ranges is None else ranges.long().numpy(), uniform=uniform,
+             prefix=None if prefix is None else prefix.long().numpy())
+    out = np.full((B, Sq, Hq, D), np.nan, np.float32)
+    lse = np.full((B, Hq, Sq), np.nan, np.float32)
+    packed = cu_q is not None
+    mt = (Sq + BM - 1) // BM
+    windows = mt if packed else B * mt
+    N = len(cu_q) - 1 if packed else B
+    for bx in range(windows):
+        for h in range(Hq):
+            hk = h // (Hq // Hk)
+            if packed:
+                b, w0 = 0, bx * BM
+            else:
+                b, w0 = bx // mt, (bx % mt) * BM
+            wr = min(Sq - w0, BM)
+            sq_ = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM)
+            if packed:
+                lo_, hi_ = 0, N - 1
+                while lo_ < hi_:
+                    mid = (lo_ + hi_ + 1) // 2
+                    if int(cu_q[mid]) <= w0:
+                        lo_ = mid
+                    else:
+                        hi_ = mid - 1
+                seg, seg_end = lo_, N
+            else:
+                seg, seg_end = b, b + 1
+            while seg < seg_end:
+                qb, qe, kb_, ke = 0, Sq, 0, Sk
+                if packed:
+                    qb, qe = clamp(int(cu_q[seg]), int(cu_q[seg + 1]), Sq)
+                    kb_, ke = clamp(int(cu_k[seg]), int(cu_k[seg + 1]), Sk)
+                    if qb >= w0 + BM:
+                        break
+                    if qe <= w0:
+                        seg += 1
+                        continue
+                lq, lk = qe - qb, ke - kb_
+                # per warp, per lane state
+                W = [dict() for _ in range(4)]
+                span_lo, span_hi = 1 << 62, 0
+                for w in range(4):
+                    st = W[w]
+                    st["row"] = np.zeros((32, 2), np.int64)
+                    st["valid"] = np.zeros((32, 2), bool)
+                    st["vis"] = [[None, None] for _ in range(32)]
+                    for L in range(32):
+                        g = L // 4
+                        for r in range(2):
+                            row = w0 + w * 16 + g + 8 * r
+                            val = qb <= row < qe
+                            st["row"][L, r], st["valid"][L, r] = row, val
+                            vv = row_vis(P, val, b, row, row - qb, lq, lk, seg)
+                            st["vis"][L][r] = vv
+                            if vv["lo"] < vv["hi"]:
+                                span_lo, span_hi = min(span_lo, vv["lo"]), max(span_hi, vv["hi"])
+                    st["o"] = np.zeros((32, DP // 8, 4), np.float32)
+                    st["m"] = np.full((32, 2), -np.inf, np.float32)
+                    st["l"] = np.zeros((32, 2), np.float32)
+                kbb = span_lo // BN if span_lo < span_hi else 0
+                kbe = (span_hi + BN - 1) // BN if span_lo < span_hi else 0
+                for kb in range(kbb, kbe):
+                    j0 = kb * BN
+                    n = min(lk - j0, BN)
+                    sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
+                    sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
+                    for w in range(4):
+                        st = W[w]
+                        lanes = np.arange(32)
+                        s = np.zeros((32, 8, 4), np.float32)
+                        for kc in range(DP // 16):
+                            qf = ldm(sq_, w * 16 + (lanes & 15), kc * 16 + (lanes >> 4) * 8, False)
+                            for n2 in range(4):
+                                bk = ldm(sk, n2 * 16 + (lanes & 7) + ((lanes >> 4) << 3),
+                                         kc * 16 + ((lanes >> 3) & 1) * 8, False)
+                                mma(s[:, 2 * n2], qf, bk[:, 0], bk[:, 1])
+                                mma(s[:, 2 * n2 + 1], qf, bk[:, 2], bk[:, 3])
+                        assert not np.isnan(s).any()
+                        bits = [[tile_bits(P, st["vis"][L][r], j0, lk) for r in range(2)]
+                                for L in range(32)]
+                        # softmax (quad = lanes 4g..4g+3)
+                        for r in range(2):
+                            x = np.full((32, 8, 2), -np.inf, np.float32)
+                            for L in range(32):
+                                t = L % 4
+                                for nb in range(8):
+                                    for e in range(2):
+                                        col = nb * 8 + 2 * t + e
+                                        if (bits[L][r] >> col) & 1:
+                                            x[L, nb, e] = s[L, nb, 2 * r + e] * sl2
+                            mx = x.reshape(32, -1).max(1)
+                            mx = mx.reshape(8, 4).max(1).repeat(4)
+                            m_new = np.maximum(st["m"][:, r], mx)
+                            m_use = np.where(m_new == -np.inf, 0, m_new).astype(np.float32)
+                            alpha = np.exp2(st["m"][:, r] - m_use)
+                            p = np.exp2(x - m_use[:, None, None])
+                            s[:, :, 2 * r:2 * r + 2] = p
+                            st["l"][:, r] = st["l"][:, r] * alpha + p.reshape(32, -1).sum(1)
+                            st["m"][:, r] = m_new
+                            st["o"][:, :, 2 * r:2 * r + 2] *= alpha[:, None, None]
+                        for kc in range(4):
+                            a = np.stack([s[:, 2 * kc, 0:2], s[:, 2 * kc, 2:4],
+                                          s[:, 2 * kc + 1, 0:2], s[:, 2 * kc + 1, 2:4]], 1)
+                            a = rnd(a, dt)
+                            for n2 in range(DP // 16):
+                                bv = ldm(sv, kc * 16 + (lanes & 7) + ((lanes >> 3) & 1) * 8,
+                                         n2 * 16 + (lanes >> 4) * 8, True)
+                                mma(st["o"][:, 2 * n2], a, bv[:, 0], bv[:, 1])
+                                mma(st["o"][:, 2 * n2 + 1], a, bv[:, 2], bv[:, 3])
+                # epilogue
+                for w in range(4):
+                    st = W[w]
+                    for r in range(2):
+                        ssum = st["l"][:, r].reshape(8, 4).sum(1).repeat(4)
+                        for L in range(32):
+                            if not st["valid"][L, r]:
+                                continue
+                            t = L % 4
+                            inv = 1 / ssum[L] if ssum[L] > 0 else 0
+                            row = st["row"][L, r]
+                            for nb in range(DP // 8):
+                                if nb * 8 < D:
+                                    out[b, row, h, nb * 8 + 2 * t:nb * 8 + 2 * t + 2] = rnd(
+                                        st["o"][L, nb, 2 * r:2 * r + 2] * inv, dt)
+                            if t == 0:
+                                lse[b, h, row] = ((st["m"][L, r] + math.log2(ssum[L])) * math.log(2)
+                                                  if ssum[L] > 0 else -np.inf)
+                seg += 1
+    return torch.tensor(out), torch.tensor(lse)
+
+
+def _main() -> None:
+    from xattn_testing import check, mllama_mask
+
+    import vlmkern
+    from vlmkern import reference
+
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s).to(dt)
+
+    def run(name, q, k, v, kw, ekw):
+        out, lse = emulate(q, k, v, dt, **ekw)
+        ref, rlse = reference.cross_attention(q.double(), k.double(), v.double(), layout="bshd",
+                                              return_lse=True, **kw)
+        pt = reference.cross_attention(q, k, v, layout="bshd", compute_dtype=None, **kw)
+        assert not out.isnan().any(), name
+        check(out.to(dt), ref, pt)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse)), name
+        fin = torch.isfinite(rlse)
+        if fin.any():
+            assert (lse[fin].double() - rlse[fin]).abs().max() < 1e-3, name
+        print("ok", name, flush=True)
+
+    for d in (64, 72, 80, 96, 128):
+        run(f"D={d}", r(1, 70, 2, d), r(1, 100, 1, d), r(1, 100, 1, d), {}, {})
+    rg = vlmkern.ops.mllama_kv_ranges(mllama_mask(2, 130, 2, 2, seed=5), 20)
+    q, k, v = r(2, 130, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
+    for mr in ("zero", "uniform"):
+        run(f"ranges {mr}", q, k, v, {"kv_ranges": rg, "masked_rows": mr},
+            {"ranges": rg, "uniform": mr == "uniform"})
+    pl = torch.tensor([3, 0])
+    q, k, v = r(2, 70, 1, 64), r(2, 130, 1, 64), r(2, 130, 1, 64)
+    run("prefix-LM", q, k, v, {"mode": "prefix_lm", "prefix_len": pl}, {"prefix": pl})
+    cq = torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32)
+    ck = torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32)
+    q, k, v = r(100, 2, 64), r(90, 1, 64), r(90, 1, 64)
+    out, _ = emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck)
+    ref = reference.cross_attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq,
+                                    cu_seqlens_k=ck)
+    pt = reference.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, compute_dtype=None)
+    check(out[0].to(dt), ref, pt)
+    print("ok packed", flush=True)
+
+
+if __name__ == "__main__":
+    _main()
