@@ -12,6 +12,8 @@ namespace vlmkern {
 enum class GemmDtype { kBFloat16, kFloat16 };
 // Epilogue activations, all in fp32 on the fp32 accumulator + bias: kGelu = 0.5x(1 + erff(x/√2));
 // kGeluTanh = 0.5x(1 + tanhf(√(2/π)(x + 0.044715x³))); kQuickGelu = x / (1 + expf(-1.702x)).
+// Compiled variants (instantiations/): {bf16, fp16} x {identity, gelu + aux}. The kGeluTanh and
+// kQuickGelu functors exist but no variant instantiates them: never compiled in, never validated.
 enum class GemmActivation { kIdentity, kGelu, kGeluTanh, kQuickGelu };
 
 struct GemmBiasActParams {

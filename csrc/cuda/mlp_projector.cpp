@@ -52,16 +52,19 @@ DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::opti
   p.n = w.size(0);
   p.k = w.size(1);
   p.a = a.const_data_ptr();
-  p.lda = a.stride(0);
+  p.lda = a.size(0) == 1 ? a.size(1) : a.stride(0);  // one row: its stride is never used
   p.w = w.const_data_ptr();
   p.bias = b ? b->const_data_ptr() : nullptr;
   p.device = a.get_device();
-  // (M, N) outputs, contiguous (the caching allocator's blocks are 512-byte aligned).
+  // Eligibility first, so a fallback allocates nothing: the (M, N) outputs will come from the
+  // caching allocator (512-byte aligned blocks), so W's aligned-if-eligible address stands in.
+  p.out = const_cast<void*>(p.w);  // a stand-in address for the check only, never written
+  p.aux = gelu ? p.out : nullptr;
+  if (gemm_bias_act_unsupported(p) != nullptr) return {};
   auto out = at::empty({p.m, p.n}, a.options());
   auto pre = gelu ? at::empty({p.m, p.n}, a.options()) : out;
   p.out = out.mutable_data_ptr();
   p.aux = gelu ? pre.mutable_data_ptr() : nullptr;
-  if (gemm_bias_act_unsupported(p) != nullptr) return {};
   const size_t ws_bytes = gemm_bias_act_workspace_size(p);
   at::Tensor ws;
   if (ws_bytes > 0) {

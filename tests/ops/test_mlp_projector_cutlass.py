@@ -50,10 +50,12 @@ def _cutlass_kernels(fn) -> tuple[object, int]:
     """fn()'s result and how many CUTLASS GemmUniversal kernels it launched (cuBLAS has none)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: with CUDA alone Kineto has been seen to drop kernel events.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = fn()
         torch.cuda.synchronize()
-    return out, sum("GemmUniversal" in e.name for e in prof.events())
+    cuda = torch.autograd.DeviceType.CUDA
+    return out, sum(e.device_type == cuda and "GemmUniversal" in e.name for e in prof.events())
 
 
 def _plain(rows, act, bias, dtype, k=K, n1=N1, d=D, second=True):

@@ -3,6 +3,8 @@
 // Include only from cuda/instantiations/*.cu (CUTLASS headers: ~1 min of nvcc per variant).
 #pragma once
 
+#include <cstdio>
+
 #include <cutlass/cutlass.h>
 
 #include <cute/tensor.hpp>
@@ -202,8 +204,11 @@ cudaError_t GemmBiasActVariant<kDtype, kAct, kAux>::run(const GemmBiasActParams&
                       stream);
   if (status == cutlass::Status::kSuccess) status = gemm.run(stream);
   if (status == cutlass::Status::kSuccess) return cudaSuccess;
+  // Name CUTLASS's reason: the adapter has already cleared the CUDA error it may have met, so the
+  // bare code alone would read like a device fault.
+  std::fprintf(stderr, "vlmkern gemm_bias_act: CUTLASS %s\n", cutlassGetStatusString(status));
   const cudaError_t err = cudaGetLastError();
-  return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+  return err != cudaSuccess ? err : cudaErrorNotSupported;
 }
 
 }  // namespace vlmkern
