@@ -38,7 +38,8 @@ namespace {
 at::Tensor kernel_layout(const at::Tensor& t) {
   bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   for (int i = 0; i < 3; ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) % 8 == 0);
-  return ok ? t : t.contiguous();
+  // clone, not contiguous(): a contiguous tensor at an odd offset would come back as itself.
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 XattnDevIndex dev_index(const XattnIndex& ix) {
@@ -60,6 +61,9 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   const XattnParams p = make_xattn_params(op, q, k, v, kv_ranges, cu_seqlens_q, cu_seqlens_k,
                                           prefix_len, scale, masked_rows);
   check_xattn_cuda(op, p);
+  // grid.x holds the 64-row q windows (packed: B = 1, Sq = total tokens).
+  VLMKERN_CHECK(p.batch * ((p.seq_q + 63) / 64) <= INT32_MAX, op, "B * ceil(Sq / 64) = ",
+                p.batch * ((p.seq_q + 63) / 64), " query windows exceed the CUDA grid (2^31 - 1)");
   const c10::cuda::CUDAGuard guard(q.device());
   // out (B, Sq, Hq, D) dense in q's dtype, lse (B, Hq, Sq) fp32.
   at::Tensor out = at::empty({p.batch, p.seq_q, p.heads_q, p.head_dim}, q.options());

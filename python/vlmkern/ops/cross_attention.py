@@ -58,7 +58,9 @@ def cross_attention(
             with :func:`mllama_kv_ranges`.
         cu_seqlens_q, cu_seqlens_k: int32 ``(N + 1,)`` offsets of N packed sequences (given
             together; validated on the CPU, trusted on CUDA to avoid a host sync: out-of-range
-            offsets and kv_ranges / prefix_len values are clamped there, not reported).
+            offsets and kv_ranges / prefix_len values are clamped there, not reported; with
+            offsets that do not start at 0 and end at the token count, rows outside every
+            segment are left unwritten on CUDA).
         masked_rows: what a query row that sees no key returns: ``"zero"`` (0, Meta's Llama 3.2
             reference) or ``"uniform"`` (HF transformers: its additive mask row is all zero, so the
             row attends over *all* ``Sk`` keys with ordinary softmax weights).
