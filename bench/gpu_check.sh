@@ -252,7 +252,7 @@ if counts or log:
     if counts:
         out.append(f"- junit: {counts}")
     if log:
-        last = [ln for ln in log.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+        last = [ln for ln in log.splitlines() if re.search(r"\d+ (passed|failed|errors?|skipped)", ln)]
         if last:
             out.append(f"- pytest: {last[-1].strip('= ')}")
     if counts and failed:
