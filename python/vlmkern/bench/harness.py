@@ -204,16 +204,23 @@ def copy_fn(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_mm_tflops(n: int = 8192, reps: int = 20) -> float:
-    """bf16 n x n x n torch.mm rate on GPU 0 in TFLOP/s (median), measured once per process.
-    For GEMM-bound benches to report '% of mm'."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("measure_mm_tflops needs a CUDA device")
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
+def mm_tflops(device: str) -> float:
+    """bf16 torch.mm rate of `device` in TFLOP/s (median), measured once per process, for
+    GEMM-like benches' '% of mm': GPU 8192³ timed with CUDA events; CPU 2048³ on all threads."""
+    cuda = device == "cuda"
+    n, reps = (8192, 20) if cuda else (2048, 5)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3 if cuda else 1):
         torch.mm(a, b, out=out)
+    if not cuda:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+        return 2 * n**3 / statistics.median(times) / 1e12
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
           for _ in range(reps)]
@@ -224,23 +231,6 @@ def measure_mm_tflops(n: int = 8192, reps: int = 20) -> float:
     torch.cuda.synchronize()
     ms = statistics.median(s.elapsed_time(e) for s, e in ev)
     return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
-@functools.lru_cache(maxsize=None)
-def mm_tflops(device: str) -> float:
-    """bf16 torch.mm rate of `device` in TFLOP/s (GPU: 8192³ via measure_mm_tflops; CPU: the
-    median of a few 2048³ products on all threads), for GEMM-like benches' '% of mm'."""
-    if device == "cuda":
-        return measure_mm_tflops()
-    n = 2048
-    a, b = torch.randn(n, n).to(torch.bfloat16), torch.randn(n, n).to(torch.bfloat16)
-    torch.mm(a, b)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 # --------------------------------------------------------------------------------------------
