@@ -58,6 +58,14 @@ stage_build() {
     export VLMKERN_CUDA_ARCHS=${VLMKERN_CUDA_ARCHS:-$GPU_ARCH}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
     export VLMKERN_PTXAS_VERBOSE=1  # registers / spills of every kernel into build.log
+    # The device tool's machine sets CXX=/opt/gcc/bin/g++, which has no shared libstdc++
+    # (CMakeLists.txt refuses it: the static copy crashes on the first error message). Fall back
+    # to the system compiler there.
+    local cxx=${CXX:-c++}
+    if [[ $("$cxx" -print-file-name=libstdc++.so 2>/dev/null) != /* ]] && [[ -x /usr/bin/g++ ]]; then
+        echo "== $cxx has no shared libstdc++: building with /usr/bin/g++ instead"
+        export CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++
+    fi
     # CMakeLists.txt compiles every kernel with -lineinfo, so compute-sanitizer names source lines.
     echo "== VLMKERN_CUDA_ARCHS=$VLMKERN_CUDA_ARCHS MAX_JOBS=$MAX_JOBS"
     pip_install --no-build-isolation -v .

@@ -27,7 +27,10 @@ TORCH_LIBRARY(vlmkern, m) {
   m.def(
       "rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, float[] inv_freq, int[] freq_axis, "
       "float scale=1.0) -> ()",
-      {at::Tag::pt2_compliant_tag});
+      // flexible_layout: the kernel takes any strides, and under the default needs_exact_strides
+      // torch 2.11's Inductor fails decomposing the mutation (pattern_matcher's
+      // eager_input_vals node-count assertion).
+      {at::Tag::pt2_compliant_tag, at::Tag::flexible_layout});
   // HF's apply_rotary_pos_emb: cos, sin (B or 1, S, R) given; rotates the first R dims of q, k.
   m.def("rope_cos_sin(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});

@@ -118,7 +118,8 @@ def cast(x, weights, dtype):
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    # compared on the CPU: the float64 reference may live there while out is on CUDA
+    return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
 
 
 def fp32_rel_err(out: torch.Tensor, ref64: torch.Tensor) -> float:

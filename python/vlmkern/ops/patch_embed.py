@@ -308,8 +308,14 @@ def _varlen_backward(ctx, grad, _grad_cu_seqlens):
         grad, images, weight, ctx.has_bias, pos_embed, ctx.has_cls, mean, std, rescale,
         channels_last, interp, mask,
     )
-    return (list(d_images) if mask[0] else [None] * len(images),
-            *(g if m else None for g, m in zip(grads, mask[1:], strict=True))) + (None,) * 5
+    out = (list(d_images) if mask[0] else [None] * len(images),
+           *(g if m else None for g, m in zip(grads, mask[1:], strict=True))) + (None,) * 5
+    # A Tensor[] op's backward must match the structure torch recorded for the call: torch 2.11
+    # leaves trailing default arguments out of it (6 entries here), later torch keeps all 10.
+    # ctx.needs_input_grad has that structure; the dropped tail is always None.
+    n = len(ctx.needs_input_grad)
+    assert all(g is None for g in out[n:]), "vlmkern.patch_embed: a gradient would be dropped"
+    return out[:n] + (None,) * (n - len(out))
 
 
 torch.library.register_autograd(

@@ -1,0 +1,29 @@
+"""The bench's result check (vlmkern.bench.harness.check_equal): exact ops must match bit for bit;
+GEMM-like ops get a tolerance scaled by the output's magnitude, which still catches real errors."""
+
+import pytest
+import torch
+
+from vlmkern.bench.harness import check_equal
+
+
+class _Case:
+    shape = "tiny"
+
+
+def test_exact_mismatch_raises():
+    ref = torch.arange(6.0).to(torch.bfloat16)
+    check_equal("op", _Case, ref.clone(), ref, exact=True)
+    with pytest.raises(AssertionError, match="differs from reference"):
+        check_equal("op", _Case, ref + 1, ref, exact=True)
+
+
+def test_tolerance_scales_with_magnitude():
+    # One bf16 ulp of a 12-sized intermediate (0.0625) on an output near 1: a reference rounding,
+    # not an error. A 10 % of max |ref| error is still caught, and so is a wrong shape.
+    ref = torch.tensor([12.0, 1.0, -3.0])
+    check_equal("op", _Case, ref + torch.tensor([0.0, 0.0625, 0.0]), ref, exact=False)
+    with pytest.raises(AssertionError, match="max abs diff"):
+        check_equal("op", _Case, ref + torch.tensor([0.0, 1.2, 0.0]), ref, exact=False)
+    with pytest.raises(AssertionError, match="reference"):
+        check_equal("op", _Case, ref[:2], ref, exact=False)
