@@ -27,3 +27,32 @@ def test_tolerance_scales_with_magnitude():
         check_equal("op", _Case, ref + torch.tensor([0.0, 1.2, 0.0]), ref, exact=False)
     with pytest.raises(AssertionError, match="reference"):
         check_equal("op", _Case, ref[:2], ref, exact=False)
+
+
+def test_wrong_result_skips_the_op_and_fails_the_run(monkeypatch, tmp_path, capsys):
+    """An op whose provider disagrees with the reference gets no timings, the next op still runs,
+    and the exit status is 1."""
+    import sys
+    import types
+
+    from vlmkern import bench
+    from vlmkern.bench import __main__ as cli
+    from vlmkern.bench.harness import Case
+
+    def fake(name, wrong):
+        mod = types.ModuleType(name)
+        mod.NAME, mod.BASELINE, mod.EXACT = name, "p", True
+        mod.cases = lambda cfg: [Case("s", lambda: (torch.ones(4),), bytes_moved=32)]
+        mod.providers = lambda cfg: {"p": (lambda x: x + 3) if wrong else (lambda x: x * 2)}
+        mod.reference = lambda: (lambda x: x * 2)
+        monkeypatch.setitem(sys.modules, f"fake_bench_{name}", mod)
+        monkeypatch.setitem(bench.REGISTRY, name, f"fake_bench_{name}")
+
+    fake("wrong", True)
+    fake("right", False)
+    monkeypatch.setattr(bench, "REGISTRY", {"wrong": bench.REGISTRY["wrong"],
+                                            "right": bench.REGISTRY["right"]})
+    monkeypatch.setattr(cli, "REGISTRY", bench.REGISTRY)
+    assert cli.main(["all", "--device", "cpu", "--quick", "--no-compile"]) == 1
+    out = capsys.readouterr().out
+    assert "## wrong: WRONG RESULT" in out and "## right (" in out

@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "mrope_position_ids": "vlmkern.bench.mrope_position_ids",
     "rope": "vlmkern.bench.rope",
     "projector": "vlmkern.bench.projector",
+    "projector_train": "vlmkern.bench.projector_train",
     "cross_attention": "vlmkern.bench.cross_attention",
     "patch_embed": "vlmkern.bench.patch_embed",
 }

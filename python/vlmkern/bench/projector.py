@@ -180,11 +180,20 @@ def cases(cfg: Config) -> list[Case]:
                 for b in idefics_b]
         return out  # fmt: skip
 
+    def gemm1(llava_b, qwen_n):
+        """GEMM1 + bias + GELU alone (the issue's "within 5 % of torch.mm" row): LLaVA's
+        1024 -> 4096 and Qwen2-VL's merged 5120 -> 5120."""
+        out = [_case("llava-1.5 gemm1", llava, (576 * b, 1024), 1024, 4096, None, cfg)
+               for b in llava_b]
+        return out + [_case("qwen2-vl-7b gemm1", llava, (n // 4, 5120), 5120, 5120, None, cfg)
+                      for n in qwen_n]  # fmt: skip
+
     if cfg.device == "cpu":
         return build([1], [], [368], []) if cfg.quick else build([1], [1], [368, 1472], [1])
     if cfg.quick:
-        return build([4], [4], [4096], [4])
-    return build([1, 4, 16, 64], [1, 4, 13], [368, 1472, 4096, 16384], [1, 4, 13])
+        return build([4], [4], [4096], [4]) + gemm1([4], [4096])
+    return (build([1, 4, 16, 64], [1, 4, 13], [368, 1472, 4096, 16384], [1, 4, 13])
+            + gemm1([1, 4, 16], [1472, 4096, 16384]))
 
 
 class _Compiled:

@@ -1,0 +1,103 @@
+"""MLP projector training-step bench: forward + backward (all seven gradients: x, w1, b1, w2, b2,
+norm weight / bias) of vlmkern's op vs the HF-style eager chain under autograd, torch.compile of
+that chain, and a plain ``torch.mm`` roofline of the six GEMMs a training step runs (forward,
+dX and dW for each Linear). Same connectors and shapes as the ``projector`` bench.
+
+Every provider returns ``(out, *grads)`` for a fixed all-ones output gradient; the check is against
+vlmkern.reference.mlp_projector differentiated in float32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vlmkern.bench import projector as fwd
+from vlmkern.bench.harness import MM, Case, Config
+
+NAME = "projector_train"
+BASELINE = "torch"
+EXACT = False  # different GEMM / reduction orders: tolerance gate
+ROOFLINES = (MM,)
+
+
+def _step(forward: Callable, inputs: tuple, spec: fwd.Spec) -> tuple:
+    """One training step through `forward`: output and the gradients of every tensor input."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs[:7]]
+    with torch.enable_grad():
+        out = forward(*leaves, spec=spec)
+        wrt = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(out, wrt, torch.ones_like(out))
+    return (out.detach(), *grads)
+
+
+def vlmkern_train(*inputs, spec: fwd.Spec):
+    return _step(fwd.vlmkern_projector, inputs, spec)
+
+
+def torch_train(*inputs, spec: fwd.Spec):
+    return _step(fwd.torch_chain, inputs, spec)
+
+
+class _CompiledTrain:
+    """torch.compile of the eager chain (forward and its AOT backward), recompiled per case."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._fn: Callable | None = None
+
+    def __call__(self, *inputs, spec: fwd.Spec):
+        x = inputs[0]
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec)
+        if key != self._key:
+            torch._dynamo.reset()
+            self._fn = torch.compile(fwd.torch_chain, dynamic=False)
+            self._key = key
+        return _step(self._fn, inputs, spec)
+
+
+def mm_roofline_train(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: fwd.Spec):
+    """The six GEMMs of a training step, nothing else: h = rows·w1ᵀ, y = h·w2ᵀ, dh = g·w2,
+    dw2 = gᵀ·h, drows = dh·w1, dw1 = dhᵀ·rows (g: an output-shaped gradient)."""
+    h = torch.mm(rows, w1.t())
+    if w2 is None:
+        g = h
+        return h, torch.mm(g, w1), torch.mm(g.t(), rows)
+    y = torch.mm(h, w2.t())
+    dh = torch.mm(y, w2)
+    return y, torch.mm(y.t(), h), torch.mm(dh, w1), torch.mm(dh.t(), rows)
+
+
+def cases(cfg: Config) -> list[Case]:
+    """The projector bench's cases, with three times the forward's GEMM flops (fwd, dX, dW)."""
+    out = []
+    for c in fwd.cases(cfg):
+        if "gemm1" in c.shape:  # the GEMM1-epilogue rows are forward-only
+            continue
+        c.flops = 3 * c.flops if c.flops else c.flops
+        c.bytes_moved = 2 * c.bytes_moved  # at least: read the inputs again, write the grads
+        out.append(c)
+    return out
+
+
+def providers(cfg: Config) -> dict[str, Callable]:
+    out: dict[str, Callable] = {"vlmkern": vlmkern_train, "torch": torch_train}
+    if cfg.compile:
+        out["torch.compile"] = _CompiledTrain()
+    out[MM] = mm_roofline_train
+    return out
+
+
+def reference() -> Callable:
+    import vlmkern.reference
+
+    def forward32(x, w1, b1, w2, b2, nw, nb, *, spec: fwd.Spec):
+        return vlmkern.reference.mlp_projector(x, w1, b1, w2, b2, norm_weight=nw, norm_bias=nb,
+                                               **spec.options())  # fmt: skip
+
+    def ref(*inputs, spec: fwd.Spec):
+        dtype = inputs[0].dtype
+        up = tuple(t.float() if t is not None else None for t in inputs[:7])
+        return tuple(t.to(dtype) for t in _step(forward32, up, spec))
+
+    return ref
