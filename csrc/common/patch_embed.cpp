@@ -7,6 +7,7 @@
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -167,27 +168,51 @@ ImageGeom check_image(const at::Tensor& pixels, const at::Tensor& weight,
   return g;
 }
 
-// pixels -> (B*gh*gw, K) rows in `dtype`, K in (C, ph, pw) order, or (ph, pw, C) channels-last.
-at::Tensor patch_matrix(const at::Tensor& pixels, const ImageGeom& g, at::ScalarType dtype) {
+// Width of the GEMM rows for K = C*P*P patch features. On CUDA, K rounded up to a multiple of 8
+// and zero-padded, so every operand row starts 16-byte aligned, which cuBLAS's fast (TMA / wgmma,
+// cp.async) kernels need; P = 14 gives K = 588 -> 592. The zeros add nothing. The CPU keeps K
+// (no such alignment cliff there; padding only adds copies). The padded path passed the whole CPU
+// patch_embed suite with padding forced on when it was written.
+int64_t gemm_width(const at::Tensor& like, int64_t k) {
+  return like.is_cuda() ? (k + 7) / 8 * 8 : k;
+}
+
+PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_patch_matrix)
+
+// pixels -> (B*gh*gw, kp) rows in `dtype`: K features in (C, ph, pw) order, or (ph, pw, C)
+// channels-last, then kp - K zero columns. One kernel on CUDA, else ATen's strided copy.
+at::Tensor patch_matrix(const at::Tensor& pixels, const ImageGeom& g, at::ScalarType dtype,
+                        int64_t kp) {
+  const int64_t k = g.c * g.p * g.p;
+  if (pixels.is_cuda() && cuda_patch_matrix != nullptr) {
+    at::Tensor out = at::empty({g.b * g.l, kp}, pixels.options().dtype(dtype));  // (M, kp)
+    if (cuda_patch_matrix(pixels, g.channels_last, g.p, g.gh, g.gw, out)) return out;
+  }
   at::Tensor view;
   if (g.channels_last) {  // (B, gh, P, gw, P, C) -> (B, gh, gw, P, P, C)
     view = pixels.unflatten(1, {g.gh, g.p}).unflatten(3, {g.gw, g.p}).permute({0, 1, 3, 2, 4, 5});
   } else {  // (B, C, gh, P, gw, P) -> (B, gh, gw, C, P, P)
     view = pixels.unflatten(2, {g.gh, g.p}).unflatten(4, {g.gw, g.p}).permute({0, 2, 4, 1, 3, 5});
   }
-  at::Tensor out = at::empty(view.sizes(), pixels.options().dtype(dtype));
-  out.copy_(view);
-  return out.view({g.b * g.l, g.c * g.p * g.p});
+  at::Tensor out = at::empty({g.b * g.l, kp}, pixels.options().dtype(dtype));  // (M, kp)
+  if (kp > k) out.narrow(1, k, kp - k).zero_();
+  out.narrow(1, 0, k).view(view.sizes()).copy_(view);
+  return out;
 }
 
-// Folded weight as (D, K) in the patch-row order of `g`.
+// Folded weight as (D, kp) in the patch-row order of `g`, zero-padded past K like the rows.
 std::pair<at::Tensor, at::Tensor> folded_weight(const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
-                                                const PixelNorm& norm, const ImageGeom& g) {
+                                                const PixelNorm& norm, const ImageGeom& g,
+                                                int64_t kp) {
   auto [w2, b2] = fold_weight(weight, bias, norm);
+  const int64_t k = g.c * g.p * g.p;
   if (g.channels_last) {
-    w2 = w2.view({g.d, g.c, g.p, g.p}).permute({0, 2, 3, 1}).reshape({g.d, g.c * g.p * g.p});
+    w2 = w2.view({g.d, g.c, g.p, g.p}).permute({0, 2, 3, 1}).reshape({g.d, k});
+  } else {
+    w2 = w2.reshape({g.d, k});
   }
+  if (kp > k) w2 = at::constant_pad_nd(w2, {0, kp - k});
   return {w2, b2};
 }
 
@@ -201,6 +226,8 @@ at::Tensor grid_positions(const at::Tensor& table, const ImageGeom& g) {
 }
 
 }  // namespace
+
+void set_cuda_patch_matrix(PatchMatrixFn fn) { cuda_patch_matrix = fn; }
 
 namespace patch_embed_detail {
 
@@ -229,8 +256,9 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
     out.select(1, 0).copy_(row);
   }
   if (g.l == 0) return;
-  const auto [w2, b2] = folded_weight(weight, bias, norm, g);
-  const at::Tensor x = patch_matrix(pixels, g, weight.scalar_type());
+  const int64_t kp = gemm_width(weight, g.c * g.p * g.p);
+  const auto [w2, b2] = folded_weight(weight, bias, norm, g, kp);
+  const at::Tensor x = patch_matrix(pixels, g, weight.scalar_type(), kp);  // (B*L, kp)
   at::Tensor addend = b2;  // (D,) or (L, D): bias and positions, added by the GEMM itself
   if (pos_embed) {
     const at::Tensor pos =
@@ -292,8 +320,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   at::Tensor d_pixels = no_grad_output(pixels), d_weight = no_grad_output(weight);
   at::Tensor d_bias = no_grad_output(weight), d_pos = no_grad_output(weight);
   at::Tensor d_cls = no_grad_output(weight);
+  const int64_t k = g.c * g.p * g.p, kp = gemm_width(weight, k);
   if (output_mask[0]) {  // dX = G @ W' (the scale folds in, the offset does not), back to pixels
-    const at::Tensor dx = at::mm(rows, folded_weight(weight, std::nullopt, norm, g).first);
+    const at::Tensor dx =  // (M, K) view of (M, kp)
+        at::mm(rows, folded_weight(weight, std::nullopt, norm, g, kp).first).narrow(1, 0, k);
     d_pixels = at::empty(pixels.sizes(), pixels.options());
     if (channels_last) {
       d_pixels.view({g.b, g.gh, g.p, g.gw, g.p, g.c})
@@ -304,15 +334,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
     }
   }
   if (output_mask[1]) {  // dW = G^T @ normalize(X), in the weight's (D, C, P, P) layout
-    at::Tensor x = patch_matrix(pixels, g, weight.scalar_type());
+    at::Tensor x = patch_matrix(pixels, g, weight.scalar_type(), kp);  // (M, kp)
     if (norm.active()) {
-      x = channels_last ? normalize_rows(x.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
-                        : normalize_rows(x.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
+      const at::Tensor xk = x.narrow(1, 0, k);
+      x = channels_last ? normalize_rows(xk.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
+                        : normalize_rows(xk.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
+      x = at::constant_pad_nd(x.view({g.b * g.l, k}), {0, kp - k});
     }
-    const at::Tensor dw = at::mm(rows.t(), x.view({g.b * g.l, g.c * g.p * g.p}));
+    const at::Tensor dw = at::mm(rows.t(), x).narrow(1, 0, k);  // (D, K) view of (D, kp)
     d_weight = channels_last
                    ? dw.view({g.d, g.p, g.p, g.c}).permute({0, 3, 1, 2}).contiguous()
-                   : dw.view({g.d, g.c, g.p, g.p});
+                   : dw.view({g.d, g.c, g.p, g.p}).contiguous();  // a copy only when padded
   }
   if (output_mask[2] && has_bias) d_bias = rows.sum(0);
   const bool need_cls_sum = (output_mask[3] && pos_embed && g.cls) || (output_mask[4] && g.cls);

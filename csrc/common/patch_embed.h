@@ -41,6 +41,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
     const std::optional<at::Tensor>& pos_embed, bool has_cls, const PixelNorm& norm,
     bool channels_last, std::string_view pos_interp, std::array<bool, 5> output_mask);
 
+// The CUDA build's patch-matrix kernel (cuda/patch_embed.cpp installs it when the library loads;
+// a CPU-only build has none): fills out (B*gh*gw, kp) from pixels (B, C, H, W) or, channels_last,
+// (B, H, W, C), P-sized patches, zero columns from C*P*P to kp. false: not handled (the caller
+// uses ATen's copy). Image mode on CUDA devices only.
+using PatchMatrixFn = bool (*)(const at::Tensor& pixels, bool channels_last, int64_t patch,
+                               int64_t gh, int64_t gw, const at::Tensor& out);
+void set_cuda_patch_matrix(PatchMatrixFn fn);
+
 // Packed mode (Qwen2-VL / 2.5-VL / 3-VL). patches (N, C*T*P*P) rows in (C, T, ph, pw) order,
 // weight (D, C, T, P, P), bias (D,), grid_thw (n, 3) int, pos_embed (S*S, D) resampled bilinearly
 // (align_corners=True) to each image's (h, w) grid in spatial-merge-block order (Qwen3-VL).

@@ -1,13 +1,62 @@
 // CUDA registration of patch_embed / _packed / _varlen (+ backwards): the ATen composite of
-// common/patch_embed*.cpp under a device guard, until the implicit-GEMM kernel lands. No host
-// syncs: grid_thw is never read back (its values are validated on the CPU path only).
+// common/patch_embed*.cpp under a device guard, with image mode's patch matrix built by one
+// kernel (cuda/patchify.h: dtype conversion and aligned zero-padded rows), until the
+// implicit-GEMM kernel lands. No host syncs: grid_thw is never read back (its values are
+// validated on the CPU path only).
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/patch_embed.h"
+#include "cuda/patchify.h"
 #include "ops.h"
 
 namespace vlmkern {
+namespace {
+
+bool patchify_dtype(at::ScalarType t, PatchifyDtype* out) {
+  switch (t) {
+    case at::kByte: *out = PatchifyDtype::kUInt8; return true;
+    case at::kFloat: *out = PatchifyDtype::kFloat32; return true;
+    case at::kHalf: *out = PatchifyDtype::kFloat16; return true;
+    case at::kBFloat16: *out = PatchifyDtype::kBFloat16; return true;
+    default: return false;
+  }
+}
+
+// The PatchMatrixFn of the composite: pixels (B, C, H, W) / (B, H, W, C) at any strides -> out
+// (B*gh*gw, kp) on the current stream; false (ATen's copy instead) for dtypes it does not take.
+bool cuda_patch_matrix(const at::Tensor& pixels, bool channels_last, int64_t patch, int64_t gh,
+                       int64_t gw, const at::Tensor& out) {
+  PatchifyParams p;
+  if (!patchify_dtype(pixels.scalar_type(), &p.in_dtype) ||
+      !patchify_dtype(out.scalar_type(), &p.out_dtype)) {
+    return false;
+  }
+  const int cdim = channels_last ? 3 : 1, hdim = channels_last ? 1 : 2, wdim = channels_last ? 2 : 3;
+  p.pixels = pixels.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.batch = pixels.size(0);
+  p.gh = gh;
+  p.gw = gw;
+  p.channels = static_cast<int>(pixels.size(cdim));
+  p.patch = static_cast<int>(patch);
+  p.kp = static_cast<int>(out.size(1));
+  p.channels_last = channels_last ? 1 : 0;
+  p.stride_b = pixels.stride(0);
+  p.stride_c = pixels.stride(cdim);
+  p.stride_h = pixels.stride(hdim);
+  p.stride_w = pixels.stride(wdim);
+  if (patchify_unsupported(p) != nullptr) return false;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pixels.device().index()).stream();
+  C10_CUDA_CHECK(cuda_patchify(p, stream));
+  return true;
+}
+
+[[maybe_unused]] const bool kPatchMatrixInstalled = (set_cuda_patch_matrix(&cuda_patch_matrix), true);
+
+}  // namespace
 
 at::Tensor patch_embed_cuda(const at::Tensor& pixels, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,

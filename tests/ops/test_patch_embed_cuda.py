@@ -78,3 +78,38 @@ def test_cuda_repeats_are_bit_identical():
     first = vlmkern.ops.patch_embed(x, w, b, pos_embed=pos, cls_token=c)
     for _ in range(20):
         assert torch.equal(vlmkern.ops.patch_embed(x, w, b, pos_embed=pos, cls_token=c), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "cropped-view", "uint8", "uint8-nhwc"])
+@pytest.mark.parametrize("patch", [7, 14, 16])  # K = 147, 588 (zero-padded to 152, 592), 768
+def test_cuda_patch_matrix_kernel(patch, layout, dtype):
+    """Image mode's patch matrix comes from the patchify kernel on CUDA (dtype conversion, any
+    strides, K padded to 16-byte rows): forward and dW equal the CPU path's within the tier."""
+    g = torch.Generator().manual_seed(patch)
+    b, d, grid = 2, 40, 3
+    size = grid * patch
+    w = (torch.randn(d, 3, patch, patch, generator=g) * 0.05).to(dtype)
+    pos = torch.randn(grid * grid, d, generator=g).to(dtype)
+    norm = {}
+    if layout.startswith("uint8"):
+        x = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
+        norm = {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28], "rescale": 1 / 255}
+    elif layout == "cropped-view":  # offset, strided, cropped on the fly
+        x = torch.randn(b + 1, 4, size + 5, size + 3, generator=g).to(dtype)[1:, 1:, 2:, :]
+    else:
+        x = torch.randn(b, 3, size, size, generator=g).to(dtype)
+    channels_last = layout.endswith("nhwc")
+    if channels_last:
+        x = x.permute(0, 2, 3, 1).contiguous()
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        wd = w.to(dev).requires_grad_()
+        out = vlmkern.ops.patch_embed(x.to(dev), wd, None, pos_embed=pos.to(dev),
+                                      channels_last=channels_last, crop=True, **norm)
+        (dw,) = torch.autograd.grad(out, [wd], torch.ones_like(out))
+        outs[dev] = (out.detach(), dw)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    for a, c in zip(outs["cuda"], outs["cpu"], strict=True):
+        assert a.device.type == "cuda" and a.is_contiguous()
+        torch.testing.assert_close(a.cpu().float(), c.float(), **tol)

@@ -32,8 +32,10 @@ def _image_case(label: str, batch: int, size: int, patch: int, dim: int, bias: b
         pos = torch.randn(tokens + int(cls), dim, device=dev, dtype=dt)
         c = torch.randn(dim, device=dev, dtype=dt) if cls else None
         x = pixels[..., : grid * patch, : grid * patch].unfold(2, patch, patch)
-        xpre = x.unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(-1, k).contiguous()
-        return pixels, weight, b, pos, c, (xpre, weight.reshape(dim, k).t().contiguous())
+        xpre = x.unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(-1, k)
+        kp = -(-k // 8) * 8  # zero-padded to 16-byte rows, as vlmkern's GEMM runs (588 -> 592)
+        wpre = F.pad(weight.reshape(dim, k), (0, kp - k)).t().contiguous()
+        return pixels, weight, b, pos, c, (F.pad(xpre, (0, kp - k)).contiguous(), wpre)
 
     elt = torch.empty((), dtype=dt).element_size()
     nbytes = (batch * 3 * size * size + dim * k + batch * (tokens + int(cls)) * dim) * elt
@@ -127,7 +129,9 @@ def hf_packed(patches, weight, bias, pos, grid, pre, merge):
 
 
 def mm_roofline(*args, **kwargs):
-    """torch.mm on the pre-unfolded (M, K) matrix: the GEMM alone (no patchify, bias, positions)."""
+    """torch.mm on the pre-unfolded (M, K) matrix, K zero-padded to a multiple of 8 (P = 14:
+    588 -> 592; unpadded rows are 4-byte aligned and cuBLAS takes slower kernels): the GEMM alone,
+    no patchify, bias or positions."""
     xpre, wt = args[5]
     return torch.mm(xpre, wt)
 
