@@ -65,6 +65,29 @@ def _mllama_case(B: int, S: int, tiles: int, cfg: Config) -> Case:
                 flops=4 * d * hq * pairs)
 
 
+def _mllama_decode_case(B: int, tiles: int, cfg: Config) -> Case:
+    """A decode step: one new text token per sequence attending to its image's cached K/V (one
+    image of `tiles` tiles, 1601 keys each): bandwidth-bound, B·Hq query rows in all."""
+    from vlmkern.ops import mllama_kv_ranges
+    from vlmkern.reference.cross_attention import mllama_dense_mask
+
+    hq, hk, d, nvt = 32, 8, 128, 1601
+    L = tiles * nvt
+    mask = torch.ones(B, 1, 1, tiles, dtype=torch.int64)
+    aux = {"ranges": mllama_kv_ranges(mask, nvt).to(cfg.device),
+           "dense": mllama_dense_mask(mask, nvt, cfg.dtype)[0].to(cfg.device)}
+
+    def make() -> tuple:
+        q = _randn((B, 1, hq, d), cfg).transpose(1, 2)
+        kv = _randn((B, L, 2, hk, d), cfg)
+        return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), aux
+
+    elt = torch.empty((), dtype=cfg.dtype).element_size()
+    nbytes = elt * (2 * B * hq * d + 2 * B * L * hk * d)
+    return Case(f"mllama-11b decode B{B} L{L}", make, nbytes, {"spec": Spec("mllama")},
+                flops=4 * d * hq * B * L)
+
+
 def _qformer_case(B: int, cfg: Config) -> Case:
     """BLIP-2: 32 learned queries (one copy, expanded over the batch) × 257 image tokens."""
     h, d, lq, lk = 12, 64, 32, 257
@@ -117,18 +140,21 @@ def _prefix_case(B: int, S: int, prefix: int, cfg: Config) -> Case:
 
 
 def cases(cfg: Config) -> list[Case]:
-    """GPU: Mllama S 256–4096 × 1601–6404 keys, Q-Former 1–256 images, Qwen2-VL ViT 8×1024,
-    PaliGemma S 1024. CPU: small versions that run in a few minutes."""
+    """GPU: Mllama S 256–4096 × 1601–6404 keys and decode steps (B 1–32 × 6404 keys), Q-Former
+    1–256 images, Qwen2-VL ViT 8×1024, PaliGemma S 1024. CPU: small versions that run in a few
+    minutes."""
     if cfg.device == "cuda":
         if cfg.quick:
             return [_mllama_case(1, 1024, 2, cfg), _qformer_case(64, cfg),
                     _packed_case([1024] * 8, cfg), _prefix_case(1, 1024, 288, cfg)]
         return ([_mllama_case(1, s, t, cfg) for s, t in ((256, 1), (1024, 2), (4096, 2))]
+                + [_mllama_decode_case(b, 4, cfg) for b in (1, 8, 32)]
                 + [_qformer_case(b, cfg) for b in (1, 16, 256)]
                 + [_packed_case([1024] * 8, cfg), _prefix_case(4, 1024, 288, cfg)])
     if cfg.quick:
         return [_mllama_case(1, 128, 1, cfg), _qformer_case(16, cfg)]
-    return [_mllama_case(1, 256, 1, cfg), _mllama_case(1, 64, 2, cfg), _qformer_case(16, cfg),
+    return [_mllama_case(1, 256, 1, cfg), _mllama_case(1, 64, 2, cfg),
+            _mllama_decode_case(2, 4, cfg), _qformer_case(16, cfg),
             _qformer_case(64, cfg), _packed_case([256] * 4, cfg), _prefix_case(1, 512, 288, cfg)]
 
 
