@@ -288,6 +288,18 @@ def smoke_cross_attention(device: str) -> int:
                 out.float().square().sum().backward()
                 assert all(torch.isfinite(t.grad).all() for t in dev), "non-finite gradient"
             n += 1
+    if cuda:  # split-KV runs + the combine kernel (1 key tile in 3 runs: two are empty)
+        os.environ["VLMKERN_XATTN_SPLITS"] = "3"
+        try:
+            for q, k, v, kw in (cases[0], cases[1], cases[4]):
+                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+                ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
+                kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+                out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
+                _close(out, ref, f"cross_attention split-KV {sorted(kw)}")
+                n += 1
+        finally:
+            del os.environ["VLMKERN_XATTN_SPLITS"]
     if cuda:
         q = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         try:

@@ -112,8 +112,10 @@ def tile_bits(P, v, j0, lk):
 
 
 def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=None,
-            uniform=False):
-    """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) float tensors (values already in dt)."""
+            uniform=False, splits=1):
+    """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) float tensors (values already in dt). splits > 1
+    (not packed): split-KV, each run's partials (fp32) merged as cross_attention_combine_kernel
+    does."""
     B, Sq, Hq, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     DP = (D + 15) // 16 * 16
@@ -125,6 +127,9 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
     out = np.full((B, Sq, Hq, D), np.nan, np.float32)
     lse = np.full((B, Hq, Sq), np.nan, np.float32)
     packed = cu_q is not None
+    assert splits == 1 or not packed
+    o_part = np.full((splits, B, Sq, Hq, D), np.nan, np.float32)
+    lse_part = np.full((splits, B, Hq, Sq), np.nan, np.float32)
     mt = (Sq + BM - 1) // BM
     windows = mt if packed else B * mt
     N = len(cu_q) - 1 if packed else B
@@ -177,78 +182,106 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                             st["vis"][L][r] = vv
                             if vv["lo"] < vv["hi"]:
                                 span_lo, span_hi = min(span_lo, vv["lo"]), max(span_hi, vv["hi"])
-                    st["o"] = np.zeros((32, DP // 8, 4), np.float32)
-                    st["m"] = np.full((32, 2), -np.inf, np.float32)
-                    st["l"] = np.zeros((32, 2), np.float32)
-                kbb = span_lo // BN if span_lo < span_hi else 0
-                kbe = (span_hi + BN - 1) // BN if span_lo < span_hi else 0
-                for kb in range(kbb, kbe):
-                    j0 = kb * BN
-                    n = min(lk - j0, BN)
-                    sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
-                    sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
+                span_b = span_lo // BN if span_lo < span_hi else 0
+                span_e = (span_hi + BN - 1) // BN if span_lo < span_hi else 0
+                for z in range(splits):
+                    kbb, kbe = span_b, span_e
+                    if splits > 1:  # the kernel's run of tiles for blockIdx.z = z
+                      run_ = (kbe - kbb + splits - 1) // splits
+                      lo_r = kbb + z * run_
+                      kbe = min(lo_r + run_, kbe)
+                      kbb = min(lo_r, kbe)
+                    for w in range(4):
+                      st = W[w]
+                      st["o"] = np.zeros((32, DP // 8, 4), np.float32)
+                      st["m"] = np.full((32, 2), -np.inf, np.float32)
+                      st["l"] = np.zeros((32, 2), np.float32)
+                    for kb in range(kbb, kbe):
+                        j0 = kb * BN
+                        n = min(lk - j0, BN)
+                        sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
+                        sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
+                        for w in range(4):
+                            st = W[w]
+                            lanes = np.arange(32)
+                            s = np.zeros((32, 8, 4), np.float32)
+                            for kc in range(DP // 16):
+                                qf = ldm(sq_, w * 16 + (lanes & 15), kc * 16 + (lanes >> 4) * 8,
+                                         False)
+                                for n2 in range(4):
+                                    bk = ldm(sk, n2 * 16 + (lanes & 7) + ((lanes >> 4) << 3),
+                                             kc * 16 + ((lanes >> 3) & 1) * 8, False)
+                                    mma(s[:, 2 * n2], qf, bk[:, 0], bk[:, 1])
+                                    mma(s[:, 2 * n2 + 1], qf, bk[:, 2], bk[:, 3])
+                            assert not np.isnan(s).any()
+                            bits = [[tile_bits(P, st["vis"][L][r], j0, lk) for r in range(2)]
+                                    for L in range(32)]
+                            # softmax (quad = lanes 4g..4g+3)
+                            for r in range(2):
+                                x = np.full((32, 8, 2), -np.inf, np.float32)
+                                for L in range(32):
+                                    t = L % 4
+                                    for nb in range(8):
+                                        for e in range(2):
+                                            col = nb * 8 + 2 * t + e
+                                            if (bits[L][r] >> col) & 1:
+                                                x[L, nb, e] = s[L, nb, 2 * r + e] * sl2
+                                mx = x.reshape(32, -1).max(1)
+                                mx = mx.reshape(8, 4).max(1).repeat(4)
+                                m_new = np.maximum(st["m"][:, r], mx)
+                                m_use = np.where(m_new == -np.inf, 0, m_new).astype(np.float32)
+                                alpha = np.exp2(st["m"][:, r] - m_use)
+                                p = np.exp2(x - m_use[:, None, None])
+                                s[:, :, 2 * r:2 * r + 2] = p
+                                st["l"][:, r] = st["l"][:, r] * alpha + p.reshape(32, -1).sum(1)
+                                st["m"][:, r] = m_new
+                                st["o"][:, :, 2 * r:2 * r + 2] *= alpha[:, None, None]
+                            for kc in range(4):
+                                a = np.stack([s[:, 2 * kc, 0:2], s[:, 2 * kc, 2:4],
+                                              s[:, 2 * kc + 1, 0:2], s[:, 2 * kc + 1, 2:4]], 1)
+                                a = rnd(a, dt)
+                                for n2 in range(DP // 16):
+                                    bv = ldm(sv, kc * 16 + (lanes & 7) + ((lanes >> 3) & 1) * 8,
+                                             n2 * 16 + (lanes >> 4) * 8, True)
+                                    mma(st["o"][:, 2 * n2], a, bv[:, 0], bv[:, 1])
+                                    mma(st["o"][:, 2 * n2 + 1], a, bv[:, 2], bv[:, 3])
+                    # epilogue
                     for w in range(4):
                         st = W[w]
-                        lanes = np.arange(32)
-                        s = np.zeros((32, 8, 4), np.float32)
-                        for kc in range(DP // 16):
-                            qf = ldm(sq_, w * 16 + (lanes & 15), kc * 16 + (lanes >> 4) * 8, False)
-                            for n2 in range(4):
-                                bk = ldm(sk, n2 * 16 + (lanes & 7) + ((lanes >> 4) << 3),
-                                         kc * 16 + ((lanes >> 3) & 1) * 8, False)
-                                mma(s[:, 2 * n2], qf, bk[:, 0], bk[:, 1])
-                                mma(s[:, 2 * n2 + 1], qf, bk[:, 2], bk[:, 3])
-                        assert not np.isnan(s).any()
-                        bits = [[tile_bits(P, st["vis"][L][r], j0, lk) for r in range(2)]
-                                for L in range(32)]
-                        # softmax (quad = lanes 4g..4g+3)
                         for r in range(2):
-                            x = np.full((32, 8, 2), -np.inf, np.float32)
+                            ssum = st["l"][:, r].reshape(8, 4).sum(1).repeat(4)
                             for L in range(32):
+                                if not st["valid"][L, r]:
+                                    continue
                                 t = L % 4
-                                for nb in range(8):
-                                    for e in range(2):
-                                        col = nb * 8 + 2 * t + e
-                                        if (bits[L][r] >> col) & 1:
-                                            x[L, nb, e] = s[L, nb, 2 * r + e] * sl2
-                            mx = x.reshape(32, -1).max(1)
-                            mx = mx.reshape(8, 4).max(1).repeat(4)
-                            m_new = np.maximum(st["m"][:, r], mx)
-                            m_use = np.where(m_new == -np.inf, 0, m_new).astype(np.float32)
-                            alpha = np.exp2(st["m"][:, r] - m_use)
-                            p = np.exp2(x - m_use[:, None, None])
-                            s[:, :, 2 * r:2 * r + 2] = p
-                            st["l"][:, r] = st["l"][:, r] * alpha + p.reshape(32, -1).sum(1)
-                            st["m"][:, r] = m_new
-                            st["o"][:, :, 2 * r:2 * r + 2] *= alpha[:, None, None]
-                        for kc in range(4):
-                            a = np.stack([s[:, 2 * kc, 0:2], s[:, 2 * kc, 2:4],
-                                          s[:, 2 * kc + 1, 0:2], s[:, 2 * kc + 1, 2:4]], 1)
-                            a = rnd(a, dt)
-                            for n2 in range(DP // 16):
-                                bv = ldm(sv, kc * 16 + (lanes & 7) + ((lanes >> 3) & 1) * 8,
-                                         n2 * 16 + (lanes >> 4) * 8, True)
-                                mma(st["o"][:, 2 * n2], a, bv[:, 0], bv[:, 1])
-                                mma(st["o"][:, 2 * n2 + 1], a, bv[:, 2], bv[:, 3])
-                # epilogue
-                for w in range(4):
-                    st = W[w]
-                    for r in range(2):
-                        ssum = st["l"][:, r].reshape(8, 4).sum(1).repeat(4)
-                        for L in range(32):
-                            if not st["valid"][L, r]:
-                                continue
-                            t = L % 4
-                            inv = 1 / ssum[L] if ssum[L] > 0 else 0
-                            row = st["row"][L, r]
-                            for nb in range(DP // 8):
-                                if nb * 8 < D:
-                                    out[b, row, h, nb * 8 + 2 * t:nb * 8 + 2 * t + 2] = rnd(
-                                        st["o"][L, nb, 2 * r:2 * r + 2] * inv, dt)
-                            if t == 0:
-                                lse[b, h, row] = ((st["m"][L, r] + math.log2(ssum[L])) * math.log(2)
-                                                  if ssum[L] > 0 else -np.inf)
+                                inv = 1 / ssum[L] if ssum[L] > 0 else 0
+                                row = st["row"][L, r]
+                                row_lse = ((st["m"][L, r] + math.log2(ssum[L])) * math.log(2)
+                                           if ssum[L] > 0 else -np.inf)
+                                for nb in range(DP // 8):
+                                    if nb * 8 < D:
+                                        c0 = nb * 8 + 2 * t
+                                        val_ = st["o"][L, nb, 2 * r:2 * r + 2] * inv
+                                        if splits > 1:
+                                            o_part[z, b, row, h, c0:c0 + 2] = val_
+                                        else:
+                                            out[b, row, h, c0:c0 + 2] = rnd(val_, dt)
+                                if t == 0:
+                                    if splits > 1:
+                                        lse_part[z, b, h, row] = row_lse
+                                    else:
+                                        lse[b, h, row] = row_lse
                 seg += 1
+    if splits > 1:  # cross_attention_combine_kernel, per (b, row, head), rows < Sq only
+        mx = lse_part.max(0)  # (B, Hq, Sq)
+        with np.errstate(invalid="ignore"):
+            w = np.where(np.isneginf(mx)[None], 0.0, np.exp(lse_part - mx[None]))
+        wsum = w.sum(0)
+        inv = np.where(wsum > 0, 1 / np.where(wsum > 0, wsum, 1), 0)
+        # o_part (S, B, Sq, Hq, D), weights (S, B, Hq, Sq) -> (S, B, Sq, Hq, 1)
+        acc = (w.transpose(0, 1, 3, 2)[..., None] * np.nan_to_num(o_part)).sum(0)
+        out = rnd(acc * inv.transpose(0, 2, 1)[..., None], dt)
+        lse = np.where(wsum > 0, mx + np.log(np.where(wsum > 0, wsum, 1)), -np.inf)
     return torch.tensor(out), torch.tensor(lse)
 
 
@@ -287,6 +320,17 @@ def _main() -> None:
     pl = torch.tensor([3, 0])
     q, k, v = r(2, 70, 1, 64), r(2, 130, 1, 64), r(2, 130, 1, 64)
     run("prefix-LM", q, k, v, {"mode": "prefix_lm", "prefix_len": pl}, {"prefix": pl})
+    # split-KV: uneven runs (5 tiles in 3), empty runs (2 tiles in 4), dead rows in both modes
+    run("D=64 splits=3", r(1, 70, 2, 64), r(1, 300, 1, 64), r(1, 300, 1, 64), {}, {"splits": 3})
+    run("D=128 splits=2", r(2, 20, 4, 128), r(2, 200, 2, 128), r(2, 200, 2, 128), {},
+        {"splits": 2})
+    q, k, v = r(2, 130, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
+    for mr in ("zero", "uniform"):
+        run(f"ranges {mr} splits=4", q, k, v, {"kv_ranges": rg, "masked_rows": mr},
+            {"ranges": rg, "uniform": mr == "uniform", "splits": 4})
+    q, k, v = r(2, 70, 1, 64), r(2, 130, 1, 64), r(2, 130, 1, 64)
+    run("prefix-LM splits=2", q, k, v, {"mode": "prefix_lm", "prefix_len": pl},
+        {"prefix": pl, "splits": 2})
     cq = torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32)
     ck = torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32)
     q, k, v = r(100, 2, 64), r(90, 1, 64), r(90, 1, 64)

@@ -20,7 +20,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "common/checks.h"
@@ -40,6 +43,45 @@ at::Tensor kernel_layout(const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) % 8 == 0);
   // clone, not contiguous(): a contiguous tensor at an odd offset would come back as itself.
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Multiprocessor count of `device`, asked once per device (no host sync; atomics: benign race).
+int sm_count(int device) {
+  static std::atomic<int> cached[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        n <= 0) {
+      cudaGetLastError();
+      n = 132;
+    }
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Split-KV runs for the forward: VLMKERN_XATTN_SPLITS=n forces n (1 = off; for tests and
+// benches), else more than one only when the (window, head) CTAs cannot fill the GPU and the
+// keys are long: enough runs for ~2 CTAs per SM, each of >= 4 key tiles (256 keys), at most 16.
+// Packed input never splits.
+int xattn_num_splits(const char* op, const XattnParams& p, int device) {
+  if (p.packed) return 1;
+  if (const char* env = std::getenv("VLMKERN_XATTN_SPLITS"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    VLMKERN_CHECK(end != nullptr && *end == '\0' && n >= 1 && n <= 64, op,
+                  "VLMKERN_XATTN_SPLITS must be an integer in [1, 64], got '", std::string(env),
+                  "'");
+    return static_cast<int>(n);
+  }
+  const int64_t ctas = p.batch * ((p.seq_q + 63) / 64) * p.heads_q;
+  const int64_t sms = sm_count(device);
+  if (ctas == 0 || ctas >= sms) return 1;
+  const int64_t want = (2 * sms + ctas - 1) / ctas, tiles = (p.seq_k + 63) / 64;
+  int64_t n = want < tiles / 4 ? want : tiles / 4;
+  n = n < 16 ? n : 16;
+  return n > 1 ? static_cast<int>(n) : 1;
 }
 
 XattnDevIndex dev_index(const XattnIndex& ix) {
@@ -99,7 +141,18 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   c.num_segments = p.num_segments;
   c.prefix_lm = p.prefix_lm ? 1 : 0;
   c.prefix = dev_index(p.prefix);
-  C10_CUDA_CHECK(cuda_cross_attention_fwd(c, c10::cuda::getCurrentCUDAStream(q.device().index())));
+  c.num_splits = xattn_num_splits(op, p, q.device().index());
+  at::Tensor o_part, lse_part;  // split-KV partials, fp32
+  if (c.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    o_part = at::empty({c.num_splits, p.batch, p.seq_q, p.heads_q, p.head_dim}, f32);
+    lse_part = at::empty({c.num_splits, p.batch, p.heads_q, p.seq_q}, f32);
+    c.o_part = o_part.mutable_data_ptr<float>();
+    c.lse_part = lse_part.mutable_data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
+  C10_CUDA_CHECK(cuda_cross_attention_fwd(c, stream));
+  if (c.num_splits > 1) C10_CUDA_CHECK(cuda_cross_attention_combine(c, stream));
   return {out, lse};
 }
 

@@ -38,6 +38,12 @@ struct XattnCudaParams {
   int64_t num_segments = 0;
   int prefix_lm = 0;  // prefix (B or N,)
   XattnDevIndex prefix;
+  // Split-KV (not packed): num_splits > 1 runs grid.z = num_splits CTAs per window over disjoint
+  // runs of the key tiles, writing partials that cuda_cross_attention_combine merges into out
+  // and lse.
+  int num_splits = 1;
+  float* o_part = nullptr;    // (num_splits, B, Sq, Hq, D) fp32
+  float* lse_part = nullptr;  // (num_splits, B, Hq, Sq) fp32, natural log
 };
 
 // Head dims the CUDA kernel takes (anything else is rejected by the glue before launching).
@@ -47,6 +53,10 @@ inline bool xattn_cuda_head_dim_ok(int64_t d) {
 
 // Enqueues the forward on `stream`; returns the launch status (no sync, graph-capture safe).
 cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stream);
+
+// Merges the split-KV partials of p (num_splits > 1) into p.out and p.lse on `stream`
+// (cuda/cross_attention_combine.cu).
+cudaError_t cuda_cross_attention_combine(const XattnCudaParams& p, cudaStream_t stream);
 
 // One instantiation per (element type, head dim padded to 16) in cuda/instantiations/.
 template <typename T, int kHeadDimPad>

@@ -15,6 +15,11 @@
 // Per pass, each row's visible keys (RowVis) give the CTA's key span (union over rows): tiles
 // outside it are never loaded; inside it, per-element masks come from 64-bit tile bit masks.
 // Rows that see nothing: out = 0, lse = -inf ("zero"), or every key ("uniform", HF).
+//
+// Split-KV (num_splits > 1, dense / ranges / prefix-LM, not packed): grid.z splits the CTA's key
+// span into num_splits runs of whole tiles; each CTA writes its rows' partial output (normalized
+// by its own sum, fp32) and partial lse to o_part / lse_part, and
+// cross_attention_combine_kernel (cross_attention_combine.cuh) merges them.
 // No ATen/torch includes.
 #pragma once
 
@@ -184,8 +189,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     int64_t span_lo, span_hi;
     cta_key_span(vis, s_lo, s_hi, span_lo, span_hi);
-    const int64_t kb_begin = span_lo < span_hi ? span_lo / kBlockN : 0;
-    const int64_t kb_end = span_lo < span_hi ? (span_hi + kBlockN - 1) / kBlockN : 0;
+    int64_t kb_begin = span_lo < span_hi ? span_lo / kBlockN : 0;
+    int64_t kb_end = span_lo < span_hi ? (span_hi + kBlockN - 1) / kBlockN : 0;
+    if (p.num_splits > 1) {  // split-KV: this CTA takes run blockIdx.z of the span's tiles
+      const int64_t run = (kb_end - kb_begin + p.num_splits - 1) / p.num_splits;
+      const int64_t lo = kb_begin + static_cast<int64_t>(blockIdx.z) * run;
+      kb_end = lo + run < kb_end ? lo + run : kb_end;
+      kb_begin = lo < kb_end ? lo : kb_end;  // an empty run: partial 0, lse -inf
+    }
 
     float o[kDBlocks][4];  // (16, kHeadDimPad) fp32 output accumulator, registers
 #pragma unroll
@@ -270,6 +281,20 @@ __global__ void __launch_bounds__(kThreads)
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       if (!valid[r]) continue;
       const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float row_lse = sum > 0.f ? (m[r] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+      if (p.num_splits > 1) {  // partials: o_part (splits, B, Sq, Hq, D), lse_part (splits, B, Hq, Sq)
+        const int64_t z = blockIdx.z;
+        float* po = p.o_part + (((z * p.batch + b) * p.seq_q + row[r]) * p.heads_q + h) * d;
+#pragma unroll
+        for (int nb = 0; nb < kDBlocks; ++nb) {
+          if (nb * 8 < d) {
+            *reinterpret_cast<float2*>(po + nb * 8 + 2 * t) =
+                make_float2(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
+          }
+        }
+        if (t == 0) p.lse_part[((z * p.batch + b) * p.heads_q + h) * p.seq_q + row[r]] = row_lse;
+        continue;
+      }
       T* out = static_cast<T*>(p.out) + ((b * p.seq_q + row[r]) * p.heads_q + h) * d;
 #pragma unroll
       for (int nb = 0; nb < kDBlocks; ++nb) {
@@ -278,10 +303,7 @@ __global__ void __launch_bounds__(kThreads)
               pack2<T>(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
         }
       }
-      if (t == 0) {
-        p.lse[(b * p.heads_q + h) * p.seq_q + row[r]] =
-            sum > 0.f ? (m[r] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-      }
+      if (t == 0) p.lse[(b * p.heads_q + h) * p.seq_q + row[r]] = row_lse;
     }
     __syncthreads();  // s_lo / s_hi are rewritten by the next pass
   }

@@ -11,7 +11,7 @@ template <typename T, int kHeadDimPad>
 cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   using namespace xattn_cuda;
   // grid.x: 64-row windows (B * ceil(Sq / 64), or ceil(total_q / 64) packed), grid.y: q heads
-  // (<= 65535, checked by the glue).
+  // (<= 65535, checked by the glue), grid.z: split-KV runs.
   const int64_t m_tiles = (p.seq_q + kBlockM - 1) / kBlockM;
   const int64_t windows = p.packed ? m_tiles : p.batch * m_tiles;
   if (windows == 0 || p.heads_q == 0) return cudaSuccess;
@@ -21,7 +21,9 @@ cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(p.heads_q));
+  // grid.z: split-KV runs (1 unless the glue chose more; never for packed input).
+  const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.num_splits > 1 && !p.packed ? p.num_splits : 1));
   kernel<<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
