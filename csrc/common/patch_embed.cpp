@@ -184,9 +184,10 @@ PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_p
 at::Tensor patch_matrix(const at::Tensor& pixels, const ImageGeom& g, at::ScalarType dtype,
                         int64_t kp) {
   const int64_t k = g.c * g.p * g.p;
-  if (pixels.is_cuda() && cuda_patch_matrix != nullptr) {
-    at::Tensor out = at::empty({g.b * g.l, kp}, pixels.options().dtype(dtype));  // (M, kp)
-    if (cuda_patch_matrix(pixels, g.channels_last, g.p, g.gh, g.gw, out)) return out;
+  at::Tensor out = at::empty({g.b * g.l, kp}, pixels.options().dtype(dtype));  // (M, kp)
+  if (pixels.is_cuda() && cuda_patch_matrix != nullptr &&
+      cuda_patch_matrix(pixels, g.channels_last, g.p, g.gh, g.gw, out)) {
+    return out;
   }
   at::Tensor view;
   if (g.channels_last) {  // (B, gh, P, gw, P, C) -> (B, gh, gw, P, P, C)
@@ -194,7 +195,6 @@ at::Tensor patch_matrix(const at::Tensor& pixels, const ImageGeom& g, at::Scalar
   } else {  // (B, C, gh, P, gw, P) -> (B, gh, gw, C, P, P)
     view = pixels.unflatten(2, {g.gh, g.p}).unflatten(4, {g.gw, g.p}).permute({0, 2, 4, 1, 3, 5});
   }
-  at::Tensor out = at::empty({g.b * g.l, kp}, pixels.options().dtype(dtype));  // (M, kp)
   if (kp > k) out.narrow(1, k, kp - k).zero_();
   out.narrow(1, 0, k).view(view.sizes()).copy_(view);
   return out;
@@ -339,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
       const at::Tensor xk = x.narrow(1, 0, k);
       x = channels_last ? normalize_rows(xk.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
                         : normalize_rows(xk.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
-      x = at::constant_pad_nd(x.view({g.b * g.l, k}), {0, kp - k});
+      x = x.view({g.b * g.l, k});
+      if (kp > k) x = at::constant_pad_nd(x, {0, kp - k});
     }
     const at::Tensor dw = at::mm(rows.t(), x).narrow(1, 0, k);  // (D, K) view of (D, kp)
     d_weight = channels_last

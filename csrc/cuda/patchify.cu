@@ -11,8 +11,10 @@ namespace {
 
 template <typename In, typename Out>
 cudaError_t launch(const PatchifyParams& p, const PatchifyArgs& a, cudaStream_t stream) {
+  // Enough blocks to fill the GPU several times over; each strides over row groups, reusing its
+  // offset table.
   const int64_t groups = (a.rows + kPatchifyRows - 1) / kPatchifyRows;
-  const unsigned blocks = static_cast<unsigned>(groups < 65535 * 16 ? groups : 65535 * 16);
+  const unsigned blocks = static_cast<unsigned>(groups < 4096 ? groups : 4096);
   const size_t smem = sizeof(int) * static_cast<size_t>(a.kp);
   patchify_kernel<In, Out><<<blocks, kPatchifyThreads, smem, stream>>>(
       static_cast<const In*>(p.pixels), static_cast<Out*>(p.out), a);
@@ -33,7 +35,9 @@ const char* patchify_unsupported(const PatchifyParams& p) {
   }
   if (p.out_dtype == PatchifyDtype::kUInt8) return "the GEMM dtype cannot be uint8";
   const int64_t k = int64_t{p.channels} * p.patch * p.patch;
-  if (p.channels < 1 || p.patch < 1 || p.kp < k || k > (1 << 20)) return "bad C, P or kp";
+  if (p.channels < 1 || p.patch < 1 || p.kp < k || p.kp % 8 != 0) {
+    return "C, P >= 1 and kp >= C*P*P, a multiple of 8";
+  }
   // Largest in-patch offset must fit the int table (strides are non-negative: checked here).
   if (p.stride_c < 0 || p.stride_h < 0 || p.stride_w < 0 || p.stride_b < 0) {
     return "negative pixel strides";

@@ -26,8 +26,9 @@ struct PatchifyParams {
   int64_t stride_b = 0, stride_c = 0, stride_h = 0, stride_w = 0;  // pixel strides (elements)
 };
 
-// Why `p` cannot take the kernel (nullptr when it can): unsupported dtype pair (the input must be
-// uint8 or out_dtype), or an in-patch offset past 2^31.
+// Why `p` cannot take the kernel (nullptr when it can): an unsupported dtype pair (the input
+// must be uint8 or out_dtype), kp not a multiple of 8 (16-byte row chunks), negative strides, an
+// in-patch offset past 2^31, or an offset table past 48 KiB of shared memory.
 const char* patchify_unsupported(const PatchifyParams& p);
 
 // Enqueues the kernel on `stream`; returns the launch status (no synchronization).

@@ -80,36 +80,74 @@ def test_cuda_repeats_are_bit_identical():
         assert torch.equal(vlmkern.ops.patch_embed(x, w, b, pos_embed=pos, cls_token=c), first)
 
 
+LAYOUTS = ["nchw", "nhwc", "cropped-view", "nhwc-view", "nchw-cl-memory", "uint8", "uint8-nhwc"]
+
+
+def _pixels(layout, b, size, dtype, g):
+    """(base tensor on the CPU, view to take of it on each device, channels_last flag)."""
+    if layout.startswith("uint8"):
+        base = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
+    else:
+        base = torch.randn(b + 1, 4, size + 5, size + 3, generator=g).to(dtype)
+    views = {  # offsets, gaps and crops are taken on the device, so the kernel sees them
+        "nchw": lambda t: t[1:, 1:, :size, :size].contiguous(),
+        "nhwc": lambda t: t[1:, 1:, :size, :size].permute(0, 2, 3, 1).contiguous(),
+        "cropped-view": lambda t: t[1:, 1:, 2:, :],  # storage offset, row gaps, crop=True
+        "nhwc-view": lambda t: t.permute(0, 2, 3, 1)[1:, 2:, 1:, 1:],  # strided (B, H, W, C)
+        "nchw-cl-memory": lambda t: t[1:, 1:, :size, :size].contiguous(
+            memory_format=torch.channels_last),
+        "uint8": lambda t: t,
+        "uint8-nhwc": lambda t: t.permute(0, 2, 3, 1).contiguous(),
+    }
+    return base, views[layout], layout in ("nhwc", "nhwc-view", "uint8-nhwc")
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "cropped-view", "uint8", "uint8-nhwc"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("patch", [7, 14, 16])  # K = 147, 588 (zero-padded to 152, 592), 768
 def test_cuda_patch_matrix_kernel(patch, layout, dtype):
     """Image mode's patch matrix comes from the patchify kernel on CUDA (dtype conversion, any
-    strides, K padded to 16-byte rows): forward and dW equal the CPU path's within the tier."""
+    strides, K padded to 16-byte rows): forward, dW and d_pixels equal the CPU path's within the
+    tier, and the profiler shows the kernel ran (the ATen fallback would pass the comparison)."""
     g = torch.Generator().manual_seed(patch)
-    b, d, grid = 2, 40, 3
-    size = grid * patch
+    b, d, gh, gw = 2, 40, 3, 2  # a non-square grid: gh / gw mix-ups show
+    size = max(gh, gw) * patch
+    base, view, channels_last = _pixels(layout, b, size, dtype, g)
     w = (torch.randn(d, 3, patch, patch, generator=g) * 0.05).to(dtype)
-    pos = torch.randn(grid * grid, d, generator=g).to(dtype)
+    pos = torch.randn(gh * gw, d, generator=g).to(dtype)
     norm = {}
     if layout.startswith("uint8"):
-        x = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
         norm = {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28], "rescale": 1 / 255}
-    elif layout == "cropped-view":  # offset, strided, cropped on the fly
-        x = torch.randn(b + 1, 4, size + 5, size + 3, generator=g).to(dtype)[1:, 1:, 2:, :]
-    else:
-        x = torch.randn(b, 3, size, size, generator=g).to(dtype)
-    channels_last = layout.endswith("nhwc")
-    if channels_last:
-        x = x.permute(0, 2, 3, 1).contiguous()
+    float_px = not layout.startswith("uint8")
     outs = {}
     for dev in ("cpu", "cuda"):
+        x = view(base.to(dev))
+        hdim = 1 if channels_last else 2  # non-square grid: H cropped to gh * P, W to gw * P
+        x = x.narrow(hdim, 0, gh * patch).narrow(hdim + 1, 0, gw * patch)
+        if float_px:
+            x.requires_grad_()
         wd = w.to(dev).requires_grad_()
-        out = vlmkern.ops.patch_embed(x.to(dev), wd, None, pos_embed=pos.to(dev),
-                                      channels_last=channels_last, crop=True, **norm)
-        (dw,) = torch.autograd.grad(out, [wd], torch.ones_like(out))
-        outs[dev] = (out.detach(), dw)
+
+        def run(x=x, wd=wd, dev=dev):
+            return vlmkern.ops.patch_embed(x, wd, None, pos_embed=pos.to(dev), pos_interp="none",
+                                           channels_last=channels_last, crop=True, **norm)
+
+        out = run()
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(dev)
+        leaves = [wd, x] if float_px else [wd]
+        outs[dev] = (out.detach(), *torch.autograd.grad(out, leaves, go))
+        if dev == "cuda":
+            assert any("patchify_kernel" in n for n in _kernel_names(run)), "kernel did not run"
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     for a, c in zip(outs["cuda"], outs["cpu"], strict=True):
-        assert a.device.type == "cuda" and a.is_contiguous()
+        assert a.device.type == "cuda"
         torch.testing.assert_close(a.cpu().float(), c.float(), **tol)

@@ -1,13 +1,15 @@
-// Patchify kernel (torch-free): each block fills kPatchifyRows rows of the (M, kp) patch matrix.
-// The in-patch source offset of every feature k is the same for all rows, so a block computes
-// that table once into shared memory; a row is then base(b, ph, pw) + table[k], written with
-// consecutive threads on consecutive k (coalesced stores; reads follow the P-long pixel runs).
+// Patchify kernel (torch-free): fills the (M, kp) patch matrix of a stride = kernel conv. The
+// in-patch source offset of every feature k is the same for all rows, so each block builds that
+// table once in shared memory and strides over groups of kPatchifyRows rows; an element is then
+// row_base(b, ph, pw) + table[k]. Each thread moves 8 consecutive k (8 independent loads, one
+// 16-byte store); consecutive threads write consecutive 16-byte chunks.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace vlmkern {
@@ -44,11 +46,27 @@ struct PatchifyArgs {
   int64_t stride_b, stride_c, stride_h, stride_w;
 };
 
-// pixels: (B, C, H, W) at the given strides; out: (M, kp) contiguous.
+// Eight Out values to 16-byte aligned dst: one 16-byte store (fp16 / bf16) or two (fp32).
+template <typename Out>
+__device__ __forceinline__ void store8(Out* dst, const Out (&v)[8]) {
+  if constexpr (sizeof(Out) == 2) {
+    uint4 u;
+    memcpy(&u, v, sizeof(u));
+    *reinterpret_cast<uint4*>(dst) = u;
+  } else {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
+// pixels: (B, C, H, W) at the given strides; out: (M, kp) contiguous, kp % 8 == 0. Work item =
+// (row, group of 8 consecutive k): 8 independent loads, one vector store. Blocks stride over
+// groups of kPatchifyRows rows, so the offset table is built once per block.
 template <typename In, typename Out>
 __global__ void __launch_bounds__(kPatchifyThreads)
     patchify_kernel(const In* __restrict__ pixels, Out* __restrict__ out, PatchifyArgs a) {
   extern __shared__ int patch_offset[];  // (kp,) in-patch source offset of feature k, -1 = pad
+  __shared__ int64_t row_base[kPatchifyRows];  // source offset of each row's patch origin
   const int p = a.patch, c = a.channels;
   for (int k = threadIdx.x; k < a.kp; k += blockDim.x) {
     int off = -1;
@@ -67,21 +85,30 @@ __global__ void __launch_bounds__(kPatchifyThreads)
     }
     patch_offset[k] = off;
   }
-  __syncthreads();
+  const int groups = a.kp / 8, items = kPatchifyRows * groups;
   const int64_t per_image = a.gh * a.gw;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kPatchifyRows; first < a.rows;
        first += static_cast<int64_t>(gridDim.x) * kPatchifyRows) {
-    const int64_t last = first + kPatchifyRows < a.rows ? first + kPatchifyRows : a.rows;
-    for (int64_t m = first; m < last; ++m) {
+    if (threadIdx.x < kPatchifyRows && first + threadIdx.x < a.rows) {
+      const int64_t m = first + threadIdx.x;  // row m = (b, ph, pw)
       const int64_t b = m / per_image, rem = m - b * per_image;
       const int64_t ph = rem / a.gw, pw = rem - ph * a.gw;
-      const In* src = pixels + b * a.stride_b + ph * p * a.stride_h + pw * p * a.stride_w;
-      Out* dst = out + m * a.kp;
-      for (int k = threadIdx.x; k < a.kp; k += blockDim.x) {
-        const int off = patch_offset[k];
-        dst[k] = off >= 0 ? patchify_convert<In, Out>(src[off]) : patchify_cast<Out>(0.0f);
-      }
+      row_base[threadIdx.x] = b * a.stride_b + ph * p * a.stride_h + pw * p * a.stride_w;
     }
+    __syncthreads();  // the table (first pass) and this group's row bases are ready
+    for (int it = threadIdx.x; it < items; it += blockDim.x) {
+      const int r = it / groups, k0 = (it - r * groups) * 8;
+      if (first + r >= a.rows) break;  // items are row-major: every later one is past the end
+      const In* src = pixels + row_base[r];
+      Out v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int off = patch_offset[k0 + e];
+        v[e] = off >= 0 ? patchify_convert<In, Out>(src[off]) : patchify_cast<Out>(0.0f);
+      }
+      store8<Out>(out + (first + r) * a.kp + k0, v);
+    }
+    __syncthreads();  // row_base is rewritten by the next group
   }
 }
 

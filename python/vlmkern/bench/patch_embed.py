@@ -14,7 +14,9 @@ from vlmkern.bench.harness import MM, Case, Config
 NAME = "patch_embed"
 BASELINE = "unfold+linear"
 EXACT = False  # GEMMs with different summation orders: checked with a tolerance
-ROOFLINES = (MM,)  # torch.mm on the pre-unfolded matrix: timed, not compared with the reference
+MM_UNPADDED = "torch.mm K unpadded"
+# torch.mm on the pre-unfolded matrix, padded and not: timed, not compared with the reference
+ROOFLINES = (MM, MM_UNPADDED)
 
 
 # ---- image mode: inputs (pixels (B, 3, H, W), weight, bias, pos (L, D), cls, Xpre, Wt) --------
@@ -35,7 +37,9 @@ def _image_case(label: str, batch: int, size: int, patch: int, dim: int, bias: b
         xpre = x.unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(-1, k)
         kp = -(-k // 8) * 8  # zero-padded to 16-byte rows, as vlmkern's GEMM runs (588 -> 592)
         wpre = F.pad(weight.reshape(dim, k), (0, kp - k)).t().contiguous()
-        return pixels, weight, b, pos, c, (F.pad(xpre, (0, kp - k)).contiguous(), wpre)
+        wk = weight.reshape(dim, k).t().contiguous()
+        return (pixels, weight, b, pos, c,
+                (F.pad(xpre, (0, kp - k)).contiguous(), wpre, xpre.contiguous(), wk))
 
     elt = torch.empty((), dtype=dt).element_size()
     nbytes = (batch * 3 * size * size + dim * k + batch * (tokens + int(cls)) * dim) * elt
@@ -129,11 +133,16 @@ def hf_packed(patches, weight, bias, pos, grid, pre, merge):
 
 
 def mm_roofline(*args, **kwargs):
-    """torch.mm on the pre-unfolded (M, K) matrix, K zero-padded to a multiple of 8 (P = 14:
-    588 -> 592; unpadded rows are 4-byte aligned and cuBLAS takes slower kernels): the GEMM alone,
-    no patchify, bias or positions."""
-    xpre, wt = args[5]
-    return torch.mm(xpre, wt)
+    """torch.mm on the pre-unfolded (M, K) matrix, K zero-padded to a multiple of 8 as vlmkern
+    runs it (P = 14: 588 -> 592, 16-byte rows): the GEMM alone, no patchify, bias or positions."""
+    return torch.mm(args[5][0], args[5][1])
+
+
+def mm_unpadded(*args, **kwargs):
+    """The same GEMM on the unpadded (M, K) rows (P = 14: 1176-byte, 8-byte aligned rows), to
+    show what the padding buys; packed rows are never padded (K = 1176 / 1536)."""
+    pre = args[5]
+    return torch.mm(pre[2], pre[3]) if len(pre) == 4 else torch.mm(pre[0], pre[1])
 
 
 
@@ -183,6 +192,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
         "HF conv": _Dispatch(hf_image, hf_packed),
         "unfold+linear": _Dispatch(unfold_linear_image, unfold_linear_packed),
         MM: mm_roofline,
+        MM_UNPADDED: mm_unpadded,
     }
 
 
