@@ -19,12 +19,12 @@ LOG2E = np.float32(1.4426950408889634)
 LANES = np.arange(32)
 
 
-def mma_abt(a_sm, a_row0, b_sm, DP):
-    """(32, 8, 4) C fragments of A (16 rows from a_row0, DP) · B (64 rows, DP)ᵀ."""
-    acc = np.zeros((32, 8, 4), np.float32)
+def mma_abt(a_sm, a_row0, b_sm, DP, nb=8):
+    """(32, nb, 4) C fragments of A (16 rows from a_row0, DP) · B (8 nb rows, DP)ᵀ."""
+    acc = np.zeros((32, nb, 4), np.float32)
     for kc in range(DP // 16):
         af = ldm(a_sm, a_row0 + (LANES & 15), kc * 16 + (LANES >> 4) * 8, False)
-        for n2 in range(4):
+        for n2 in range(nb // 2):
             bf = ldm(b_sm, n2 * 16 + (LANES & 7) + ((LANES >> 4) << 3),
                      kc * 16 + ((LANES >> 3) & 1) * 8, False)
             mma(acc[:, 2 * n2], af, bf[:, 0], bf[:, 1])
@@ -34,8 +34,8 @@ def mma_abt(a_sm, a_row0, b_sm, DP):
 
 
 def mma_cb(acc, c, b_sm, DP, dt):
-    """acc (32, DP / 8, 4) += C (16, 64) (rounded to dt) · B (64 rows, DP), B read transposed."""
-    for kc in range(4):
+    """acc (32, DP / 8, 4) += C (16, 8 nb) (rounded to dt) · B (8 nb rows, DP), B transposed."""
+    for kc in range(c.shape[1] // 2):
         a = np.stack([c[:, 2 * kc, 0:2], c[:, 2 * kc, 2:4], c[:, 2 * kc + 1, 0:2],
                       c[:, 2 * kc + 1, 2:4]], 1)
         a = rnd(a, dt)
@@ -137,30 +137,33 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
                         s_delta = np.zeros(BM, np.float32)
                         s_lse[:rows] = lsen[b, hq, i0:i0 + rows] * LOG2E
                         s_delta[:rows] = delta[b, hq, i0:i0 + rows]
-                        for w in range(4):
-                            s = mma_abt(s_k, w * 16, s_q, DP)
+                        QC = 32 if DP >= 128 else 64  # kQCols
+                        for w, part in ((w, part) for w in range(4) for part in range(BM // QC)):
+                            sq = s_q[part * QC:(part + 1) * QC]
+                            sdo = s_do[part * QC:(part + 1) * QC]
+                            s = mma_abt(s_k, w * 16, sq, DP, QC // 8)
                             with np.errstate(over="ignore", invalid="ignore"):
                                 for L in range(32):
                                     g, t = L // 4, L % 4
-                                    for nb in range(8):
+                                    for nb in range(QC // 8):
                                         for e in range(2):
-                                            col = nb * 8 + 2 * t + e
+                                            col = part * QC + nb * 8 + 2 * t + e
                                             for r in range(2):
                                                 seen = (s_bits[col] >> (w * 16 + g + 8 * r)) & 1
                                                 x = s[L, nb, 2 * r + e] * sl2 - s_lse[col]
                                                 s[L, nb, 2 * r + e] = np.exp2(x) if seen else 0
-                            mma_cb(acc_v[w], s, s_do, DP, dt)
-                            dp = mma_abt(s_v, w * 16, s_do, DP)
+                            mma_cb(acc_v[w], s, sdo, DP, dt)
+                            dp = mma_abt(s_v, w * 16, sdo, DP, QC // 8)
                             for L in range(32):
                                 t = L % 4
-                                for nb in range(8):
+                                for nb in range(QC // 8):
                                     for e in range(2):
-                                        dl = s_delta[nb * 8 + 2 * t + e]
+                                        dl = s_delta[part * QC + nb * 8 + 2 * t + e]
                                         for r in range(2):
                                             pv = s[L, nb, 2 * r + e]
                                             s[L, nb, 2 * r + e] = (pv * (dp[L, nb, 2 * r + e] - dl)
                                                                    if pv != 0 else 0)
-                            mma_cb(acc_k[w], s, s_q, DP, dt)
+                            mma_cb(acc_k[w], s, sq, DP, dt)
                 for w in range(4):
                     for L in range(32):
                         g = L // 4
@@ -374,6 +377,22 @@ def _main(selected) -> None:
                  dt, {}, {})
         run_case("odd Sq=65 Sk=129 MQA D=128", r(dt, 1, 65, 4, 128), r(dt, 1, 129, 1, 128),
                  r(dt, 1, 129, 1, 128), dt, {}, {}, with_dlse=True)
+
+    @case
+    def d128_modes():  # the dK / dV kernel's two 32-row halves (kQCols) under masks
+        dt = torch.bfloat16
+        rg = vlmkern.ops.mllama_kv_ranges(mllama_mask(1, 100, 2, 2, seed=7), 20)
+        q, k, v = r(dt, 1, 100, 2, 128), r(dt, 1, 80, 1, 128), r(dt, 1, 80, 1, 128)
+        for mr in ("zero", "uniform"):
+            run_case(f"D=128 ranges GQA {mr}", q, k, v, dt, {"kv_ranges": rg, "masked_rows": mr},
+                     {"ranges": rg, "uniform": mr == "uniform"}, with_dlse=True)
+        cq = torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32)
+        ck = torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32)
+        q, k, v = r(dt, 1, 100, 1, 128), r(dt, 1, 90, 1, 128), r(dt, 1, 90, 1, 128)
+        pl = torch.tensor([4, 0, 0, 2, 100])
+        run_case("D=128 packed prefix-LM", q, k, v, dt,
+                 {"cu_seqlens_q": cq, "cu_seqlens_k": ck, "mode": "prefix_lm",
+                  "prefix_len": pl}, {"cu_q": cq, "cu_k": ck, "prefix": pl}, packed=True)
 
     names = selected or list(cases)
     for n in names:

@@ -13,7 +13,9 @@
 //      64-row q tiles; the tile's per-row visibility of the 64 keys (64-bit masks, the forward's
 //      row_visibility / tile_bits) goes to smem and tiles that see none of the keys are skipped
 //      before loading; for each of the G q heads of the kv head: Sᵀ = K Qᵀ, Pᵀ, dV += Pᵀ dO,
-//      dPᵀ = V dOᵀ, dSᵀ, dK += dSᵀ Q (all m16n8k16, Sᵀ / dSᵀ C fragments reused as A fragments).
+//      dPᵀ = V dOᵀ, dSᵀ, dK += dSᵀ Q (all m16n8k16, Sᵀ / dSᵀ C fragments reused as A fragments;
+//      at D = 128 in two halves of 32 q rows, so that the fp32 dK / dV accumulators do not
+//      spill).
 //   3. dQ: one CTA = one 64-row q window x one q head, the forward's grid, segment passes and
 //      key span; per key tile S = Q Kᵀ, dP = dO Vᵀ, dS, dQ += dS K.
 // Outputs in q's dtype, dense; fp32 accumulation. No ATen/torch includes.
@@ -63,29 +65,29 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_delta_kernel(
   }
 }
 
-// C (16, 64) fp32 fragments of 8 column blocks -> the A fragment of columns 16 kc .. 16 kc + 15.
-template <typename T>
-__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kc) {
+// C (16, 8 kNB) fp32 fragments of kNB column blocks -> the A fragment of columns 16 kc .. +15.
+template <typename T, int kNB>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[kNB][4], int kc) {
   a[0] = pack2<T>(c[2 * kc][0], c[2 * kc][1]);
   a[1] = pack2<T>(c[2 * kc][2], c[2 * kc][3]);
   a[2] = pack2<T>(c[2 * kc + 1][0], c[2 * kc + 1][1]);
   a[3] = pack2<T>(c[2 * kc + 1][2], c[2 * kc + 1][3]);
 }
 
-// acc (16, 64) += A (16, kHeadDimPad) Bᵀ: A from smem rows at a_addr (the lane's ldmatrix row
-// address, as for the forward's Q), B (64, kHeadDimPad) rows of b_tile (as the forward's K).
-template <typename T, int kHeadDimPad>
-__device__ __forceinline__ void mma_abt(float (&acc)[8][4], uint32_t a_addr, const T* b_tile) {
+// acc (16, 8 kNB) = A (16, kHeadDimPad) Bᵀ: A from smem rows at a_addr (the lane's ldmatrix row
+// address, as for the forward's Q), B (8 kNB, kHeadDimPad) rows of b_tile (as the forward's K).
+template <typename T, int kHeadDimPad, int kNB = 8>
+__device__ __forceinline__ void mma_abt(float (&acc)[kNB][4], uint32_t a_addr, const T* b_tile) {
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int nb = 0; nb < 8; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+  for (int nb = 0; nb < kNB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
 #pragma unroll
   for (int kc = 0; kc < kHeadDimPad / 16; ++kc) {
     uint32_t af[4];  // (16, 16) T A fragment, registers
     ldmatrix_x4(af, a_addr + kc * 16 * static_cast<uint32_t>(sizeof(T)));
 #pragma unroll
-    for (int n2 = 0; n2 < 4; ++n2) {  // B rows 16 n2 .. 16 n2 + 15
+    for (int n2 = 0; n2 < kNB / 2; ++n2) {  // B rows 16 n2 .. 16 n2 + 15
       uint32_t bf[4];
       ldmatrix_x4(bf, smem_addr(b_tile + (n2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * kPitch +
                                 kc * 16 + ((lane >> 3) & 1) * 8));
@@ -95,17 +97,17 @@ __device__ __forceinline__ void mma_abt(float (&acc)[8][4], uint32_t a_addr, con
   }
 }
 
-// acc (16, kHeadDimPad) += C (16, 64) B: C as fp32 fragments (rounded to T), B (64, kHeadDimPad)
-// row-major in smem (read transposed, as the forward's V).
-template <typename T, int kHeadDimPad>
-__device__ __forceinline__ void mma_cb(float (&acc)[kHeadDimPad / 8][4], const float (&c)[8][4],
-                                       const T* b_tile) {
+// acc (16, kHeadDimPad) += C (16, 8 kNB) B: C as fp32 fragments (rounded to T), B (8 kNB,
+// kHeadDimPad) row-major in smem (read transposed, as the forward's V).
+template <typename T, int kHeadDimPad, int kNB = 8>
+__device__ __forceinline__ void mma_cb(float (&acc)[kHeadDimPad / 8][4],
+                                       const float (&c)[kNB][4], const T* b_tile) {
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int kc = 0; kc < 4; ++kc) {
+  for (int kc = 0; kc < kNB / 2; ++kc) {
     uint32_t a[4];
-    c_to_a<T>(a, c, kc);
+    c_to_a<T, kNB>(a, c, kc);
 #pragma unroll
     for (int n2 = 0; n2 < kHeadDimPad / 16; ++n2) {  // head-dim columns 16 n2 .. 16 n2 + 15
       uint32_t bf[4];
@@ -138,6 +140,8 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
   const XattnCudaParams& p = bp.a;
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   constexpr int kDBlocks = kHeadDimPad / 8;  // 8-column blocks of dK / dV
+  constexpr int kQCols = kHeadDimPad >= 128 ? 32 : 64;  // q rows per Sᵀ / dPᵀ register tile
+  constexpr int kNB = kQCols / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_k = reinterpret_cast<T*>(smem_raw);  // (kBlockN, kPitch) T, smem: the key window
   T* s_v = s_k + kBlockN * kPitch;           // (kBlockN, kPitch) T, smem
@@ -231,41 +235,47 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
         cp_async_wait<0>();
         __syncthreads();
 
-        // Sᵀ = K Qᵀ: (16 keys, 64 q rows) fp32 per warp -> Pᵀ.
-        float s[8][4];
-        mma_abt<T, kHeadDimPad>(s, k_frag_addr, s_q);
+        // Per part of kQCols q rows (all 64, or two halves of 32 where the dK + dV accumulators
+        // leave too few registers for two (16, 64) tiles): Sᵀ = K Qᵀ -> Pᵀ, dV += Pᵀ dO,
+        // dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta) (0 where not seen: Pᵀ is 0 there), dK += dSᵀ Q.
+#pragma unroll 1  // unrolled, the halves' loads are interleaved and spill
+        for (int part = 0; part < kBlockM / kQCols; ++part) {
+          const T* sq = s_q + part * kQCols * kPitch;    // (kQCols, kPitch) T, smem
+          const T* sdo = s_do + part * kQCols * kPitch;  // (kQCols, kPitch) T, smem
+          float s[kNB][4];  // (16 keys, kQCols q rows) fp32 per warp
+          mma_abt<T, kHeadDimPad, kNB>(s, k_frag_addr, sq);
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
+          for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = nb * 8 + 2 * t + e;  // q row of the tile
-            const uint64_t cb = s_bits[col];
-            const float lse2 = s_lse[col];
+            for (int e = 0; e < 2; ++e) {
+              const int col = part * kQCols + nb * 8 + 2 * t + e;  // q row of the tile
+              const uint64_t cb = s_bits[col];
+              const float lse2 = s_lse[col];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {  // key warp * 16 + g + 8 r of the window
-              const bool seen = (cb >> (warp * 16 + g + 8 * r)) & 1ull;
-              s[nb][2 * r + e] = seen ? exp2f(s[nb][2 * r + e] * p.scale_log2 - lse2) : 0.f;
+              for (int r = 0; r < 2; ++r) {  // key warp * 16 + g + 8 r of the window
+                const bool seen = (cb >> (warp * 16 + g + 8 * r)) & 1ull;
+                s[nb][2 * r + e] = seen ? exp2f(s[nb][2 * r + e] * p.scale_log2 - lse2) : 0.f;
+              }
             }
           }
-        }
-        mma_cb<T, kHeadDimPad>(dv, s, s_do);  // dV += Pᵀ dO
+          mma_cb<T, kHeadDimPad, kNB>(dv, s, sdo);  // dV += Pᵀ dO
 
-        // dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta) (0 where not seen: Pᵀ is 0 there).
-        float dp[8][4];
-        mma_abt<T, kHeadDimPad>(dp, v_frag_addr, s_do);
+          float dp[kNB][4];
+          mma_abt<T, kHeadDimPad, kNB>(dp, v_frag_addr, sdo);
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
+          for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float dl = s_delta[nb * 8 + 2 * t + e];
+            for (int e = 0; e < 2; ++e) {
+              const float dl = s_delta[part * kQCols + nb * 8 + 2 * t + e];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const float pv = s[nb][2 * r + e];
-              s[nb][2 * r + e] = pv != 0.f ? pv * (dp[nb][2 * r + e] - dl) : 0.f;
+              for (int r = 0; r < 2; ++r) {
+                const float pv = s[nb][2 * r + e];
+                s[nb][2 * r + e] = pv != 0.f ? pv * (dp[nb][2 * r + e] - dl) : 0.f;
+              }
             }
           }
+          mma_cb<T, kHeadDimPad, kNB>(dk, s, sq);  // dK += dSᵀ Q
         }
-        mma_cb<T, kHeadDimPad>(dk, s, s_q);  // dK += dSᵀ Q
         __syncthreads();  // s_q / s_do / s_lse / s_delta / s_bits are rewritten next
       }
     }
