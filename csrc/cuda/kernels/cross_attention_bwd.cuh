@@ -292,8 +292,11 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
   }
 }
 
+// D = 80: min 1 CTA / SM, or ptxas aims at 3 CTAs / SM (168 registers) and spills 4 bytes; other
+// head dims: no minimum (0), ptxas's own choice spills nothing (D = 64 keeps 168 registers).
 template <typename T, int kHeadDimPad>
-__global__ void __launch_bounds__(kThreads) cross_attention_bwd_dq_kernel(
+__global__ void __launch_bounds__(kThreads, kHeadDimPad == 80 ? 1 : 0)
+    cross_attention_bwd_dq_kernel(
     const XattnBwdParams bp) {
   static_assert(kHeadDimPad % 16 == 0, "mma k-chunks of 16");
   const XattnCudaParams& p = bp.a;
