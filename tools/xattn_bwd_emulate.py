@@ -7,8 +7,10 @@ reference's autograd gradients (the G3 rule for gradients: ≤ 3× plain PyTorch
 Smem pad columns are NaN and outputs start NaN (packed: 0, as the glue allocates them), so a
 read of padding or an unwritten element shows up. Keep it in step with the kernels.
 
-usage: PYTHONPATH=python:tests python tools/xattn_bwd_emulate.py [case ...]   (~minutes)
+usage: PYTHONPATH=python:tests python tools/xattn_bwd_emulate.py [case ...]   (~minutes; cases:
+dense_dims ranges prefix_lm packed qformer odd d128_modes fuzz, XBWD_FUZZ_SEED / _ITERS)
 """
+import os
 import sys
 
 import numpy as np
@@ -393,6 +395,47 @@ def _main(selected) -> None:
         run_case("D=128 packed prefix-LM", q, k, v, dt,
                  {"cu_seqlens_q": cq, "cu_seqlens_k": ck, "mode": "prefix_lm",
                   "prefix_len": pl}, {"cu_q": cq, "cu_k": ck, "prefix": pl}, packed=True)
+
+    @case
+    def fuzz():  # random small shapes, GQA groups, head dims and visibility modes
+        g = torch.Generator().manual_seed(int(os.environ.get("XBWD_FUZZ_SEED", "1")))
+
+        def ri(lo, hi):
+            return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+        for it in range(int(os.environ.get("XBWD_FUZZ_ITERS", "6"))):
+            dt = (torch.bfloat16, torch.float16)[it % 2]
+            d = (64, 72, 80, 96, 128)[ri(0, 4)]
+            hk, grp = ri(1, 2), ri(1, 3)
+            B, Sq, Sk = ri(1, 2), ri(1, 100), ri(2, 140)
+            mode = ("full", "ranges", "prefix", "packed")[it % 4]
+            mr = ("zero", "uniform")[ri(0, 1)]
+            kw, ekw = {"masked_rows": mr}, {"uniform": mr == "uniform"}
+            packed = mode == "packed"
+            if packed:
+                B = 1
+                n = ri(1, 4)
+                cq = torch.cat([torch.zeros(1), torch.randint(0, 40, (n,), generator=g).cumsum(0)])
+                ck = torch.cat([torch.zeros(1), torch.randint(0, 60, (n,), generator=g).cumsum(0)])
+                cq, ck = cq.int(), ck.int()
+                Sq, Sk = int(cq[-1]), int(ck[-1])
+                if Sq == 0 or Sk == 0:
+                    continue
+                kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck)
+                ekw.update(cu_q=cq, cu_k=ck)
+            elif mode == "ranges":
+                lo = torch.randint(0, Sk, (B, Sq, 2, 1), generator=g)
+                ln = torch.randint(0, Sk // 2 + 1, (B, Sq, 2, 1), generator=g)
+                rg = torch.cat([lo, (lo + ln).clamp(max=Sk)], -1).int()
+                kw["kv_ranges"], ekw["ranges"] = rg, rg
+            elif mode == "prefix":
+                pl = torch.randint(0, Sk + 1, (B,), generator=g)
+                kw.update(mode="prefix_lm", prefix_len=pl)
+                ekw["prefix"] = pl
+            q = r(dt, B, Sq, hk * grp, d)
+            k, v = r(dt, B, Sk, hk, d), r(dt, B, Sk, hk, d)
+            run_case(f"fuzz {mode} {mr} B={B} Sq={Sq} Sk={Sk} H={hk * grp}/{hk} D={d} {dt}",
+                     q, k, v, dt, kw, ekw, with_dlse=it % 3 == 0, packed=packed)
 
     names = selected or list(cases)
     for n in names:
