@@ -529,8 +529,8 @@ def test_compile_fullgraph_backward_cuda():
 
     fn = torch.compile(loss, fullgraph=True, backend=counter)
     for b in (1, 2, 3, 5):
-        q, k, v = (t.cuda().requires_grad_() for t in make_qkv("bshd", "contiguous", b, 33, 70,
-                                                              8, 2, 64, torch.bfloat16))
+        q, k, v = (t.cuda().requires_grad_() for t in make_qkv("bhsd", "fused", b, 33, 70, 8,
+                                                              2, 64, torch.bfloat16))
         got = torch.autograd.grad(fn(q, k, v), (q, k, v))
         expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
         assert all(torch.equal(a, e) for a, e in zip(got, expected, strict=True))
