@@ -5,7 +5,9 @@ smem address formulas, C -> A fragment reuse, visibility bits (smem per-row mask
 per-thread tile bits in dQ), q-tile skipping, segment passes and epilogues against the float64
 reference's autograd gradients (the G3 rule for gradients: ≤ 3× plain PyTorch's bf16 error).
 Smem pad columns are NaN and outputs start NaN (packed: 0, as the glue allocates them), so a
-read of padding or an unwritten element shows up. Keep it in step with the kernels.
+read of padding or an unwritten element shows up. Sequential: cp.async stages and barriers (the
+dQ kernel's 2-stage K / V pipeline, the forward's) are not emulated. Keep it in step with the
+kernels.
 
 usage: PYTHONPATH=python:tests python tools/xattn_bwd_emulate.py [case ...]   (~minutes; cases:
 dense_dims ranges prefix_lm packed qformer odd d128_modes fuzz, XBWD_FUZZ_SEED / _ITERS)

@@ -16,8 +16,9 @@
 //      dPᵀ = V dOᵀ, dSᵀ, dK += dSᵀ Q (all m16n8k16, Sᵀ / dSᵀ C fragments reused as A fragments;
 //      at D = 128 in two halves of 32 q rows, so that the fp32 dK / dV accumulators do not
 //      spill).
-//   3. dQ: one CTA = one 64-row q window x one q head, the forward's grid, segment passes and
-//      key span; per key tile S = Q Kᵀ, dP = dO Vᵀ, dS, dQ += dS K.
+//   3. dQ: one CTA = one 64-row q window x one q head, the forward's grid, segment passes, key
+//      span and 2-stage cp.async K / V pipeline; per key tile S = Q Kᵀ, dP = dO Vᵀ, dS,
+//      dQ += dS K.
 // Outputs in q's dtype, dense; fp32 accumulation. No ATen/torch includes.
 #pragma once
 
@@ -29,10 +30,16 @@ static_assert(kBlockM == kBlockN, "the dK/dV kernel's q tiles and key windows sh
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Dynamic smem of both gradient kernels: four (64, pitch) T tiles (K, V, Q, dO).
+// Dynamic smem of the dK / dV kernel: four (64, pitch) T tiles (K, V, Q, dO).
 template <typename T, int kHeadDimPad>
-constexpr int bwd_smem_bytes() {
+constexpr int dkdv_smem_bytes() {
   return 4 * kBlockM * smem_pitch<kHeadDimPad>() * static_cast<int>(sizeof(T));
+}
+
+// Dynamic smem of the dQ kernel: Q, dO and 2 stages of K and V, (64, pitch) T tiles.
+template <typename T, int kHeadDimPad>
+constexpr int dq_smem_bytes() {
+  return 6 * kBlockM * smem_pitch<kHeadDimPad>() * static_cast<int>(sizeof(T));
 }
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -292,21 +299,19 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
   }
 }
 
-// D = 80: min 1 CTA / SM, or ptxas aims at 3 CTAs / SM (168 registers) and spills 4 bytes; other
-// head dims: no minimum (0), ptxas's own choice spills nothing (D = 64 keeps 168 registers).
+// Min 1 CTA / SM: without it ptxas may aim at 3 CTAs / SM (168 registers) and spill (D = 64, 80).
 template <typename T, int kHeadDimPad>
-__global__ void __launch_bounds__(kThreads, kHeadDimPad == 80 ? 1 : 0)
-    cross_attention_bwd_dq_kernel(
+__global__ void __launch_bounds__(kThreads, 1) cross_attention_bwd_dq_kernel(
     const XattnBwdParams bp) {
   static_assert(kHeadDimPad % 16 == 0, "mma k-chunks of 16");
   const XattnCudaParams& p = bp.a;
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   constexpr int kDBlocks = kHeadDimPad / 8;  // 8-column blocks of dQ
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* s_k = reinterpret_cast<T*>(smem_raw);  // (kBlockN, kPitch) T, smem: one key tile
-  T* s_v = s_k + kBlockN * kPitch;           // (kBlockN, kPitch) T, smem
-  T* s_q = s_v + kBlockN * kPitch;           // (kBlockM, kPitch) T, smem: the q window
+  T* s_q = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch) T, smem: the q window
   T* s_do = s_q + kBlockM * kPitch;          // (kBlockM, kPitch) T, smem: its dO
+  T* s_k = s_do + kBlockM * kPitch;          // 2 stages x (kBlockN, kPitch) T, smem
+  T* s_v = s_k + 2 * kBlockN * kPitch;       // 2 stages x (kBlockN, kPitch) T, smem
   __shared__ int64_t s_lo[kThreads / 32], s_hi[kThreads / 32];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
@@ -382,21 +387,35 @@ __global__ void __launch_bounds__(kThreads, kHeadDimPad == 80 ? 1 : 0)
                  hk * p.k_stride[2];
     const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + k_begin * p.v_stride[1] +
                  hk * p.v_stride[2];
-    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    auto load_kv = [&](int64_t kb, int stage) {  // tile kb -> stage: (kBlockN, kPitch) K and V
       const int64_t j0 = kb * kBlockN;
       const int n = static_cast<int>(lk - j0 < kBlockN ? lk - j0 : kBlockN);
-      load_tile_async<T, kBlockN, kHeadDimPad>(s_k, k + j0 * p.k_stride[1], p.k_stride[1], n, d);
-      load_tile_async<T, kBlockN, kHeadDimPad>(s_v, v + j0 * p.v_stride[1], p.v_stride[1], n, d);
+      load_tile_async<T, kBlockN, kHeadDimPad>(s_k + stage * kBlockN * kPitch,
+                                               k + j0 * p.k_stride[1], p.k_stride[1], n, d);
+      load_tile_async<T, kBlockN, kHeadDimPad>(s_v + stage * kBlockN * kPitch,
+                                               v + j0 * p.v_stride[1], p.v_stride[1], n, d);
       cp_async_commit();
+    };
+    if (kb_begin < kb_end) load_kv(kb_begin, 0);
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {  // the forward's 2-stage cp.async pipeline
+      const int stage = static_cast<int>((kb - kb_begin) & 1);
+      if (kb + 1 < kb_end) {  // prefetch the next tile into the other stage (freed by the
+        load_kv(kb + 1, stage ^ 1);  // __syncthreads at the end of the previous iteration)
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      const int64_t j0 = kb * kBlockN;
       uint64_t bits[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) bits[r] = tile_bits(p, vis[r], j0, lk);
-      cp_async_wait<0>();
       __syncthreads();
+      const T* sk = s_k + stage * kBlockN * kPitch;  // (kBlockN, kPitch) T, smem
+      const T* sv = s_v + stage * kBlockN * kPitch;  // (kBlockN, kPitch) T, smem
 
       float s[8][4], dp[8][4];  // S = Q Kᵀ, dP = dO Vᵀ: (16, kBlockN) fp32 per warp
-      mma_abt<T, kHeadDimPad>(s, q_frag_addr, s_k);
-      mma_abt<T, kHeadDimPad>(dp, do_frag_addr, s_v);
+      mma_abt<T, kHeadDimPad>(s, q_frag_addr, sk);
+      mma_abt<T, kHeadDimPad>(dp, do_frag_addr, sv);
       const int t = lane % 4;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
@@ -410,8 +429,8 @@ __global__ void __launch_bounds__(kThreads, kHeadDimPad == 80 ? 1 : 0)
           }
         }
       }
-      mma_cb<T, kHeadDimPad>(dq, s, s_k);  // dQ += dS K
-      __syncthreads();  // s_k / s_v are rewritten by the next tile
+      mma_cb<T, kHeadDimPad>(dq, s, sk);  // dQ += dS K
+      __syncthreads();  // both stages free for the next prefetch / pass
     }
 
     // Epilogue: dq (B, Sq, Hq, D) dense in T.

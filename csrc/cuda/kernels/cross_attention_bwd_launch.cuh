@@ -13,7 +13,6 @@ cudaError_t launch_xattn_bwd(const XattnBwdParams& bp, cudaStream_t stream) {
   using namespace xattn_cuda;
   const XattnCudaParams& p = bp.a;
   if (p.heads_q == 0 || p.batch == 0) return cudaSuccess;
-  constexpr int kSmem = bwd_smem_bytes<T, kHeadDimPad>();
   cudaError_t err = cudaSuccess;
   // 1. delta (B, Hq, Sq): one warp per row, grid-stride past 2^20 blocks.
   const int64_t rows = p.batch * p.seq_q * p.heads_q;
@@ -30,6 +29,7 @@ cudaError_t launch_xattn_bwd(const XattnBwdParams& bp, cudaStream_t stream) {
   const int64_t k_windows = p.packed ? n_tiles : p.batch * n_tiles;
   if (k_windows > INT32_MAX) return cudaErrorInvalidConfiguration;
   if (k_windows > 0) {
+    constexpr int kSmem = dkdv_smem_bytes<T, kHeadDimPad>();
     auto* kernel = &cross_attention_bwd_dkdv_kernel<T, kHeadDimPad>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
@@ -43,6 +43,7 @@ cudaError_t launch_xattn_bwd(const XattnBwdParams& bp, cudaStream_t stream) {
   const int64_t q_windows = p.packed ? m_tiles : p.batch * m_tiles;
   if (q_windows > INT32_MAX) return cudaErrorInvalidConfiguration;
   if (q_windows > 0) {
+    constexpr int kSmem = dq_smem_bytes<T, kHeadDimPad>();
     auto* kernel = &cross_attention_bwd_dq_kernel<T, kHeadDimPad>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
