@@ -1,6 +1,6 @@
 // CUDA implementations of cross_attention (flash-attention 2 forward, cuda/cross_attention.cu),
-// cross_attention_backward (not implemented yet: a clear error) and mllama_kv_ranges (ATen ops,
-// no host sync). Shared checks from common/cross_attention.h; launches on the current stream of
+// cross_attention_backward (flash-attention 2 style, deterministic: delta, dK / dV and dQ kernels)
+// and mllama_kv_ranges (ATen ops, no host sync). Shared checks from common/cross_attention.h; launches on the current stream of
 // q's device.
 #include <ATen/ops/add.h>
 #include <ATen/ops/arange.h>
@@ -162,10 +162,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
     const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
     std::optional<double> scale, std::string_view masked_rows) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "vlmkern.cross_attention_backward: CUDA backward not "
-                              "implemented yet (the CUDA forward exists; train on the CPU path "
-                              "for now)");
-  return {};
+  const char* op = "cross_attention_backward";
+  const XattnParams p = make_xattn_params(op, q, k, v, kv_ranges, cu_seqlens_q, cu_seqlens_k,
+                                          prefix_len, scale, masked_rows);
+  check_xattn_backward(p, grad_out, out, lse, grad_lse);
+  check_xattn_cuda(op, p);
+  for (const at::Tensor* t : {&grad_out, &out, &lse}) {
+    VLMKERN_CHECK(t->device() == q.device(), op, "grad_out, out and lse must be on q's device ",
+                  q.device(), ", got ", t->device());
+  }
+  VLMKERN_CHECK(!grad_lse.has_value() || grad_lse->device() == q.device(), op,
+                "grad_lse must be on q's device ", q.device(), ", got ", grad_lse->device());
+  // grid.x: 64-row q windows (dQ) and 64-key windows (dK / dV).
+  VLMKERN_CHECK(p.batch * ((p.seq_q + 63) / 64) <= INT32_MAX &&
+                    p.batch * ((p.seq_k + 63) / 64) <= INT32_MAX,
+                op, "B * ceil(Sq / 64) = ", p.batch * ((p.seq_q + 63) / 64),
+                " query windows or B * ceil(Sk / 64) = ", p.batch * ((p.seq_k + 63) / 64),
+                " key windows exceed the CUDA grid (2^31 - 1)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // dq (B, Sq, Hq, D), dk / dv (B, Sk, Hk, D): dense in the inputs' dtype (an expanded q, e.g.
+  // batch-stride-0 shared queries, gets one dq per batch row: autograd sums them, as on the CPU).
+  // Packed: rows / keys outside every segment are not written by the kernels, so start at 0.
+  auto alloc = [&](at::IntArrayRef shape, const at::Tensor& like) {
+    return p.packed ? at::zeros(shape, like.options()) : at::empty(shape, like.options());
+  };
+  at::Tensor dq = alloc({p.batch, p.seq_q, p.heads_q, p.head_dim}, q);
+  at::Tensor dk = alloc({p.batch, p.seq_k, p.heads_k, p.head_dim}, k);
+  at::Tensor dv = alloc({p.batch, p.seq_k, p.heads_k, p.head_dim}, v);
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};  // no query: no gradient
+  const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
+  const at::Tensor go = kernel_layout(grad_out), oc = kernel_layout(out);
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor dlse_c = grad_lse.has_value() ? grad_lse->contiguous() : at::Tensor();
+  // delta (B, Hq, Sq) fp32 workspace: rowsum(dO * O) - dlse.
+  at::Tensor delta = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  XattnBwdParams bp;
+  XattnCudaParams& c = bp.a;
+  c.q = qc.const_data_ptr();
+  c.k = kc.const_data_ptr();
+  c.v = vc.const_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    c.q_stride[i] = qc.stride(i);
+    c.k_stride[i] = kc.stride(i);
+    c.v_stride[i] = vc.stride(i);
+    bp.dout_stride[i] = go.stride(i);
+    bp.out_stride[i] = oc.stride(i);
+  }
+  c.batch = p.batch;
+  c.seq_q = p.seq_q;
+  c.seq_k = p.seq_k;
+  c.heads_q = static_cast<int>(p.heads_q);
+  c.heads_k = static_cast<int>(p.heads_k);
+  c.head_dim = static_cast<int>(p.head_dim);
+  c.dtype = p.dtype == at::kHalf ? XattnDtype::kFloat16 : XattnDtype::kBFloat16;
+  c.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  c.uniform_masked_rows = p.uniform_masked_rows ? 1 : 0;
+  c.has_ranges = p.has_ranges ? 1 : 0;
+  c.ranges = dev_index(p.ranges);
+  c.num_ranges = p.num_ranges;
+  c.packed = p.packed ? 1 : 0;
+  c.cu_q = dev_index(p.cu_q);
+  c.cu_k = dev_index(p.cu_k);
+  c.num_segments = p.num_segments;
+  c.prefix_lm = p.prefix_lm ? 1 : 0;
+  c.prefix = dev_index(p.prefix);
+  bp.dout = go.const_data_ptr();
+  bp.out = oc.const_data_ptr();
+  bp.lse = lse_c.const_data_ptr<float>();
+  bp.dlse = grad_lse.has_value() ? dlse_c.const_data_ptr<float>() : nullptr;
+  bp.delta = delta.mutable_data_ptr<float>();
+  bp.dq = dq.mutable_data_ptr();
+  bp.dk = dk.mutable_data_ptr();
+  bp.dv = dv.mutable_data_ptr();
+  bp.scale = static_cast<float>(p.scale);
+  C10_CUDA_CHECK(cuda_cross_attention_bwd(bp, c10::cuda::getCurrentCUDAStream(q.device().index())));
+  return {dq, dk, dv};
 }
 
 at::Tensor mllama_kv_ranges_cuda(const at::Tensor& mask, int64_t num_vision_tokens) {

@@ -1,6 +1,6 @@
-// Launches the CUDA cross-attention forward: picks the instantiation (element type, head dim
-// padded to a multiple of 16: 72 runs the 80 kernel with zero-filled smem columns). The
-// instantiations are compiled one per file in cuda/instantiations/cross_attention_fwd_*.cu.
+// Launches the CUDA cross-attention forward / backward: picks the instantiation (element type,
+// head dim padded to a multiple of 16: 72 runs the 80 kernel with zero-filled smem columns). The
+// instantiations are compiled one per file in cuda/instantiations/cross_attention_{fwd,bwd}_*.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,11 +21,28 @@ cudaError_t launch_type(const XattnCudaParams& p, cudaStream_t stream) {
   }
 }
 
+template <typename T>
+cudaError_t launch_type_bwd(const XattnBwdParams& p, cudaStream_t stream) {
+  switch (p.a.head_dim) {
+    case 64: return launch_xattn_bwd<T, 64>(p, stream);
+    case 72:
+    case 80: return launch_xattn_bwd<T, 80>(p, stream);
+    case 96: return launch_xattn_bwd<T, 96>(p, stream);
+    case 128: return launch_xattn_bwd<T, 128>(p, stream);
+    default: return cudaErrorInvalidValue;  // the glue rejects other head dims first
+  }
+}
+
 }  // namespace
 
 cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   return p.dtype == XattnDtype::kFloat16 ? launch_type<__half>(p, stream)
                                          : launch_type<__nv_bfloat16>(p, stream);
+}
+
+cudaError_t cuda_cross_attention_bwd(const XattnBwdParams& p, cudaStream_t stream) {
+  return p.a.dtype == XattnDtype::kFloat16 ? launch_type_bwd<__half>(p, stream)
+                                           : launch_type_bwd<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace vlmkern

@@ -1,6 +1,6 @@
-// Torch-free parameter block and launcher of the CUDA cross-attention forward (flash-attention 2
-// style, csrc/cuda/kernels/cross_attention_fwd.cuh). Filled by cuda/cross_attention.cpp from the
-// shared checks (common/cross_attention.h); nvcc never sees ATen.
+// Torch-free parameter blocks and launchers of the CUDA cross-attention forward and backward
+// (flash-attention 2 style, csrc/cuda/kernels/cross_attention_{fwd,bwd}.cuh). Filled by
+// cuda/cross_attention.cpp from the shared checks (common/cross_attention.h); nvcc never sees ATen.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -46,6 +46,22 @@ struct XattnCudaParams {
   float* lse_part = nullptr;  // (num_splits, B, Hq, Sq) fp32, natural log
 };
 
+// The backward's extra tensors (csrc/cuda/kernels/cross_attention_bwd.cuh); `a` holds the
+// forward's inputs and visibility (a.out / a.lse unused).
+struct XattnBwdParams {
+  XattnCudaParams a;
+  const void* dout = nullptr;   // (B, Sq, Hq, D) grad of out, stride(3) == 1, 16-byte aligned rows
+  const void* out = nullptr;    // (B, Sq, Hq, D) forward output, stride(3) == 1
+  int64_t dout_stride[3] = {}, out_stride[3] = {};  // (B, S, H), elements
+  const float* lse = nullptr;   // (B, Hq, Sq) dense fp32, natural log (-inf: row saw nothing)
+  const float* dlse = nullptr;  // (B, Hq, Sq) dense fp32 grad of lse, or null
+  float* delta = nullptr;       // (B, Hq, Sq) dense fp32 workspace: rowsum(dO * O) - dlse
+  void* dq = nullptr;           // (B, Sq, Hq, D) dense, q's dtype
+  void* dk = nullptr;           // (B, Sk, Hk, D) dense
+  void* dv = nullptr;           // (B, Sk, Hk, D) dense
+  float scale = 0.f;            // softmax scale (a.scale_log2 = scale * log2(e))
+};
+
 // Head dims the CUDA kernel takes (anything else is rejected by the glue before launching).
 inline bool xattn_cuda_head_dim_ok(int64_t d) {
   return d == 64 || d == 72 || d == 80 || d == 96 || d == 128;
@@ -58,8 +74,13 @@ cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stre
 // (cuda/cross_attention_combine.cu).
 cudaError_t cuda_cross_attention_combine(const XattnCudaParams& p, cudaStream_t stream);
 
+// Enqueues the backward (delta, dK / dV, dQ kernels) on `stream`; no sync, no atomics.
+cudaError_t cuda_cross_attention_bwd(const XattnBwdParams& p, cudaStream_t stream);
+
 // One instantiation per (element type, head dim padded to 16) in cuda/instantiations/.
 template <typename T, int kHeadDimPad>
 cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream);
+template <typename T, int kHeadDimPad>
+cudaError_t launch_xattn_bwd(const XattnBwdParams& p, cudaStream_t stream);
 
 }  // namespace vlmkern

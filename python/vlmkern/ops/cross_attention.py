@@ -74,9 +74,10 @@ def cross_attention(
     Returns:
         ``out`` in q's layout and dtype (a view of a dense ``(B, Sq, Hq, D)`` buffer, so HF's
         ``out.transpose(1, 2).reshape(B, S, -1)`` is free). Differentiable in q, k, v (and through
-        lse); the backward is deterministic (fixed summation order, no atomics). Double backward
-        raises. On CUDA the forward is deterministic too, but the backward is not implemented
-        yet: ``backward()`` through a CUDA call raises ``NotImplementedError``.
+        lse); the backward is deterministic (fixed summation order, no atomics) on the CPU and
+        on CUDA (flash-attention 2 style: a delta kernel, a dK / dV kernel over key windows and
+        a dQ kernel over query windows). Double backward raises. An expanded q (batch stride 0)
+        gets one dq per batch row, which autograd sums over the expand.
 
     Mllama's gate (``residual + tanh(gate) · o_proj(attn)``) is applied after the output
     projection, so the op takes no gate / residual: :class:`vlmkern.nn.MllamaTextCrossAttention`

@@ -1,0 +1,7 @@
+// cross_attention backward instantiation: __half, head dim padded to 96 (one per file: parallel,
+// short nvcc runs).
+#include "cuda/kernels/cross_attention_bwd_launch.cuh"
+
+namespace vlmkern {
+template cudaError_t launch_xattn_bwd<__half, 96>(const XattnBwdParams&, cudaStream_t);
+}  // namespace vlmkern
