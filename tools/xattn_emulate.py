@@ -331,6 +331,9 @@ def _main() -> None:
     q, k, v = r(2, 70, 1, 64), r(2, 130, 1, 64), r(2, 130, 1, 64)
     run("prefix-LM splits=2", q, k, v, {"mode": "prefix_lm", "prefix_len": pl},
         {"prefix": pl, "splits": 2})
+    mid = torch.tensor([200, 460], dtype=torch.int32).repeat(1, 9, 1, 1)  # span = tiles 3..7
+    q, k, v = r(1, 9, 2, 64), r(1, 500, 1, 64), r(1, 500, 1, 64)
+    run("span mid-sequence splits=2", q, k, v, {"kv_ranges": mid}, {"ranges": mid, "splits": 2})
     cq = torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32)
     ck = torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32)
     q, k, v = r(100, 2, 64), r(90, 1, 64), r(90, 1, 64)

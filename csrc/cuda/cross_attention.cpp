@@ -62,9 +62,10 @@ int sm_count(int device) {
 }
 
 // Split-KV runs for the forward: VLMKERN_XATTN_SPLITS=n forces n (1 = off; for tests and
-// benches), else more than one only when the (window, head) CTAs cannot fill the GPU and the
-// keys are long: enough runs for ~2 CTAs per SM, each of >= 4 key tiles (256 keys), at most 16.
-// Packed input never splits.
+// benches), else more than one only when the (window, head) CTAs fill less than half of the
+// GPU's resident CTA slots (2 per SM at D >= 96, 3 below: registers and smem) and the keys are
+// long: floor(slots / CTAs) runs (no tail wave), each of >= 4 key tiles, at most 16, trimmed so
+// no run is empty. Packed input never splits.
 int xattn_num_splits(const char* op, const XattnParams& p, int device) {
   if (p.packed) return 1;
   if (const char* env = std::getenv("VLMKERN_XATTN_SPLITS"); env != nullptr && *env != '\0') {
@@ -76,12 +77,15 @@ int xattn_num_splits(const char* op, const XattnParams& p, int device) {
     return static_cast<int>(n);
   }
   const int64_t ctas = p.batch * ((p.seq_q + 63) / 64) * p.heads_q;
-  const int64_t sms = sm_count(device);
-  if (ctas == 0 || ctas >= sms) return 1;
-  const int64_t want = (2 * sms + ctas - 1) / ctas, tiles = (p.seq_k + 63) / 64;
-  int64_t n = want < tiles / 4 ? want : tiles / 4;
+  const int64_t slots = int64_t{sm_count(device)} * (p.head_dim >= 96 ? 2 : 3);
+  if (ctas == 0 || 2 * ctas > slots) return 1;
+  const int64_t tiles = (p.seq_k + 63) / 64;
+  int64_t n = slots / ctas;
+  n = n < tiles / 4 ? n : tiles / 4;
   n = n < 16 ? n : 16;
-  return n > 1 ? static_cast<int>(n) : 1;
+  if (n < 2) return 1;
+  const int64_t run = (tiles + n - 1) / n;
+  return static_cast<int>((tiles + run - 1) / run);  // runs that all get tiles
 }
 
 XattnDevIndex dev_index(const XattnIndex& ix) {

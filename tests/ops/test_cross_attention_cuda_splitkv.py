@@ -53,11 +53,52 @@ def test_prefix_lm_and_all_dead_forced_splits(splits):
     assert out.eq(0).all() and torch.isneginf(lse).all()
 
 
-@pytest.mark.parametrize("B", [1, 4])
-def test_decode_heuristic(B):
-    """One query row per sequence, 32 q / 8 kv heads x 6404 keys: the heuristic splits here."""
+def test_span_starting_mid_sequence(splits):
+    """Every row sees keys [200, 700) of 900: the runs partition tiles 3..10, not 0..10."""
+    splits(3)
+    q, k, v = make_qkv("bhsd", "contiguous", 2, 9, 900, 4, 2, 64, torch.bfloat16)
+    ranges = torch.tensor([200, 700], dtype=torch.int32).repeat(2, 9, 1, 1)
+    check_cuda(q, k, v, kv_ranges=ranges)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_shared_queries_and_fp16_forced_splits(dtype, splits):
+    splits(5)
+    q, k, v = make_qkv("bhsd", "expanded_q", 3, 32, 700, 4, 4, 64, dtype)  # Q-Former style
+    check_cuda(q, k, v)
+
+
+def test_nan_input_propagates_as_without_splits(splits):
+    q, k, v = (t.cuda() for t in make_qkv("bhsd", "contiguous", 1, 5, 600, 2, 1, 64,
+                                          torch.bfloat16))
+    k[0, 0, 450] = float("nan")  # a key in the last runs
+    splits(1)
+    ref = vlmkern.ops.cross_attention(q, k, v)
+    splits(4)
+    out = vlmkern.ops.cross_attention(q, k, v)
+    assert ref.isnan().all() and out.isnan().all()
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize(("B", "split"), [(1, True), (4, True), (16, False)])
+def test_decode_heuristic(B, split):
+    """One query row per sequence, 32 q / 8 kv heads x 6404 keys: the heuristic splits while the
+    (window, head) CTAs fill less than half of the GPU (B 1, 4 on an H100), not at B 16."""
     q, k, v = make_qkv("bhsd", "fused", B, 1, 6404, 32, 8, 128, torch.bfloat16)
     check_cuda(q, k, v)
+    qc, kc, vc = (t.cuda() for t in (q, k, v))
+    names = _kernel_names(lambda: vlmkern.ops.cross_attention(qc, kc, vc))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if sms >= 100:  # the expectation is for H100 / H200-sized GPUs
+        assert any("cross_attention_combine_kernel" in n for n in names) == split
 
 
 def test_split_graph_capture_and_repeats(splits):

@@ -191,8 +191,8 @@ __global__ void __launch_bounds__(kThreads)
     cta_key_span(vis, s_lo, s_hi, span_lo, span_hi);
     int64_t kb_begin = span_lo < span_hi ? span_lo / kBlockN : 0;
     int64_t kb_end = span_lo < span_hi ? (span_hi + kBlockN - 1) / kBlockN : 0;
-    if (p.num_splits > 1) {  // split-KV: this CTA takes run blockIdx.z of the span's tiles
-      const int64_t run = (kb_end - kb_begin + p.num_splits - 1) / p.num_splits;
+    if (gridDim.z > 1) {  // split-KV: this CTA takes run blockIdx.z of the span's tiles
+      const int64_t run = (kb_end - kb_begin + gridDim.z - 1) / gridDim.z;
       const int64_t lo = kb_begin + static_cast<int64_t>(blockIdx.z) * run;
       kb_end = lo + run < kb_end ? lo + run : kb_end;
       kb_begin = lo < kb_end ? lo : kb_end;  // an empty run: partial 0, lse -inf
@@ -281,8 +281,11 @@ __global__ void __launch_bounds__(kThreads)
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       if (!valid[r]) continue;
       const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      const float row_lse = sum > 0.f ? (m[r] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-      if (p.num_splits > 1) {  // partials: o_part (splits, B, Sq, Hq, D), lse_part (splits, B, Hq, Sq)
+      // -inf only for a row that saw nothing: a NaN sum (NaN input) stays NaN, so the split-KV
+      // combine cannot drop it as an empty run.
+      const float row_lse =
+          sum == 0.f ? -INFINITY : (m[r] + log2f(sum)) * 0.69314718055994531f;
+      if (gridDim.z > 1) {  // partials: o_part (splits, B, Sq, Hq, D), lse_part (splits, B, Hq, Sq)
         const int64_t z = blockIdx.z;
         float* po = p.o_part + (((z * p.batch + b) * p.seq_q + row[r]) * p.heads_q + h) * d;
 #pragma unroll

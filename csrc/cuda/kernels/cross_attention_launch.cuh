@@ -22,8 +22,9 @@ cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
                                          kSmem);
   if (err != cudaSuccess) return err;
   // grid.z: split-KV runs (1 unless the glue chose more; never for packed input).
+  if (p.num_splits < 1 || (p.packed && p.num_splits > 1)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(p.heads_q),
-                  static_cast<unsigned>(p.num_splits > 1 && !p.packed ? p.num_splits : 1));
+                  static_cast<unsigned>(p.num_splits));
   kernel<<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
