@@ -1,11 +1,12 @@
 """Split-KV CUDA cross_attention forward (grid.z runs of key tiles + the combine kernel): forced
 run counts (VLMKERN_XATTN_SPLITS) against the float64 reference for dense, Mllama ranges with dead
 rows in both masked-row modes (empty runs included), prefix-LM, GQA and every head dim; the
-heuristic on decode shapes; CUDA-graph capture; the env var's errors. All `gpu`."""
+heuristic on decode shapes; the backward on top of a split forward (its out and lse come from the
+combine kernel); CUDA-graph capture; the env var's errors. All `gpu`."""
 
 import pytest
 import torch
-from test_cross_attention_cuda import HEAD_DIMS, check_cuda
+from test_cross_attention_cuda import HEAD_DIMS, check_cuda, check_cuda_backward
 from xattn_testing import make_qkv, mllama_mask
 
 import vlmkern
@@ -77,6 +78,17 @@ def test_nan_input_propagates_as_without_splits(splits):
     splits(4)
     out = vlmkern.ops.cross_attention(q, k, v)
     assert ref.isnan().all() and out.isnan().all()
+
+
+@pytest.mark.parametrize("masked_rows", ["zero", "uniform"])
+def test_backward_after_split_forward(masked_rows, splits):
+    """out and lse saved for the backward come from the combine: gradients (with an lse gradient)
+    still match the float64 reference."""
+    splits(3)
+    B, S, M, T, nvt = 1, 70, 2, 2, 60
+    ranges = vlmkern.ops.mllama_kv_ranges(mllama_mask(B, S, M, T), nvt)
+    q, k, v = make_qkv("bhsd", "fused", B, S, M * T * nvt, 4, 2, 64, torch.bfloat16)
+    check_cuda_backward(q, k, v, grad_lse=True, kv_ranges=ranges, masked_rows=masked_rows)
 
 
 def _kernel_names(fn):
