@@ -18,7 +18,8 @@
 #                                tests run in CI), "" runs everything
 #   VLMKERN_GPU_CHECK_ALLOW_CPU  1: run without a GPU (dry check; default stages "info tests bench",
 #                                sanitizer skipped, quick CPU bench)
-#   VLMKERN_GPU_CHECK_BENCH_ARGS extra arguments for `python3 -m vlmkern.bench all`
+#   VLMKERN_GPU_CHECK_BENCH_ARGS extra arguments for `python3 -m vlmkern.bench all` (default
+#                                --no-compile when $OUT is set, i.e. under the device tool)
 #   VLMKERN_CUDA_ARCHS           build archs, default the visible GPU's (e.g. 9.0a)
 #   VLMKERN_COMMIT               commit to record when the tree has no .git (else git rev-parse)
 #   PYTHON                       interpreter, default python3 from PATH
@@ -166,7 +167,9 @@ if [[ $ALLOW_CPU == 1 ]]; then
     BENCH_ARGS=${VLMKERN_GPU_CHECK_BENCH_ARGS:---quick}
 else
     STAGES=${VLMKERN_GPU_CHECK_STAGES:-build info tests sanitizer bench}
-    BENCH_ARGS=${VLMKERN_GPU_CHECK_BENCH_ARGS:-}
+    # Under the device tool ($OUT set) one call cannot also hold torch.compile's compilations
+    # (the first run timed out after two ops): --no-compile there; compile rows in their own call.
+    BENCH_ARGS=${VLMKERN_GPU_CHECK_BENCH_ARGS-$([[ -n ${OUT:-} ]] && echo --no-compile)}
 fi
 if [[ $ALLOW_CPU == 1 && " $STAGES " == *" sanitizer "* ]]; then
     echo "gpu_check: no GPU, the sanitizer stage is skipped" >&2
