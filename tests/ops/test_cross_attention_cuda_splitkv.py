@@ -1,7 +1,8 @@
 """Split-KV CUDA cross_attention forward (grid.z runs of key tiles + the combine kernel): forced
 run counts (VLMKERN_XATTN_SPLITS) against the float64 reference for dense, Mllama ranges with dead
 rows in both masked-row modes (empty runs included), prefix-LM, GQA and every head dim; the
-heuristic on decode shapes; the backward on top of a split forward (its out and lse come from the
+heuristic on decode shapes; decode GQA (the group's q heads run as rows of one kv head); the
+backward on top of a split forward (its out and lse come from the
 combine kernel); CUDA-graph capture; the env var's errors. All `gpu`."""
 
 import pytest
@@ -88,6 +89,22 @@ def test_backward_after_split_forward(masked_rows, splits):
     B, S, M, T, nvt = 1, 70, 2, 2, 60
     ranges = vlmkern.ops.mllama_kv_ranges(mllama_mask(B, S, M, T), nvt)
     q, k, v = make_qkv("bhsd", "fused", B, S, M * T * nvt, 4, 2, 64, torch.bfloat16)
+    check_cuda_backward(q, k, v, grad_lse=True, kv_ranges=ranges, masked_rows=masked_rows)
+
+
+@pytest.mark.parametrize("masked_rows", ["zero", "uniform"])
+@pytest.mark.parametrize(("Hq", "Hk", "D"), [(12, 3, 80), (32, 8, 128), (7, 1, 64), (4, 4, 64)])
+def test_decode_gqa_as_rows(Hq, Hk, D, masked_rows):
+    """Sq = 1 with GQA runs the G q heads of a kv head as G rows (a strided view of q, ranges
+    expanded): out, lse (dead rows included) and the backward match the float64 reference."""
+    B, Sk = 3, 700
+    q, k, v = make_qkv("bhsd", "fused", B, 1, Sk, Hq, Hk, D, torch.bfloat16)
+    ranges = torch.tensor([[[[10, 40], [300, 650]]], [[[0, 0], [0, 0]]], [[[5, 700], [0, 0]]]],
+                          dtype=torch.int32)  # sequence 1 sees nothing
+    out, lse = check_cuda(q, k, v, kv_ranges=ranges, masked_rows=masked_rows)
+    if masked_rows == "zero":
+        assert out[1].eq(0).all() and torch.isneginf(lse[1]).all()
+    check_cuda(q, k, v)
     check_cuda_backward(q, k, v, grad_lse=True, kv_ranges=ranges, masked_rows=masked_rows)
 
 
