@@ -121,6 +121,23 @@ XattnParams make_xattn_params(const char* op, const at::Tensor& q, const at::Ten
   return p;
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor>> xattn_decode_gqa_as_rows(
+    const XattnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_ranges, std::optional<double> scale,
+    std::string_view masked_rows, XattnForwardFn forward) {
+  if (p.packed || p.prefix_lm || p.seq_q != 1 || p.heads_q <= p.heads_k || p.batch == 0) {
+    return std::nullopt;
+  }
+  const int64_t g = p.heads_q / p.heads_k;
+  const at::Tensor qg = q.select(1, 0).unflatten(1, {p.heads_k, g}).transpose(1, 2);
+  std::optional<at::Tensor> rg;
+  if (kv_ranges) rg = kv_ranges->expand({p.batch, g, kv_ranges->size(2), 2});
+  auto [og, lg] = forward(qg, k, v, rg, std::nullopt, std::nullopt, std::nullopt, scale,
+                          masked_rows);  // (B, G, Hk, D), (B, Hk, G)
+  return std::make_tuple(og.transpose(1, 2).reshape({p.batch, 1, p.heads_q, p.head_dim}),
+                         lg.reshape({p.batch, p.heads_q, 1}));
+}
+
 void check_xattn_cuda(const char* op, const XattnParams& p) {
   VLMKERN_CHECK(p.dtype == at::kHalf || p.dtype == at::kBFloat16, op,
                 "the CUDA kernel takes float16 or bfloat16 q, k, v, got ", p.dtype,

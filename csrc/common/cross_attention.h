@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 namespace vlmkern {
 
@@ -73,6 +74,23 @@ void check_xattn_backward(const XattnParams& p, const at::Tensor& grad_out, cons
 inline at::ScalarType xattn_lse_dtype(at::ScalarType dt) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// A device's cross_attention (the op's signature).
+using XattnForwardFn = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_ranges, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& prefix_len,
+    std::optional<double> scale, std::string_view masked_rows);
+
+// Decode step with GQA (Sq == 1, Hq = G * Hk > Hk, not packed, no prefix-LM): runs `forward` on
+// the G q heads of each kv head as G query rows of that head, so each K / V tile is read once
+// per group instead of G times; the same math (the G rows are one token with one visibility).
+// q (B, 1, Hq, D) -> (B, G, Hk, D) view (h = hk * G + g), kv_ranges (B, 1, R, 2) -> (B, G, R, 2)
+// expanded, and the (out, lse) mapped back. nullopt when it does not apply.
+std::optional<std::tuple<at::Tensor, at::Tensor>> xattn_decode_gqa_as_rows(
+    const XattnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_ranges, std::optional<double> scale,
+    std::string_view masked_rows, XattnForwardFn forward);
 
 // mllama_kv_ranges: mask (B, S, M, T) of any integer / bool / float dtype; returns R, the fixed
 // number of ranges per row: ceil(M*T/2), the most a 0/1 row of M*T tiles can hold after merging.

@@ -97,6 +97,11 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
     std::optional<double> scale, std::string_view masked_rows) {
   const XattnParams p = make_xattn_params("cross_attention", q, k, v, kv_ranges, cu_seqlens_q,
                                           cu_seqlens_k, prefix_len, scale, masked_rows);
+  // Decode with GQA: the group's q heads as rows of one kv head (one K / V pass per group).
+  if (auto rows = xattn_decode_gqa_as_rows(p, q, k, v, kv_ranges, scale, masked_rows,
+                                           &cross_attention_cpu)) {
+    return *rows;
+  }
   const Plan plan = make_plan(p);
   // out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) fp32 (fp64 for fp64 inputs).
   at::Tensor out = at::empty({p.batch, p.seq_q, p.heads_q, p.head_dim}, q.options());

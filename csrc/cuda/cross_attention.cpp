@@ -107,19 +107,10 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   const XattnParams p = make_xattn_params(op, q, k, v, kv_ranges, cu_seqlens_q, cu_seqlens_k,
                                           prefix_len, scale, masked_rows);
   check_xattn_cuda(op, p);
-  // Decode step (one query row per sequence) with GQA, dense or kv_ranges: the G q heads of a kv
-  // head become G query rows of that head, so each K / V tile is read once per group, not G
-  // times. Same math: the G rows are one token, with one visibility. q (B, 1, Hq, D) -> (B, G,
-  // Hk, D) view (h = hk * G + g), ranges (B, 1, R, 2) -> (B, G, R, 2) expanded; then back.
-  if (!p.packed && !p.prefix_lm && p.seq_q == 1 && p.heads_q > p.heads_k && p.batch > 0) {
-    const int64_t g = p.heads_q / p.heads_k;
-    const at::Tensor qg = q.select(1, 0).unflatten(1, {p.heads_k, g}).transpose(1, 2);
-    std::optional<at::Tensor> rg;
-    if (kv_ranges) rg = kv_ranges->expand({p.batch, g, kv_ranges->size(2), 2});
-    auto [og, lg] = cross_attention_cuda(qg, k, v, rg, std::nullopt, std::nullopt, std::nullopt,
-                                         scale, masked_rows);  // (B, G, Hk, D), (B, Hk, G)
-    return {og.transpose(1, 2).reshape({p.batch, 1, p.heads_q, p.head_dim}),
-            lg.reshape({p.batch, p.heads_q, 1})};
+  // Decode with GQA: the group's q heads as rows of one kv head (one K / V read per group).
+  if (auto rows = xattn_decode_gqa_as_rows(p, q, k, v, kv_ranges, scale, masked_rows,
+                                           &cross_attention_cuda)) {
+    return *rows;
   }
   // grid.x holds the 64-row q windows (packed: B = 1, Sq = total tokens).
   VLMKERN_CHECK(p.batch * ((p.seq_q + 63) / 64) <= INT32_MAX, op, "B * ceil(Sq / 64) = ",

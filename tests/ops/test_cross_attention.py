@@ -124,6 +124,24 @@ def test_mllama_ranges_attention(dtype, masked_rows):
         assert grads[0].transpose(1, 2)[dead].eq(0).all()
 
 
+@pytest.mark.parametrize("masked_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_decode_gqa_rows_with_ranges(dtype, masked_rows):
+    """Decode (Sq = 1) with GQA runs each group's q heads as rows of one kv head: ranges, a dead
+    sequence, forward and gradients, and the same result as the per-head path (G = 1 view)."""
+    q, k, v = make_qkv("bhsd", "fused", 3, 1, 150, 8, 2, 64, dtype)
+    ranges = torch.tensor([[[[10, 40], [90, 120]]], [[[0, 0], [0, 0]]], [[[5, 150], [0, 0]]]],
+                          dtype=torch.int32)
+    out, grads = check_all(q, k, v, kv_ranges=ranges, masked_rows=masked_rows)
+    if masked_rows == "zero":
+        assert out[1].eq(0).all() and grads[0][1].eq(0).all()
+    # the same heads one kv head each (no GQA: the per-head path) give the same rows
+    kx, vx = (t.repeat_interleave(4, dim=1) for t in (k, v))
+    ref = vlmkern.ops.cross_attention(q, kx, vx, kv_ranges=ranges, masked_rows=masked_rows)
+    atol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
+
+
 def test_uniform_rows_match_hf_dense_mask():
     """masked_rows="uniform" is HF's additive-mask attention, dead rows included."""
     B, S, M, T, nvt = 2, 24, 2, 3, 5
