@@ -245,6 +245,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   bp.dk = dk.mutable_data_ptr();
   bp.dv = dv.mutable_data_ptr();
   bp.scale = static_cast<float>(p.scale);
+  int optin = 0;  // opt-in shared memory per block: 227 KiB on H100, 163 KiB A100, 99 KiB sm_86/89
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                             q.device().index()) != cudaSuccess) {
+    optin = 0;
+  }
+  const size_t need = cuda_cross_attention_bwd_smem_bytes(static_cast<int>(p.head_dim));
+  VLMKERN_CHECK(optin <= 0 || need <= static_cast<size_t>(optin), "cross_attention_backward",
+                "the CUDA backward at head dim ", p.head_dim, " needs ", need,
+                " bytes of shared memory per block; this GPU allows ", optin,
+                " (train with D <= 96 there, or on the CPU)");
   C10_CUDA_CHECK(cuda_cross_attention_bwd(bp, c10::cuda::getCurrentCUDAStream(q.device().index())));
   return {dq, dk, dv};
 }

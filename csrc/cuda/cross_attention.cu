@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/cross_attention.h"
+#include "cuda/kernels/cross_attention_bwd.cuh"
 
 namespace vlmkern {
 namespace {
@@ -38,6 +39,20 @@ cudaError_t launch_type_bwd(const XattnBwdParams& p, cudaStream_t stream) {
 cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   return p.dtype == XattnDtype::kFloat16 ? launch_type<__half>(p, stream)
                                          : launch_type<__nv_bfloat16>(p, stream);
+}
+
+size_t cuda_cross_attention_bwd_smem_bytes(int head_dim) {
+  using xattn_cuda::dkdv_smem_bytes;
+  using xattn_cuda::dq_smem_bytes;
+  auto most = [](int a, int b) { return static_cast<size_t>(a > b ? a : b); };
+  switch (head_dim) {  // the same for fp16 and bf16
+    case 64: return most(dq_smem_bytes<__half, 64>(), dkdv_smem_bytes<__half, 64>());
+    case 72:
+    case 80: return most(dq_smem_bytes<__half, 80>(), dkdv_smem_bytes<__half, 80>());
+    case 96: return most(dq_smem_bytes<__half, 96>(), dkdv_smem_bytes<__half, 96>());
+    case 128: return most(dq_smem_bytes<__half, 128>(), dkdv_smem_bytes<__half, 128>());
+    default: return 0;
+  }
 }
 
 cudaError_t cuda_cross_attention_bwd(const XattnBwdParams& p, cudaStream_t stream) {

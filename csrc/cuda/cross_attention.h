@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace vlmkern {
@@ -73,6 +74,10 @@ cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stre
 // Merges the split-KV partials of p (num_splits > 1) into p.out and p.lse on `stream`
 // (cuda/cross_attention_combine.cu).
 cudaError_t cuda_cross_attention_combine(const XattnCudaParams& p, cudaStream_t stream);
+
+// Dynamic shared memory per block the backward's largest kernel needs at head dim `head_dim`
+// (the glue compares it with the device's opt-in limit: sm_86 / sm_89 parts have 99 KiB).
+size_t cuda_cross_attention_bwd_smem_bytes(int head_dim);
 
 // Enqueues the backward (delta, dK / dV, dQ kernels) on `stream`; no sync, no atomics.
 cudaError_t cuda_cross_attention_bwd(const XattnBwdParams& p, cudaStream_t stream);
