@@ -1,7 +1,8 @@
 """Cross-attention bench: vlmkern.ops.cross_attention vs torch SDPA (the default choice and each
-backend, with HF's dense Mllama mask / a prefix-LM mask / a per-segment loop for packed input)
-and HF's eager attention, on Llama-3.2-11B-Vision (q 32 heads, kv 8 heads × 1601·tiles image
-tokens, hd 128), BLIP-2 Q-Former (32 learned queries × 257 keys × many images, 12 × 64), Qwen2-VL
+backend, with HF's dense Mllama mask / a prefix-LM mask / a per-segment loop for packed input),
+HF's eager attention and compiled FlexAttention with block masks (with torch.compile only), on
+Llama-3.2-11B-Vision (q 32 heads, kv 8 heads × 1601·tiles image tokens, hd 128; prefill and
+decode steps), BLIP-2 Q-Former (32 learned queries × 257 keys × many images, 12 × 64), Qwen2-VL
 ViT packed segments (16 × 80) and PaliGemma-3B prefix-LM (8 / 1 heads × 256).
 
 Every provider is called as ``fn(q, k, v, aux, spec=...)`` with q/k/v in HF's ``(B, H, S, D)``
@@ -226,6 +227,66 @@ def hf_eager(q, k, v, aux, spec: Spec) -> torch.Tensor:
     return torch.matmul(p, v)
 
 
+class _Flex:
+    """FlexAttention, compiled (its eager path is a reference loop, not a contender), with each
+    case's visibility as a block mask built once per case outside the timed call: Mllama ranges
+    (dead rows see every key, HF's "uniform"), document masking for packed segments, prefix-LM;
+    the Q-Former runs unmasked. Recompiled per case (static shapes)."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._fn: Callable | None = None
+        self._mask = None
+
+    def _block_mask(self, q, k, aux, spec: Spec):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if spec.kind == "mllama":
+            ranges = aux["ranges"].long()  # (B, S, R, 2)
+            dead = (ranges[..., 0] >= ranges[..., 1]).all(-1)  # (B, S)
+
+            def mask_mod(b, h, qi, kv):  # unrolled over R: Inductor lowers it pointwise
+                seen = dead[b, qi]
+                for r in range(ranges.shape[2]):
+                    seen = seen | ((ranges[b, qi, r, 0] <= kv) & (kv < ranges[b, qi, r, 1]))
+                return seen
+
+            B, S, L = q.shape[0], q.shape[2], k.shape[2]
+        elif spec.kind == "packed":
+            lens = torch.tensor(aux["lens"], device=q.device)
+            doc = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens)
+
+            def mask_mod(b, h, qi, kv):
+                return doc[qi] == doc[kv]
+
+            B, S, L = 1, q.shape[0], k.shape[0]
+        elif spec.kind == "prefix_lm":
+            prefix = aux["prefix"]
+
+            def mask_mod(b, h, qi, kv):
+                return (kv <= qi) | (kv < prefix[b])
+
+            B, S, L = q.shape[0], q.shape[2], k.shape[2]
+        else:
+            return None
+        return create_block_mask(mask_mod, B, None, S, L, device=q.device)
+
+    def __call__(self, q, k, v, aux, spec: Spec) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        key = (id(aux), spec, tuple(q.shape), tuple(k.shape), q.dtype)
+        if key != self._key:
+            torch._dynamo.reset()
+            self._fn = torch.compile(flex_attention, dynamic=False)
+            self._mask = self._block_mask(q, k, aux, spec)
+            self._key = key
+        packed = spec.kind == "packed"
+        if packed:  # (total, H, D) -> (1, H, total, D)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = self._fn(q, k, v, block_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1) if packed else out
+
+
 def providers(cfg: Config) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend
 
@@ -238,6 +299,8 @@ def providers(cfg: Config) -> dict[str, Callable]:
         if hasattr(SDPBackend, attr):
             out[name] = _sdpa_backend(getattr(SDPBackend, attr))
     out["HF eager"] = hf_eager
+    if cfg.compile:
+        out["FlexAttention"] = _Flex()
     return out
 
 
