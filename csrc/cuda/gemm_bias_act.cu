@@ -21,11 +21,12 @@ constexpr VariantOps ops_of() {
   return {&V::can_implement, &V::workspace_size, &V::run};
 }
 
-// The compiled variant of (dtype, act, aux), or nullptr. VLMKERN_WITH_CUTLASS_SM90 comes from
+// The compiled variant of (dtype, act, aux, schedule), or nullptr. VLMKERN_WITH_CUTLASS_SM90 comes from
 // CMake (CUTLASS headers found and sm_90a among the targets); each entry is one file in
 // cuda/instantiations/. The projector needs GEMM1 = gelu + aux (hidden is an output) and GEMM2 =
 // identity; its other activations take the identity kernel, then ATen's activation.
-const VariantOps* find_variant(GemmDtype dtype, GemmActivation act, bool aux) {
+const VariantOps* find_variant(GemmDtype dtype, GemmActivation act, bool aux,
+                               GemmSchedule sched) {
 #if defined(VLMKERN_WITH_CUTLASS_SM90)
   using D = GemmDtype;
   using A = GemmActivation;
@@ -37,11 +38,19 @@ const VariantOps* find_variant(GemmDtype dtype, GemmActivation act, bool aux) {
       ops_of<GemmBiasActVariant<D::kFloat16, A::kIdentity, false>>();
   static constexpr VariantOps kFp16GeluAux =
       ops_of<GemmBiasActVariant<D::kFloat16, A::kGelu, true>>();
+  static constexpr VariantOps kBf16GeluAuxPingpong =
+      ops_of<GemmBiasActVariant<D::kBFloat16, A::kGelu, true, GemmSchedule::kPingpong>>();
+  static constexpr VariantOps kFp16GeluAuxPingpong =
+      ops_of<GemmBiasActVariant<D::kFloat16, A::kGelu, true, GemmSchedule::kPingpong>>();
   const bool bf16 = dtype == D::kBFloat16;
+  if (sched == GemmSchedule::kPingpong) {
+    if (act == A::kGelu && aux) return bf16 ? &kBf16GeluAuxPingpong : &kFp16GeluAuxPingpong;
+    return nullptr;
+  }
   if (act == A::kIdentity && !aux) return bf16 ? &kBf16Identity : &kFp16Identity;
   if (act == A::kGelu && aux) return bf16 ? &kBf16GeluAux : &kFp16GeluAux;
 #else
-  (void)dtype, (void)act, (void)aux;
+  (void)dtype, (void)act, (void)aux, (void)sched;
 #endif
   return nullptr;
 }
@@ -69,7 +78,7 @@ bool gemm_bias_act_compiled() {
 
 const char* gemm_bias_act_unsupported(const GemmBiasActParams& p) {
   if (!gemm_bias_act_compiled()) return "built without the CUTLASS sm_90a path";
-  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr);
+  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr, p.schedule);
   if (ops == nullptr) return "no kernel compiled for this dtype / activation / aux";
   constexpr int64_t kMaxInt = INT32_MAX;  // CUTLASS's problem shape is int
   if (p.m < 1 || p.n < 1 || p.k < 1 || p.m > kMaxInt || p.n > kMaxInt || p.k > kMaxInt) {
@@ -90,12 +99,12 @@ const char* gemm_bias_act_unsupported(const GemmBiasActParams& p) {
 }
 
 size_t gemm_bias_act_workspace_size(const GemmBiasActParams& p) {
-  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr);
+  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr, p.schedule);
   return ops != nullptr ? ops->workspace_size(p) : 0;
 }
 
 cudaError_t gemm_bias_act(const GemmBiasActParams& p, void* workspace, cudaStream_t stream) {
-  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr);
+  const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr, p.schedule);
   if (ops == nullptr) return cudaErrorNotSupported;
   return ops->run(p, workspace, stream);
 }

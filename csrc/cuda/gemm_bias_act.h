@@ -12,9 +12,15 @@ namespace vlmkern {
 enum class GemmDtype { kBFloat16, kFloat16 };
 // Epilogue activations, all in fp32 on the fp32 accumulator + bias: kGelu = 0.5x(1 + erff(x/√2));
 // kGeluTanh = 0.5x(1 + tanhf(√(2/π)(x + 0.044715x³))); kQuickGelu = x / (1 + expf(-1.702x)).
-// Compiled variants (instantiations/): {bf16, fp16} x {identity, gelu + aux}. The kGeluTanh and
+// Compiled variants (instantiations/): {bf16, fp16} x {identity, gelu + aux} cooperative, and
+// {bf16, fp16} x gelu + aux pingpong. The kGeluTanh and
 // kQuickGelu functors exist but no variant instantiates them: never compiled in, never validated.
 enum class GemmActivation { kIdentity, kGelu, kGeluTanh, kQuickGelu };
+// Kernel schedule: kCooperative (two consumer warpgroups share one 128 x 128 tile; the epilogue
+// runs after the mainloop) or kPingpong (each warpgroup owns a tile, so one's epilogue overlaps
+// the other's mainloop: meant for the heavy GELU + aux epilogue). Pingpong is compiled for
+// gelu + aux only.
+enum class GemmSchedule { kCooperative, kPingpong };
 
 struct GemmBiasActParams {
   GemmDtype dtype;
@@ -27,6 +33,7 @@ struct GemmBiasActParams {
   void* out;           // (M, N) contiguous: act(A W^T + bias)
   void* aux;           // (M, N) contiguous: A W^T + bias (before act), or nullptr for none
   int device;          // CUDA device of every pointer (and of the stream)
+  GemmSchedule schedule = GemmSchedule::kCooperative;
 };
 
 // True when this build has the CUTLASS path (nvidia-cutlass headers found, sm_90a targeted).
@@ -46,7 +53,8 @@ cudaError_t gemm_bias_act(const GemmBiasActParams& p, void* workspace, cudaStrea
 
 // One compiled kernel: defined in kernels/gemm_bias_act.cuh, explicitly instantiated by one file
 // per variant under cuda/instantiations/ (gemm_bias_act.cu dispatches over the compiled ones).
-template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux,
+          GemmSchedule kSched = GemmSchedule::kCooperative>
 struct GemmBiasActVariant {
   static bool can_implement(const GemmBiasActParams& p);  // CUTLASS's own checks
   static size_t workspace_size(const GemmBiasActParams& p);

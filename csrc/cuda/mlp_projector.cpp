@@ -21,22 +21,29 @@ namespace vlmkern {
 namespace {
 
 // VLMKERN_PROJECTOR_GEMM, read on every call (a getenv): "aten" (or unset) keeps cuBLAS;
-// "cutlass" takes the fused kernel where it can. The default stays "aten" until a GPU session
-// has validated the CUTLASS path (tests/ops/test_mlp_projector.py's gpu tests and the bench).
-bool use_cutlass_gemm() {
+// "cutlass" takes the fused cooperative kernel for both Linears where it can; "cutlass_pingpong"
+// the pingpong kernel for GEMM1 + GELU (+ aux) and cuBLAS for the rest. The default stays "aten":
+// on the first H100 run the cooperative kernel was correct but 0.57-1.13x the ATen path
+// (bench/results/2026-11-22-h100-6f8743a); pingpong has not run yet.
+enum class ProjectorGemm { kAten, kCutlass, kCutlassPingpong };
+
+ProjectorGemm projector_gemm() {
   const char* env = std::getenv("VLMKERN_PROJECTOR_GEMM");
   const std::string_view v = env ? env : "";
-  VLMKERN_CHECK(v.empty() || v == "aten" || v == "cutlass", "mlp_projector",
-                "VLMKERN_PROJECTOR_GEMM must be 'aten' or 'cutlass', got '", std::string(v), "'");
-  return v == "cutlass";
+  VLMKERN_CHECK(v.empty() || v == "aten" || v == "cutlass" || v == "cutlass_pingpong",
+                "mlp_projector", "VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass' or "
+                "'cutlass_pingpong', got '", std::string(v), "'");
+  if (v == "cutlass") return ProjectorGemm::kCutlass;
+  return v == "cutlass_pingpong" ? ProjectorGemm::kCutlassPingpong : ProjectorGemm::kAten;
 }
 
 // The FusedDenseFn of the CUDA composite: a (M, K) row-major with any row stride, w (N, K) and b
 // contiguous, bf16 / fp16, on a compute-capability-9.0 device, sizes and pointers TMA-aligned.
 // GELU gets the fused epilogue (writing `pre` as its aux output when asked); the other
 // activations take the identity kernel and leave the activation to the composite.
-DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                       ProjectorActivation act, bool keep_pre) {
+DenseAct cutlass_dense_with(GemmSchedule sched, const at::Tensor& a, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, ProjectorActivation act,
+                            bool keep_pre) {
   const auto dt = a.scalar_type();
   if (dt != at::kBFloat16 && dt != at::kHalf) return {};
   if (a.dim() != 2 || a.size(0) == 0 || a.stride(1) != 1 || !w.is_contiguous() ||
@@ -46,6 +53,7 @@ DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::opti
   const bool gelu = act == ProjectorActivation::kGelu;
   if (gelu && !keep_pre) return {};  // only gelu + aux is compiled (the op always keeps GEMM1's h)
   GemmBiasActParams p{};
+  p.schedule = sched;
   p.dtype = dt == at::kBFloat16 ? GemmDtype::kBFloat16 : GemmDtype::kFloat16;
   p.act = gelu ? GemmActivation::kGelu : GemmActivation::kIdentity;
   p.m = a.size(0);
@@ -76,6 +84,20 @@ DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::opti
   return {act == ProjectorActivation::kNone ? out : at::Tensor(), out};
 }
 
+DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                       ProjectorActivation act, bool keep_pre) {
+  return cutlass_dense_with(GemmSchedule::kCooperative, a, w, b, act, keep_pre);
+}
+
+// Pingpong is compiled for GELU + aux only: anything else (GEMM2, other activations) returns
+// nothing and stays on cuBLAS.
+DenseAct cutlass_pingpong_dense(const at::Tensor& a, const at::Tensor& w,
+                                const std::optional<at::Tensor>& b, ProjectorActivation act,
+                                bool keep_pre) {
+  if (act != ProjectorActivation::kGelu) return {};
+  return cutlass_dense_with(GemmSchedule::kPingpong, a, w, b, act, keep_pre);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
@@ -86,8 +108,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
     int64_t shuffle, int64_t merge) {
   const auto opt = parse_projector_options(activation, norm, norm_position, eps, shuffle, merge);
   const c10::cuda::CUDAGuard guard(x.device());
+  const ProjectorGemm gemm = projector_gemm();
   return mlp_projector_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, opt,
-                               use_cutlass_gemm() ? &cutlass_dense : nullptr);
+                               gemm == ProjectorGemm::kCutlass           ? &cutlass_dense
+                               : gemm == ProjectorGemm::kCutlassPingpong ? &cutlass_pingpong_dense
+                                                                         : nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -226,5 +226,77 @@ def test_cutlass_graph_capture_streams_and_repeats(cutlass):
 def test_bad_switch_value_is_rejected(monkeypatch):
     monkeypatch.setenv(ENV, "cublas")
     x, weights, opts = _plain(8, "gelu", True, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="VLMKERN_PROJECTOR_GEMM must be 'aten' or 'cutlass'"):
+    with pytest.raises(RuntimeError, match="VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass' or "
+                       "'cutlass_pingpong'"):
         run(OURS, x, weights, opts)
+
+
+# --- the pingpong schedule (VLMKERN_PROJECTOR_GEMM=cutlass_pingpong): GEMM1 + GELU + aux only ---
+
+
+@pytest.fixture
+def pingpong(cutlass):
+    cutlass.setenv(ENV, "cutlass_pingpong")
+    return cutlass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 113, 577, 4096])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", ["gelu", "none"])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_pingpong_tiers(pingpong, dtype, act, bias, rows):
+    """GELU's GEMM1 runs on the pingpong kernel (one CUTLASS launch; GEMM2 stays on cuBLAS),
+    other activations on cuBLAS alone; within the tier of the reference and of the ATen path."""
+    x, weights, opts = _plain(rows, act, bias, dtype)
+    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    assert launched == (1 if act == "gelu" else 0)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert out.dtype == dtype and out.is_contiguous() and not out.isnan().any()
+    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+    pingpong.setenv(ENV, "aten")
+    assert_lowprec_tier(out, run(OURS, x, weights, opts), ref64, what="vs the ATen path")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODES)
+def test_pingpong_every_connector_mode(pingpong, name):
+    mode = MODES[name]
+    x, grid = make_x(mode, 113, 40, "cls")
+    weights = make_weights(mode, 40, 136, 72)
+    x, weights = cast(x, weights, torch.float16)
+    x, weights = x.cuda(), {n: (t.cuda() if t is not None else None) for n, t in weights.items()}
+    opts = options(mode, grid)
+    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    assert launched == (1 if mode.activation == "gelu" else 0)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+
+
+@pytest.mark.gpu
+def test_pingpong_hidden_backward_and_graph(pingpong):
+    """The aux (pre-activation) output feeds the backward; graph replay and repeats are exact."""
+    x, weights, opts = _plain(577, "gelu", True, torch.bfloat16)
+    out, grads = grads_of(OURS, x, weights, opts)
+    x64, w64 = cast(x, weights, torch.float64)
+    _, grads64 = grads_of(REF, x64, w64, opts)
+    _, grads_pt = grads_of(REF, x, weights, opts)
+    for name, g in grads.items():
+        assert_nontrivial(grads64[name])
+        assert_lowprec_tier(g, grads_pt[name], grads64[name], 3.0, f"d{name}")
+    eager = run(OURS, x, weights, opts)
+    for _ in range(5):
+        assert torch.equal(run(OURS, x, weights, opts), eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(OURS, x, weights, opts)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run(OURS, x, weights, opts)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, eager)

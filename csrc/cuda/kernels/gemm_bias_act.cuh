@@ -1,5 +1,6 @@
 // The fused GEMM + bias + activation kernel for Hopper (sm_90a): CUTLASS 3.x TMA warp-specialized
-// cooperative mainloop; EVT epilogue: per-column bias, fp32 activation, opt. pre-activation aux.
+// cooperative or pingpong mainloop; EVT epilogue: per-column bias, fp32 activation, opt.
+// pre-activation aux.
 // Include only from cuda/instantiations/*.cu (CUTLASS headers: ~1 min of nvcc per variant).
 #pragma once
 
@@ -114,12 +115,30 @@ struct FusionOf {
 // (M = 256..16k, N = 3584..5120) it gives 2x the tiles, e.g. LLaVA M = 576, N = 4096 -> 160 tiles
 // for 132 SMs instead of 80, and CUTLASS's data-parallel persistent schedule keeps the output
 // deterministic (no split-K / stream-K reduction).
-template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
+// Pingpong: each consumer warpgroup owns a whole 64 x 128 x 64 tile (64 fp32 accumulators per
+// thread: 128 x 128 spilled with the GELU + aux epilogue) and the two alternate, so one tile's
+// epilogue runs under the other's mainloop; same 1 x 2 cluster. 64-row tiles also halve the wave
+// quantization at small M (LLaVA M = 576: 288 tiles for 132 SMs).
+template <GemmSchedule kSched>
+struct ScheduleOf {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+template <>
+struct ScheduleOf<GemmSchedule::kPingpong> {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux,
+          GemmSchedule kSched = GemmSchedule::kCooperative>
 struct GemmOf {
   static_assert(!(kAux && kAct == GemmActivation::kIdentity), "identity: aux would equal out");
   using T = ElementOf<kDtype>;
   static constexpr int kAlign = 16 / sizeof(T);  // 8 elements: TMA's 16-byte rule
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using TileShape = std::conditional_t<kSched == GemmSchedule::kPingpong,
+                                       cute::Shape<cute::_64, cute::_128, cute::_64>,
+                                       cute::Shape<cute::_128, cute::_128, cute::_64>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
   using Fusion = typename FusionOf<T, kAct, kAux>::type;
 
@@ -128,7 +147,7 @@ struct GemmOf {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, cutlass::layout::RowMajor, kAlign,  // no C operand (beta = 0)
       T, cutlass::layout::RowMajor, kAlign,     // D (M, N) contiguous
-      cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+      typename ScheduleOf<kSched>::Epilogue, Fusion>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -137,7 +156,7 @@ struct GemmOf {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename ScheduleOf<kSched>::Mainloop>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>,
                                                       CollectiveMainloop, CollectiveEpilogue,
@@ -145,9 +164,10 @@ struct GemmOf {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
-typename GemmOf<kDtype, kAct, kAux>::Gemm::Arguments make_arguments(const GemmBiasActParams& p) {
-  using G = GemmOf<kDtype, kAct, kAux>;
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux, GemmSchedule kSched>
+typename GemmOf<kDtype, kAct, kAux, kSched>::Gemm::Arguments make_arguments(
+    const GemmBiasActParams& p) {
+  using G = GemmOf<kDtype, kAct, kAux, kSched>;
   using T = typename G::T;
   using Kernel = typename G::Kernel;
   typename G::Gemm::Arguments args{};
@@ -179,29 +199,32 @@ typename GemmOf<kDtype, kAct, kAux>::Gemm::Arguments make_arguments(const GemmBi
 
 }  // namespace gemm_bias_act_detail
 
-template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
-bool GemmBiasActVariant<kDtype, kAct, kAux>::can_implement(const GemmBiasActParams& p) {
-  using Gemm = typename gemm_bias_act_detail::GemmOf<kDtype, kAct, kAux>::Gemm;
-  return Gemm::can_implement(gemm_bias_act_detail::make_arguments<kDtype, kAct, kAux>(p)) ==
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux, GemmSchedule kSched>
+bool GemmBiasActVariant<kDtype, kAct, kAux, kSched>::can_implement(const GemmBiasActParams& p) {
+  using Gemm = typename gemm_bias_act_detail::GemmOf<kDtype, kAct, kAux, kSched>::Gemm;
+  return Gemm::can_implement(
+             gemm_bias_act_detail::make_arguments<kDtype, kAct, kAux, kSched>(p)) ==
          cutlass::Status::kSuccess;
 }
 
-template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
-size_t GemmBiasActVariant<kDtype, kAct, kAux>::workspace_size(const GemmBiasActParams& p) {
-  using Gemm = typename gemm_bias_act_detail::GemmOf<kDtype, kAct, kAux>::Gemm;
-  return Gemm::get_workspace_size(gemm_bias_act_detail::make_arguments<kDtype, kAct, kAux>(p));
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux, GemmSchedule kSched>
+size_t GemmBiasActVariant<kDtype, kAct, kAux, kSched>::workspace_size(
+    const GemmBiasActParams& p) {
+  using Gemm = typename gemm_bias_act_detail::GemmOf<kDtype, kAct, kAux, kSched>::Gemm;
+  return Gemm::get_workspace_size(
+      gemm_bias_act_detail::make_arguments<kDtype, kAct, kAux, kSched>(p));
 }
 
 // initialize() writes the kernel params (and raises the kernel's dynamic smem limit, a host-side
 // attribute, no sync); run() launches the cluster kernel on `stream`.
-template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
-cudaError_t GemmBiasActVariant<kDtype, kAct, kAux>::run(const GemmBiasActParams& p,
-                                                        void* workspace, cudaStream_t stream) {
-  using Gemm = typename gemm_bias_act_detail::GemmOf<kDtype, kAct, kAux>::Gemm;
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux, GemmSchedule kSched>
+cudaError_t GemmBiasActVariant<kDtype, kAct, kAux, kSched>::run(const GemmBiasActParams& p,
+                                                                void* workspace,
+                                                                cudaStream_t stream) {
+  using Gemm = typename gemm_bias_act_detail::GemmOf<kDtype, kAct, kAux, kSched>::Gemm;
   Gemm gemm;
-  auto status =
-      gemm.initialize(gemm_bias_act_detail::make_arguments<kDtype, kAct, kAux>(p), workspace,
-                      stream);
+  auto status = gemm.initialize(
+      gemm_bias_act_detail::make_arguments<kDtype, kAct, kAux, kSched>(p), workspace, stream);
   if (status == cutlass::Status::kSuccess) status = gemm.run(stream);
   if (status == cutlass::Status::kSuccess) return cudaSuccess;
   // Name CUTLASS's reason: the adapter has already cleared the CUDA error it may have met, so the

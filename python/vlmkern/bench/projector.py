@@ -1,7 +1,8 @@
 """MLP projector bench: vlmkern's op vs the HF-style PyTorch eager chain (InternVL's two-copy pixel
 shuffle, Qwen's view merge, F.layer_norm / Qwen2RMSNorm, F.linear, erf GELU), torch.compile of it,
 ``torch._addmm_activation`` (cuBLASLt bias + *tanh* GELU epilogue: a different function, GPU only),
-``vlmkern.cutlass`` (the op on its fused CUTLASS GEMM path, sm_90a builds with CUTLASS only)
+``vlmkern.cutlass`` / ``vlmkern.cutlass_pingpong`` (the op on its fused CUTLASS GEMM paths:
+cooperative for both Linears / pingpong for GEMM1 + GELU; sm_90a builds with CUTLASS only)
 and a plain ``torch.mm`` of the same GEMM shapes (the roofline row, not checked), on LLaVA-1.5,
 InternVL2.5-8B, Qwen2-VL-7B and Idefics3 shapes.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -99,11 +101,12 @@ def vlmkern_projector(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: Spec):
 GEMM_ENV = "VLMKERN_PROJECTOR_GEMM"
 
 
-def vlmkern_cutlass(*inputs, spec: Spec):
-    """vlmkern with ``VLMKERN_PROJECTOR_GEMM=cutlass``: the fused CUTLASS GEMM + bias + GELU
-    (sm_90a; elsewhere, and on the CPU, the op falls back to its ATen path)."""
+def vlmkern_cutlass(*inputs, spec: Spec, mode: str = "cutlass"):
+    """vlmkern with ``VLMKERN_PROJECTOR_GEMM=cutlass`` (both Linears on the cooperative CUTLASS
+    kernel) or ``cutlass_pingpong`` (GEMM1 + bias + GELU on the pingpong kernel, the rest on
+    cuBLAS); sm_90a only: elsewhere, and on the CPU, the op falls back to its ATen path."""
     before = os.environ.get(GEMM_ENV)
-    os.environ[GEMM_ENV] = "cutlass"
+    os.environ[GEMM_ENV] = mode
     try:
         return vlmkern_projector(*inputs, spec=spec)
     finally:
@@ -220,6 +223,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
     if cfg.device == "cuda":
         if _has_cutlass_gemm():
             out["vlmkern.cutlass"] = vlmkern_cutlass
+            out["vlmkern.cutlass_pingpong"] = partial(vlmkern_cutlass, mode="cutlass_pingpong")
         out["torch._addmm_activation"] = _only_erf_gelu_cases(addmm_activation_chain)
     out[MM] = mm_roofline
     return out
