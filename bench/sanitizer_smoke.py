@@ -221,6 +221,13 @@ def _smoke_projector_cutlass(device: str) -> int:
 
     if device != "cuda" or not _C.cutlass_gemm or torch.cuda.get_device_capability() != (9, 0):
         return 0
+    if os.environ.get("VLMKERN_SANITIZER_TOOL") == "initcheck":
+        # initcheck does not see the kernel's TMA stores: it flags the whole output as
+        # uninitialized when it is read back (the first H100 run), and its report floods the
+        # stage's time. memcheck, racecheck and synccheck still run this case.
+        print("sanitizer_smoke: CUTLASS case skipped under initcheck (TMA stores are not tracked)",
+              file=sys.stderr)
+        return 0
     before = os.environ.get("VLMKERN_PROJECTOR_GEMM")
     os.environ["VLMKERN_PROJECTOR_GEMM"] = "cutlass"
     n = 0
