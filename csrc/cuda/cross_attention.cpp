@@ -96,6 +96,40 @@ XattnDevIndex dev_index(const XattnIndex& ix) {
   return d;
 }
 
+// The kernels' view of the checked parameters and of q, k, v as the kernels read them
+// (kernel_layout): pointers, (B, S, H) strides, sizes, masks. Outputs are set by the caller.
+XattnCudaParams cuda_params(const XattnParams& p, const at::Tensor& qc, const at::Tensor& kc,
+                            const at::Tensor& vc) {
+  XattnCudaParams c;
+  c.q = qc.const_data_ptr();
+  c.k = kc.const_data_ptr();
+  c.v = vc.const_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    c.q_stride[i] = qc.stride(i);
+    c.k_stride[i] = kc.stride(i);
+    c.v_stride[i] = vc.stride(i);
+  }
+  c.batch = p.batch;
+  c.seq_q = p.seq_q;
+  c.seq_k = p.seq_k;
+  c.heads_q = static_cast<int>(p.heads_q);
+  c.heads_k = static_cast<int>(p.heads_k);
+  c.head_dim = static_cast<int>(p.head_dim);
+  c.dtype = p.dtype == at::kHalf ? XattnDtype::kFloat16 : XattnDtype::kBFloat16;
+  c.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  c.uniform_masked_rows = p.uniform_masked_rows ? 1 : 0;
+  c.has_ranges = p.has_ranges ? 1 : 0;
+  c.ranges = dev_index(p.ranges);
+  c.num_ranges = p.num_ranges;
+  c.packed = p.packed ? 1 : 0;
+  c.cu_q = dev_index(p.cu_q);
+  c.cu_k = dev_index(p.cu_k);
+  c.num_segments = p.num_segments;
+  c.prefix_lm = p.prefix_lm ? 1 : 0;
+  c.prefix = dev_index(p.prefix);
+  return c;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
@@ -121,35 +155,9 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
-  XattnCudaParams c;
-  c.q = qc.const_data_ptr();
-  c.k = kc.const_data_ptr();
-  c.v = vc.const_data_ptr();
+  XattnCudaParams c = cuda_params(p, qc, kc, vc);
   c.out = out.mutable_data_ptr();
   c.lse = lse.mutable_data_ptr<float>();
-  for (int i = 0; i < 3; ++i) {
-    c.q_stride[i] = qc.stride(i);
-    c.k_stride[i] = kc.stride(i);
-    c.v_stride[i] = vc.stride(i);
-  }
-  c.batch = p.batch;
-  c.seq_q = p.seq_q;
-  c.seq_k = p.seq_k;
-  c.heads_q = static_cast<int>(p.heads_q);
-  c.heads_k = static_cast<int>(p.heads_k);
-  c.head_dim = static_cast<int>(p.head_dim);
-  c.dtype = p.dtype == at::kHalf ? XattnDtype::kFloat16 : XattnDtype::kBFloat16;
-  c.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  c.uniform_masked_rows = p.uniform_masked_rows ? 1 : 0;
-  c.has_ranges = p.has_ranges ? 1 : 0;
-  c.ranges = dev_index(p.ranges);
-  c.num_ranges = p.num_ranges;
-  c.packed = p.packed ? 1 : 0;
-  c.cu_q = dev_index(p.cu_q);
-  c.cu_k = dev_index(p.cu_k);
-  c.num_segments = p.num_segments;
-  c.prefix_lm = p.prefix_lm ? 1 : 0;
-  c.prefix = dev_index(p.prefix);
   c.num_splits = xattn_num_splits(op, p, q.device().index());
   at::Tensor o_part, lse_part;  // split-KV partials, fp32
   if (c.num_splits > 1) {
@@ -207,35 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   // delta (B, Hq, Sq) fp32 workspace: rowsum(dO * O) - dlse.
   at::Tensor delta = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
   XattnBwdParams bp;
-  XattnCudaParams& c = bp.a;
-  c.q = qc.const_data_ptr();
-  c.k = kc.const_data_ptr();
-  c.v = vc.const_data_ptr();
+  bp.a = cuda_params(p, qc, kc, vc);
   for (int i = 0; i < 3; ++i) {
-    c.q_stride[i] = qc.stride(i);
-    c.k_stride[i] = kc.stride(i);
-    c.v_stride[i] = vc.stride(i);
     bp.dout_stride[i] = go.stride(i);
     bp.out_stride[i] = oc.stride(i);
   }
-  c.batch = p.batch;
-  c.seq_q = p.seq_q;
-  c.seq_k = p.seq_k;
-  c.heads_q = static_cast<int>(p.heads_q);
-  c.heads_k = static_cast<int>(p.heads_k);
-  c.head_dim = static_cast<int>(p.head_dim);
-  c.dtype = p.dtype == at::kHalf ? XattnDtype::kFloat16 : XattnDtype::kBFloat16;
-  c.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  c.uniform_masked_rows = p.uniform_masked_rows ? 1 : 0;
-  c.has_ranges = p.has_ranges ? 1 : 0;
-  c.ranges = dev_index(p.ranges);
-  c.num_ranges = p.num_ranges;
-  c.packed = p.packed ? 1 : 0;
-  c.cu_q = dev_index(p.cu_q);
-  c.cu_k = dev_index(p.cu_k);
-  c.num_segments = p.num_segments;
-  c.prefix_lm = p.prefix_lm ? 1 : 0;
-  c.prefix = dev_index(p.prefix);
   bp.dout = go.const_data_ptr();
   bp.out = oc.const_data_ptr();
   bp.lse = lse_c.const_data_ptr<float>();
@@ -248,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   int optin = 0;  // opt-in shared memory per block: 227 KiB on H100, 163 KiB A100, 99 KiB sm_86/89
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                              q.device().index()) != cudaSuccess) {
+    cudaGetLastError();  // no stale error for the launch check below to report
     optin = 0;
   }
   const size_t need = cuda_cross_attention_bwd_smem_bytes(static_cast<int>(p.head_dim));

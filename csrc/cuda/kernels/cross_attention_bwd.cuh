@@ -161,15 +161,8 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int d = p.head_dim;
   const int64_t hk = blockIdx.y, group = p.heads_q / p.heads_k;
-  int64_t b = 0, w0 = 0;  // batch, first key of the window in k's S dim
-  if (p.packed) {
-    w0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
-  } else {
-    const int64_t n_tiles = (p.seq_k + kBlockN - 1) / kBlockN;
-    b = blockIdx.x / n_tiles;
-    w0 = (blockIdx.x % n_tiles) * kBlockN;
-  }
-  const int window_keys = static_cast<int>(p.seq_k - w0 < kBlockN ? p.seq_k - w0 : kBlockN);
+  // batch, first key of the window in k's S dim, keys in it
+  const auto [b, w0, window_keys] = cta_window(p.packed, blockIdx.x, p.seq_k, kBlockN);
 
   // K / V window (kBlockN, kHeadDimPad) -> smem once, zero-filled past the keys and past D.
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + w0 * p.k_stride[1] +
@@ -194,14 +187,8 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
     seg_end = p.num_segments;
   }
   for (; seg < seg_end; ++seg) {
-    int64_t q_begin = 0, q_end = p.seq_q, k_begin = 0, k_end = p.seq_k;
-    if (p.packed) {  // clamped as in the forward
-      q_begin = read_index(p.cu_q, seg * p.cu_q.stride[0]);
-      q_end = read_index(p.cu_q, (seg + 1) * p.cu_q.stride[0]);
-      k_begin = read_index(p.cu_k, seg * p.cu_k.stride[0]);
-      k_end = read_index(p.cu_k, (seg + 1) * p.cu_k.stride[0]);
-      clamp_range(q_begin, q_end, p.seq_q);
-      clamp_range(k_begin, k_end, p.seq_k);
+    const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
+    if (p.packed) {
       if (k_begin >= w0 + kBlockN) break;
       if (k_end <= w0) continue;  // empty, or ends before the window
     }
@@ -317,15 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1) cross_attention_bwd_dq_kernel(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const int d = p.head_dim;
   const int64_t h = blockIdx.y, hk = h / (p.heads_q / p.heads_k);
-  int64_t b = 0, w0 = 0;  // batch, first row of the window in q's S dim
-  if (p.packed) {
-    w0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  } else {
-    const int64_t m_tiles = (p.seq_q + kBlockM - 1) / kBlockM;
-    b = blockIdx.x / m_tiles;
-    w0 = (blockIdx.x % m_tiles) * kBlockM;
-  }
-  const int window_rows = static_cast<int>(p.seq_q - w0 < kBlockM ? p.seq_q - w0 : kBlockM);
+  // batch, first row of the window in q's S dim, rows in it
+  const auto [b, w0, window_rows] = cta_window(p.packed, blockIdx.x, p.seq_q, kBlockM);
 
   // Q and dO windows (kBlockM, kHeadDimPad) -> smem, zero-filled past the window and past D.
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + w0 * p.q_stride[1] +
@@ -348,14 +328,8 @@ __global__ void __launch_bounds__(kThreads, 1) cross_attention_bwd_dq_kernel(
     seg_end = p.num_segments;
   }
   for (; seg < seg_end; ++seg) {
-    int64_t q_begin = 0, q_end = p.seq_q, k_begin = 0, k_end = p.seq_k;
+    const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
     if (p.packed) {
-      q_begin = read_index(p.cu_q, seg * p.cu_q.stride[0]);
-      q_end = read_index(p.cu_q, (seg + 1) * p.cu_q.stride[0]);
-      k_begin = read_index(p.cu_k, seg * p.cu_k.stride[0]);
-      k_end = read_index(p.cu_k, (seg + 1) * p.cu_k.stride[0]);
-      clamp_range(q_begin, q_end, p.seq_q);
-      clamp_range(k_begin, k_end, p.seq_k);
       if (q_begin >= w0 + kBlockM) break;
       if (q_end <= w0) continue;
     }

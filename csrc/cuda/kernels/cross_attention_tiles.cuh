@@ -155,6 +155,45 @@ __device__ __forceinline__ void clamp_range(int64_t& lo, int64_t& hi, int64_t lk
   hi = hi < lo ? lo : (hi > lk ? lk : hi);
 }
 
+// The window of CTA `cta` over `len` rows (or keys) in tiles of `tile`: batch b and first index
+// w0 (grid.x = B * ceil(len / tile), or ceil(total / tile) packed with b = 0), and how many of
+// the tile's rows exist (count).
+struct Window {
+  int64_t b, w0;
+  int count;
+};
+
+__device__ __forceinline__ Window cta_window(bool packed, int64_t cta, int64_t len, int tile) {
+  Window w{0, cta * tile, 0};
+  if (!packed) {
+    const int64_t tiles = (len + tile - 1) / tile;
+    w.b = cta / tiles;
+    w.w0 = (cta % tiles) * tile;
+  }
+  w.count = static_cast<int>(len - w.w0 < tile ? len - w.w0 : tile);
+  return w;
+}
+
+// Query rows [q_begin, q_end) and keys [k_begin, k_end) of pass `seg`: all of q and k, or with
+// cu_seqlens (packed) segment seg's, clamped (a bad cu_seqlens cannot make a kernel read out of
+// bounds).
+struct SegmentSpan {
+  int64_t q_begin, q_end, k_begin, k_end;
+};
+
+__device__ __forceinline__ SegmentSpan segment_span(const XattnCudaParams& p, int64_t seg) {
+  SegmentSpan s{0, p.seq_q, 0, p.seq_k};
+  if (p.packed) {
+    s.q_begin = read_index(p.cu_q, seg * p.cu_q.stride[0]);
+    s.q_end = read_index(p.cu_q, (seg + 1) * p.cu_q.stride[0]);
+    s.k_begin = read_index(p.cu_k, seg * p.cu_k.stride[0]);
+    s.k_end = read_index(p.cu_k, (seg + 1) * p.cu_k.stride[0]);
+    clamp_range(s.q_begin, s.q_end, p.seq_q);
+    clamp_range(s.k_begin, s.k_end, p.seq_k);
+  }
+  return s;
+}
+
 // Row `i` (of lq rows, index `row` into q's S dim, batch b) of sequence `seg` with lk keys.
 __device__ __forceinline__ RowVis row_visibility(const XattnCudaParams& p, bool valid, int64_t b,
                                                  int64_t row, int64_t i, int64_t lq, int64_t lk,
