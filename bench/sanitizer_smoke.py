@@ -7,9 +7,10 @@ on the CPU."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,6 +89,20 @@ def smoke_pixel_shuffle(device: str) -> int:
         run_case(op, (0, *shape[1:]), scale, torch.float32, "contiguous", device)
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Sets an environment variable the C++ side reads on every call, restored on exit."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -228,10 +243,8 @@ def _smoke_projector_cutlass(device: str) -> int:
         print("sanitizer_smoke: CUTLASS case skipped under initcheck (TMA stores are not tracked)",
               file=sys.stderr)
         return 0
-    before = os.environ.get("VLMKERN_PROJECTOR_GEMM")
-    os.environ["VLMKERN_PROJECTOR_GEMM"] = "cutlass"
     n = 0
-    try:
+    with _env("VLMKERN_PROJECTOR_GEMM", "cutlass"):
         k, n1, d = 136, 264, 72  # multiples of 8, off the 128 x 128 x 64 tiles
         for dtype in (torch.bfloat16, torch.float16):
             for rows, act, bias in ((113, "gelu", True), (1, "gelu", False), (200, "none", True)):
@@ -246,10 +259,6 @@ def _smoke_projector_cutlass(device: str) -> int:
                                                for t in args], activation=act)  # fmt: skip
                 _close(out, ref, f"mlp_projector cutlass {act} bias={bias} M={rows} {dtype}")
                 n += 1
-    finally:
-        os.environ.pop("VLMKERN_PROJECTOR_GEMM")
-        if before is not None:
-            os.environ["VLMKERN_PROJECTOR_GEMM"] = before
     return n
 
 
@@ -301,8 +310,7 @@ def smoke_cross_attention(device: str) -> int:
                     _close(t.grad, r.grad, f"cross_attention d{name} {sorted(kw)} {dtype}")
             n += 1
     if cuda:  # split-KV runs + the combine kernel (1-2 key tiles in 3 runs: some are empty)
-        os.environ["VLMKERN_XATTN_SPLITS"] = "3"
-        try:
+        with _env("VLMKERN_XATTN_SPLITS", "3"):
             for q, k, v, kw in (cases[0], cases[1], cases[4]):
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
                 ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
@@ -310,8 +318,6 @@ def smoke_cross_attention(device: str) -> int:
                 out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
                 _close(out, ref, f"cross_attention split-KV {sorted(kw)}")
                 n += 1
-        finally:
-            del os.environ["VLMKERN_XATTN_SPLITS"]
     return n
 
 

@@ -76,3 +76,14 @@ def deterministic_mode():
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def profiled_names(fn) -> set[str]:
+    """Names of the events (CUDA kernels included) while fn() runs and the device syncs; CPU
+    activity is recorded too: with CUDA alone Kineto has been seen to drop kernel events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}

@@ -8,6 +8,7 @@ combine kernel); CUDA-graph capture; the env var's errors. All `gpu`."""
 import pytest
 import torch
 from test_cross_attention_cuda import HEAD_DIMS, check_cuda, check_cuda_backward
+from testing_utils import profiled_names
 from xattn_testing import make_qkv, mllama_mask
 
 import vlmkern
@@ -108,15 +109,6 @@ def test_decode_gqa_as_rows(Hq, Hk, D, masked_rows):
     check_cuda_backward(q, k, v, grad_lse=True, kv_ranges=ranges, masked_rows=masked_rows)
 
 
-def _kernel_names(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events()}
-
-
 @pytest.mark.parametrize(("B", "split"), [(1, True), (4, True), (16, False)])
 def test_decode_heuristic(B, split):
     """One query row per sequence, 32 q / 8 kv heads x 6404 keys: the heuristic splits while the
@@ -124,7 +116,7 @@ def test_decode_heuristic(B, split):
     q, k, v = make_qkv("bhsd", "fused", B, 1, 6404, 32, 8, 128, torch.bfloat16)
     check_cuda(q, k, v)
     qc, kc, vc = (t.cuda() for t in (q, k, v))
-    names = _kernel_names(lambda: vlmkern.ops.cross_attention(qc, kc, vc))
+    names = profiled_names(lambda: vlmkern.ops.cross_attention(qc, kc, vc))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if sms >= 100:  # the expectation is for H100 / H200-sized GPUs
         assert any("cross_attention_combine_kernel" in n for n in names) == split

@@ -85,15 +85,28 @@ def test_build_info_reports_the_cutlass_path():
 # --- GPU -----------------------------------------------------------------------------------------
 
 
+GEMMS = ["cutlass", "cutlass_pingpong"]
+
+
+def _launches(gemm: str, act: str, second: bool) -> int:
+    """CUTLASS launches of one projector call: "cutlass" runs GEMM1 (+ bias, + GELU epilogue for
+    "gelu") and GEMM2; "cutlass_pingpong" only a GELU GEMM1, everything else on cuBLAS."""
+    if gemm == "cutlass":
+        return 2 if second else 1
+    return 1 if act == "gelu" else 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 113, 577, 4096])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_cutlass_tiers(cutlass, dtype, act, bias, rows):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_cutlass_tiers(cutlass, gemm, dtype, act, bias, rows):
+    cutlass.setenv(ENV, gemm)
     x, weights, opts = _plain(rows, act, bias, dtype)
     out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
-    assert launched == 2  # GEMM1 (+ bias, + GELU epilogue for "gelu") and GEMM2
+    assert launched == _launches(gemm, act, second=True)
     ref64 = _ref64(x, weights, opts)
     assert_nontrivial(ref64)
     assert out.dtype == dtype and out.is_contiguous() and not out.isnan().any()
@@ -105,7 +118,9 @@ def test_cutlass_tiers(cutlass, dtype, act, bias, rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODES)
-def test_cutlass_every_connector_mode(cutlass, name):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_cutlass_every_connector_mode(cutlass, gemm, name):
+    cutlass.setenv(ENV, gemm)
     mode = MODES[name]
     x, grid = make_x(mode, 113, 40, "cls")
     weights = make_weights(mode, 40, 136, 72)
@@ -113,7 +128,7 @@ def test_cutlass_every_connector_mode(cutlass, name):
     x, weights = x.cuda(), {n: (t.cuda() if t is not None else None) for n, t in weights.items()}
     opts = options(mode, grid)
     out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
-    assert launched == (2 if mode.second else 1)
+    assert launched == _launches(gemm, mode.activation, mode.second)
     ref64 = _ref64(x, weights, opts)
     assert_nontrivial(ref64)
     assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
@@ -231,48 +246,14 @@ def test_bad_switch_value_is_rejected(monkeypatch):
         run(OURS, x, weights, opts)
 
 
-# --- the pingpong schedule (VLMKERN_PROJECTOR_GEMM=cutlass_pingpong): GEMM1 + GELU + aux only ---
+# --- the pingpong schedule (VLMKERN_PROJECTOR_GEMM=cutlass_pingpong; tiers and connector modes
+# above run it too): the aux output through the backward, graphs and repeats ---
 
 
 @pytest.fixture
 def pingpong(cutlass):
     cutlass.setenv(ENV, "cutlass_pingpong")
     return cutlass
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 113, 577, 4096])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("act", ["gelu", "none"])
-@pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_pingpong_tiers(pingpong, dtype, act, bias, rows):
-    """GELU's GEMM1 runs on the pingpong kernel (one CUTLASS launch; GEMM2 stays on cuBLAS),
-    other activations on cuBLAS alone; within the tier of the reference and of the ATen path."""
-    x, weights, opts = _plain(rows, act, bias, dtype)
-    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
-    assert launched == (1 if act == "gelu" else 0)
-    ref64 = _ref64(x, weights, opts)
-    assert_nontrivial(ref64)
-    assert out.dtype == dtype and out.is_contiguous() and not out.isnan().any()
-    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
-    pingpong.setenv(ENV, "aten")
-    assert_lowprec_tier(out, run(OURS, x, weights, opts), ref64, what="vs the ATen path")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", MODES)
-def test_pingpong_every_connector_mode(pingpong, name):
-    mode = MODES[name]
-    x, grid = make_x(mode, 113, 40, "cls")
-    weights = make_weights(mode, 40, 136, 72)
-    x, weights = cast(x, weights, torch.float16)
-    x, weights = x.cuda(), {n: (t.cuda() if t is not None else None) for n, t in weights.items()}
-    opts = options(mode, grid)
-    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
-    assert launched == (1 if mode.activation == "gelu" else 0)
-    ref64 = _ref64(x, weights, opts)
-    assert_nontrivial(ref64)
-    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ non-default stream, and bit-identical repeats (G8, G11)."""
 
 import pytest
 import torch
+from testing_utils import profiled_names
 
 import vlmkern
 
@@ -102,15 +103,6 @@ def _pixels(layout, b, size, dtype, g):
     return base, views[layout], layout in ("nhwc", "nhwc-view", "uint8-nhwc")
 
 
-def _kernel_names(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events()}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("patch", [7, 14, 16])  # K = 147, 588 (zero-padded to 152, 592), 768
@@ -146,7 +138,7 @@ def test_cuda_patch_matrix_kernel(patch, layout, dtype):
         leaves = [wd, x] if float_px else [wd]
         outs[dev] = (out.detach(), *torch.autograd.grad(out, leaves, go))
         if dev == "cuda":
-            assert any("patchify_kernel" in n for n in _kernel_names(run)), "kernel did not run"
+            assert any("patchify_kernel" in n for n in profiled_names(run)), "kernel did not run"
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     for a, c in zip(outs["cuda"], outs["cpu"], strict=True):
         assert a.device.type == "cuda"

@@ -39,23 +39,6 @@ def torch_train(*inputs, spec: fwd.Spec):
     return _step(fwd.torch_chain, inputs, spec)
 
 
-class _CompiledTrain:
-    """torch.compile of the eager chain (forward and its AOT backward), recompiled per case."""
-
-    def __init__(self) -> None:
-        self._key = None
-        self._fn: Callable | None = None
-
-    def __call__(self, *inputs, spec: fwd.Spec):
-        x = inputs[0]
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device, spec)
-        if key != self._key:
-            torch._dynamo.reset()
-            self._fn = torch.compile(fwd.torch_chain, dynamic=False)
-            self._key = key
-        return _step(self._fn, inputs, spec)
-
-
 def mm_roofline_train(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: fwd.Spec):
     """The six GEMMs of a training step, nothing else: h = rows·w1ᵀ, y = h·w2ᵀ, dh = g·w2,
     dw2 = gᵀ·h, drows = dh·w1, dw1 = dhᵀ·rows (g: an output-shaped gradient)."""
@@ -82,8 +65,9 @@ def cases(cfg: Config) -> list[Case]:
 
 def providers(cfg: Config) -> dict[str, Callable]:
     out: dict[str, Callable] = {"vlmkern": vlmkern_train, "torch": torch_train}
-    if cfg.compile:
-        out["torch.compile"] = _CompiledTrain()
+    if cfg.compile:  # the forward bench's recompile-per-case wrapper, under autograd
+        compiled = fwd._Compiled()
+        out["torch.compile"] = lambda *inputs, spec: _step(compiled, inputs, spec)
     out[MM] = mm_roofline_train
     return out
 
