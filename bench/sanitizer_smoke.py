@@ -377,6 +377,29 @@ def smoke_patch_embed(device: str) -> int:
 
 
 # op name (as in vlmkern.info()["ops"]) -> smoke function; an op missing here fails the run.
+def smoke_gated_linear(device: str) -> int:
+    """gated_linear forward + backward: the fused cuBLASLt GEMM (odd K, strided residual, bias,
+    3-D x) and its scalar kernel, against the float64 reference."""
+    n = 0
+    for dtype in DTYPES:
+        for lead, k, n_out, bias in (((2, 9), 64, 48, False), ((17,), 33, 40, True)):
+            x = torch.randn(*lead, k).to(dtype)
+            w = (torch.randn(n_out, k) / k**0.5).to(dtype)
+            gate = torch.tensor([0.6]).to(dtype)
+            r = torch.randn(*lead, n_out + 3).to(dtype)[..., :n_out]
+            b = torch.randn(n_out).to(dtype) if bias else None
+            args = [x, w, gate, r, b]
+            ref = vlmkern.reference.gated_linear(
+                *[None if t is None else t.double() for t in args])
+            dev = [None if t is None else t.to(device).requires_grad_() for t in args]
+            out = vlmkern.ops.gated_linear(*dev)
+            _close(out.detach(), ref, f"gated_linear {lead} K={k} bias={bias} {dtype}")
+            out.float().square().sum().backward()
+            assert all(torch.isfinite(t.grad).all() for t in dev if t is not None)
+            n += 1
+    return n
+
+
 CASES: dict[str, Callable[[str], int]] = {
     "pixel_shuffle": smoke_pixel_shuffle,
     "pixel_unshuffle": smoke_pixel_shuffle,
@@ -391,6 +414,8 @@ CASES: dict[str, Callable[[str], int]] = {
     "cross_attention": smoke_cross_attention,
     "cross_attention_backward": smoke_cross_attention,
     "mllama_kv_ranges": smoke_cross_attention,
+    "gated_linear": smoke_gated_linear,
+    "gated_linear_backward": smoke_gated_linear,
     "patch_embed": smoke_patch_embed,
     "patch_embed_backward": smoke_patch_embed,
     "patch_embed_packed": smoke_patch_embed,

@@ -169,6 +169,19 @@ mlp_projector_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
                           std::string_view activation, std::string_view norm,
                           std::string_view norm_position, double eps, int64_t shuffle,
                           int64_t merge, std::array<bool, 7> output_mask);
+// gated_linear: residual (..., N) + tanh(gate) * (x (..., K) @ weight (N, K)^T + bias (N)).
+at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gate,
+                            const at::Tensor& residual, const std::optional<at::Tensor>& bias);
+at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gate,
+                             const at::Tensor& residual, const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& gate, const std::optional<at::Tensor>& bias,
+    std::array<bool, 4> output_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& gate, const std::optional<at::Tensor>& bias,
+    std::array<bool, 4> output_mask);
 // cross_attention: q (B, Sq, Hq, D), k / v (B, Sk, Hk, D) -> (out (B, Sq, Hq, D), lse (B, Hq, Sq));
 // visibility and layouts as in common/cross_attention.h. The backward returns (dq, dk, dv).
 std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(

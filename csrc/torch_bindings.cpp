@@ -86,6 +86,19 @@ TORCH_LIBRARY(vlmkern, m) {
   m.def("mllama_kv_ranges(Tensor cross_attention_mask, int num_vision_tokens=1601) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 
+  m.set_python_module("vlmkern.ops.gated_linear");
+  // Mllama / Flamingo gated residual after o_proj: x (..., K), weight (N, K), gate (1 value),
+  // residual (..., N) -> residual + tanh(gate) * (x @ weight^T + bias).
+  m.def(
+      "gated_linear(Tensor x, Tensor weight, Tensor gate, Tensor residual, Tensor? bias=None) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: (dx, dweight, dgate, dbias), None where output_mask is off (dresidual = grad).
+  m.def(
+      "gated_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor gate, "
+      "Tensor? bias, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+
   m.set_python_module("vlmkern.ops.patch_embed");
   // pixels (B, C, H, W) / channels_last (B, H, W, C), float or uint8, weight (D, C, P, P)
   //   -> (B, [1 +] (H/P)(W/P), D): conv patchify + bias + (bicubic-resized) positions + CLS row,

@@ -3,6 +3,8 @@ load): MllamaTextCrossAttention and MllamaCrossAttentionDecoderLayer (HF's dense
 masked-row behaviours, gradients incl. the gates), Blip2QFormerMultiHeadAttention /
 Blip2QFormerAttention with learned queries broadcast over the batch."""
 
+import copy
+
 import pytest
 import torch
 from xattn_testing import mllama_mask
@@ -86,6 +88,30 @@ def test_mllama_decoder_layer_forward_backward(hf_mllama, masked_rows):
         ref = theirs[name].grad
         assert (p.grad - ref).abs().max() <= 1e-6 * ref.abs().max() + 1e-12, name
     assert ours.cross_attn_attn_gate.grad.abs().item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mllama_decoder_layer_low_precision(hf_mllama, dtype):
+    """G3(b) for the whole layer (gated_linear fuses both gated residual adds): error vs HF in
+    float64 within 2x that of HF's own layer run in `dtype` (HF's masked-row behaviour)."""
+    cfg, mod = hf_mllama
+    hf = _randomize(mod.MllamaCrossAttentionDecoderLayer(cfg, layer_idx=0)).double()
+    ours = vlmkern.nn.MllamaCrossAttentionDecoderLayer(cfg, masked_rows="uniform")
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ours = ours.to(dtype)
+    mask, x, states = _mllama_inputs(torch.float64)
+
+    def run_hf(layer, dt):
+        add, row = mod._prepare_cross_attention_mask(mask, NVT, dt)
+        return layer(x.to(dt), states.to(dt), add, None, row)
+
+    ref = run_hf(hf, torch.float64)
+    pt = run_hf(copy.deepcopy(hf).to(dtype), dtype)
+    got = ours(x.to(dtype), states.to(dtype), kv_ranges=ours.kv_ranges(mask, NVT))
+    e_ours = (got.double() - ref).abs().max().item()
+    e_pt = (pt.double() - ref).abs().max().item()
+    assert e_pt > 0
+    assert e_ours <= 2 * e_pt + 1e-6 * ref.abs().max().item()
 
 
 def test_mllama_cached_kv(hf_mllama):

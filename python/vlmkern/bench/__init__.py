@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "projector": "vlmkern.bench.projector",
     "projector_train": "vlmkern.bench.projector_train",
     "cross_attention": "vlmkern.bench.cross_attention",
+    "gated_linear": "vlmkern.bench.gated_linear",
     "patch_embed": "vlmkern.bench.patch_embed",
 }
 

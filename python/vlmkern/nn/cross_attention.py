@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.cross_attention import cross_attention, mllama_kv_ranges
+from ..ops.gated_linear import gated_linear
 
 
 class MllamaTextRMSNorm(nn.Module):
@@ -67,17 +68,25 @@ class MllamaTextCrossAttention(nn.Module):
         v = self.v_proj(cross_attention_states).view(shape).transpose(1, 2)
         return self.k_norm(k), v
 
-    def forward(self, hidden_states: torch.Tensor,
-                cross_attention_states: torch.Tensor | None = None, *,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, hidden_states: torch.Tensor,
+               cross_attention_states: torch.Tensor | None = None, *,
+               kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+               kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output before ``o_proj``, (B, S, heads · head_dim)."""
         b, s, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)
         k, v = self.project_kv(cross_attention_states) if kv is None else kv
         out = cross_attention(q, k, v, scale=self.scaling, kv_ranges=kv_ranges,
                               masked_rows=self.masked_rows)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+    def forward(self, hidden_states: torch.Tensor,
+                cross_attention_states: torch.Tensor | None = None, *,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+        return self.o_proj(self.attend(hidden_states, cross_attention_states, kv=kv,
+                                       kv_ranges=kv_ranges))
 
 
 class MllamaTextMLP(nn.Module):
@@ -100,7 +109,8 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
     ``forward(hidden_states, cross_attention_states or kv=, kv_ranges=)``; ``kv_ranges`` from
     :func:`vlmkern.ops.mllama_kv_ranges` (or :meth:`kv_ranges` of the processor mask). With
     ``masked_rows="zero"`` (Meta's reference) both branches vanish on rows that see no image;
-    ``"uniform"`` (HF, default) keeps HF's attention branch on them.
+    ``"uniform"`` (HF, default) keeps HF's attention branch on them. Both gated residual adds
+    run as :func:`vlmkern.ops.gated_linear` (fused into o_proj's / down_proj's GEMM on CUDA).
     """
 
     def __init__(self, config=None, layer_idx: int = 0, *, hidden_size: int = 4096,
@@ -128,16 +138,22 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 cross_attention_states: torch.Tensor | None = None, *,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
-        residual = hidden_states
-        attn = self.cross_attn(self.input_layernorm(hidden_states), cross_attention_states,
-                               kv=kv, kv_ranges=kv_ranges)
-        hidden_states = residual + self.cross_attn_attn_gate.tanh() * attn
-        residual = hidden_states
-        mlp = self.mlp(self.post_attention_layernorm(hidden_states))
+        attn = self.cross_attn.attend(self.input_layernorm(hidden_states),
+                                      cross_attention_states, kv=kv, kv_ranges=kv_ranges)
+        o_proj = self.cross_attn.o_proj
+        # residual + tanh(gate) * o_proj(attn): gate and residual in the GEMM's epilogue.
+        hidden_states = gated_linear(attn, o_proj.weight, self.cross_attn_attn_gate,
+                                     hidden_states, o_proj.bias)
+        normed = self.post_attention_layernorm(hidden_states)
         if kv_ranges is not None:  # HF's full_text_row_masked_out_mask
+            # HF zeroes the MLP's output rows; the bias-free MLP maps a zero row to a zero row,
+            # so zeroing its input rows instead is exact and leaves down_proj's epilogue free.
             row = (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True)
-            mlp = row.to(mlp.dtype) * mlp
-        return residual + self.cross_attn_mlp_gate.tanh() * mlp
+            normed = row.to(normed.dtype) * normed
+        mlp = self.mlp
+        act = nn.functional.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+        return gated_linear(act, mlp.down_proj.weight, self.cross_attn_mlp_gate, hidden_states,
+                            mlp.down_proj.bias)
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):

@@ -1,6 +1,7 @@
 """Public functional ops. Each module registers fake (meta) kernels and autograd for its ops."""
 
 from .cross_attention import cross_attention, mllama_kv_ranges
+from .gated_linear import gated_linear
 from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .patch_embed import patch_embed
@@ -27,5 +28,6 @@ __all__ = [
     "mlp_projector",
     "cross_attention",
     "mllama_kv_ranges",
+    "gated_linear",
     "patch_embed",
 ]

@@ -80,8 +80,9 @@ def cross_attention(
         gets one dq per batch row, which autograd sums over the expand.
 
     Mllama's gate (``residual + tanh(gate) · o_proj(attn)``) is applied after the output
-    projection, so the op takes no gate / residual: :class:`vlmkern.nn.MllamaTextCrossAttention`
-    and the decoder layer apply it with torch ops (the CUDA epilogue fusion comes with o_proj).
+    projection, so the op takes no gate / residual: :func:`vlmkern.ops.gated_linear` fuses gate
+    and residual into o_proj's GEMM (cuBLASLt epilogue on CUDA), as
+    :class:`vlmkern.nn.MllamaCrossAttentionDecoderLayer` does.
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if mode not in ("full", "prefix_lm"):

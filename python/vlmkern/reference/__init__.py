@@ -1,6 +1,7 @@
 """Plain-PyTorch ground truth for every vlmkern op (float64-capable), used by tests and benches."""
 
 from .cross_attention import cross_attention, mllama_kv_ranges
+from .gated_linear import gated_linear
 from .mlp_projector import mlp_projector
 from .mrope_position_ids import mrope_position_ids
 from .patch_embed import patch_embed
@@ -18,5 +19,6 @@ __all__ = [
     "mlp_projector",
     "cross_attention",
     "mllama_kv_ranges",
+    "gated_linear",
     "patch_embed",
 ]
