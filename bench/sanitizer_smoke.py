@@ -267,7 +267,8 @@ def smoke_cross_attention(device: str) -> int:
     packed segments (an empty q segment) and prefix-LM, and mllama_kv_ranges, against the
     reference. CPU: fp32 / bf16, forward + backward (finite gradients). CUDA (flash-attention 2
     forward and backward kernels): bf16 and fp16, forward + backward, gradients against the
-    float64 reference's."""
+    float64 reference's; the forward runs its 32-row CTAs on the Sq <= 32 cases (ranges, Q-Former,
+    packed) and its 64-row CTAs on prefix-LM's 70 rows."""
     if device == "cuda" and "cuda" not in vlmkern.info()["ops"]["cross_attention"]:
         print("sanitizer_smoke: cross_attention has no CUDA kernel in this build; checking its "
               "CPU path only", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Dev aid, no GPU needed: a line-by-line numpy emulation of cross_attention_fwd_kernel
 (csrc/cuda/kernels/cross_attention_fwd.cuh) with lane-level ldmatrix / mma.m16n8k16 fragment
-semantics as the PTX ISA defines them. It checks the kernel's smem address formulas, fragment
+semantics as the PTX ISA defines them, for both CTA shapes (kWarps = 4: 64 rows, 2: 32 rows). It
+checks the kernel's smem address formulas, the threads' 16-byte chunks of a tile copy, fragment
 reuse (S accumulators -> P A fragments), masking, segment passes and epilogue against
 vlmkern.reference; keep it in step with the kernel when the kernel changes.
 
@@ -11,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-BM = BN = 64
+BN = 64  # keys per K/V tile; the CTA's query rows are 16 * warps
 
 
 def ldm(smem, rows, cols, trans):
@@ -48,17 +49,24 @@ def rnd(x, dt):
     return torch.tensor(np.asarray(x, np.float32)).to(dt).float().numpy()
 
 
-def load_tile(src, d, DP, nrows):
-    """src (rows_n, d) rows of q / k / v -> (nrows, DP + 8) smem tile, zero-filled."""
+def load_tile(src, d, DP, nrows, threads):
+    """src (rows_n, d) rows of q / k / v -> (nrows, DP + 8) smem tile, zero-filled, copied as
+    load_tile_async's `threads` threads do: chunk c = it * threads + tid, row c / chunks."""
     rows_n = src.shape[0]
     pitch = DP + 8
+    chunks = DP // 8
+    assert nrows * chunks % threads == 0
     sm = np.full((nrows, pitch), np.nan, np.float32)  # pad columns stay NaN: must never be read
-    for r in range(nrows):
-        for ch in range(DP // 8):
+    for it in range(nrows * chunks // threads):
+        for tid in range(threads):
+            c = it * threads + tid
+            r, ch = c // chunks, c % chunks
+            assert np.isnan(sm[r, ch * 8]), "a chunk copied twice"
             if r < rows_n and ch * 8 < d:
                 sm[r, ch * 8:ch * 8 + 8] = src[r, ch * 8:ch * 8 + 8]
             else:
                 sm[r, ch * 8:ch * 8 + 8] = 0
+    assert not np.isnan(sm[:, :DP]).any(), "a chunk never copied"
     return sm
 
 
@@ -112,10 +120,11 @@ def tile_bits(P, v, j0, lk):
 
 
 def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=None,
-            uniform=False, splits=1):
+            uniform=False, splits=1, warps=4):
     """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) float tensors (values already in dt). splits > 1
     (not packed): split-KV, each run's partials (fp32) merged as cross_attention_combine_kernel
-    does."""
+    does. warps: the kernel's kWarps (CTAs of 16 * warps rows, 32 * warps threads)."""
+    BM, threads = 16 * warps, 32 * warps
     B, Sq, Hq, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     DP = (D + 15) // 16 * 16
@@ -141,7 +150,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
             else:
                 b, w0 = bx // mt, (bx % mt) * BM
             wr = min(Sq - w0, BM)
-            sq_ = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM)
+            sq_ = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM, threads)
             if packed:
                 lo_, hi_ = 0, N - 1
                 while lo_ < hi_:
@@ -165,9 +174,9 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                         continue
                 lq, lk = qe - qb, ke - kb_
                 # per warp, per lane state
-                W = [dict() for _ in range(4)]
+                W = [dict() for _ in range(warps)]
                 span_lo, span_hi = 1 << 62, 0
-                for w in range(4):
+                for w in range(warps):
                     st = W[w]
                     st["row"] = np.zeros((32, 2), np.int64)
                     st["valid"] = np.zeros((32, 2), bool)
@@ -191,7 +200,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                       lo_r = kbb + z * run_
                       kbe = min(lo_r + run_, kbe)
                       kbb = min(lo_r, kbe)
-                    for w in range(4):
+                    for w in range(warps):
                       st = W[w]
                       st["o"] = np.zeros((32, DP // 8, 4), np.float32)
                       st["m"] = np.full((32, 2), -np.inf, np.float32)
@@ -199,9 +208,9 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                     for kb in range(kbb, kbe):
                         j0 = kb * BN
                         n = min(lk - j0, BN)
-                        sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
-                        sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
-                        for w in range(4):
+                        sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
+                        sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
+                        for w in range(warps):
                             st = W[w]
                             lanes = np.arange(32)
                             s = np.zeros((32, 8, 4), np.float32)
@@ -246,7 +255,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                                     mma(st["o"][:, 2 * n2], a, bv[:, 0], bv[:, 1])
                                     mma(st["o"][:, 2 * n2 + 1], a, bv[:, 2], bv[:, 3])
                     # epilogue
-                    for w in range(4):
+                    for w in range(warps):
                         st = W[w]
                         for r in range(2):
                             ssum = st["l"][:, r].reshape(8, 4).sum(1).repeat(4)
@@ -297,8 +306,21 @@ def _main() -> None:
     def r(*s):
         return torch.randn(*s).to(dt)
 
-    def run(name, q, k, v, kw, ekw):
-        out, lse = emulate(q, k, v, dt, **ekw)
+    def run(name, q, k, v, kw, ekw, gqa_rows=False):
+        """Emulates q, k, v (bshd) and checks it against the float64 reference; gqa_rows: a
+        decode step (Sq = 1) run as xattn_decode_gqa_as_rows does (the G q heads of each kv
+        head as G rows: q (B, G, Hk, D), ranges (B, G, R, 2)), mapped back."""
+        if gqa_rows:
+            B, _, Hq, D = q.shape
+            Hk = k.shape[2]
+            qg = q[:, 0].unflatten(1, (Hk, Hq // Hk)).transpose(1, 2)  # (B, G, Hk, D)
+            eg = dict(ekw)
+            if eg.get("ranges") is not None:
+                eg["ranges"] = eg["ranges"].expand(B, Hq // Hk, -1, 2)
+            og, lg = emulate(qg, k, v, dt, **eg)  # (B, G, Hk, D), (B, Hk, G)
+            out, lse = og.transpose(1, 2).reshape(B, 1, Hq, D), lg.reshape(B, Hq, 1)
+        else:
+            out, lse = emulate(q, k, v, dt, **ekw)
         ref, rlse = reference.cross_attention(q.double(), k.double(), v.double(), layout="bshd",
                                               return_lse=True, **kw)
         pt = reference.cross_attention(q, k, v, layout="bshd", compute_dtype=None, **kw)
@@ -334,15 +356,56 @@ def _main() -> None:
     mid = torch.tensor([200, 460], dtype=torch.int32).repeat(1, 9, 1, 1)  # span = tiles 3..7
     q, k, v = r(1, 9, 2, 64), r(1, 500, 1, 64), r(1, 500, 1, 64)
     run("span mid-sequence splits=2", q, k, v, {"kv_ranges": mid}, {"ranges": mid, "splits": 2})
+
+    # 32-row CTAs (kWarps = 2), the glue's pick for <= 32 rows per window. Q-Former-like: 32 (or
+    # fewer) learned queries shared by the batch (batch stride 0), 257 keys (the last tile holds
+    # one key), several heads.
+    for sq in (1, 7, 32):
+        qs = r(1, sq, 3, 64).expand(2, sq, 3, 64)
+        run(f"2 warps Q-Former Sq={sq}", qs, r(2, 257, 3, 64), r(2, 257, 3, 64), {},
+            {"warps": 2})
+    for d in (72, 128):  # GQA heads, padded head dim, rows of both warps
+        run(f"2 warps D={d} GQA", r(2, 20, 4, d), r(2, 100, 2, d), r(2, 100, 2, d), {},
+            {"warps": 2})
+    rg20 = vlmkern.ops.mllama_kv_ranges(mllama_mask(2, 20, 2, 2, seed=5), 20)
+    q, k, v = r(2, 20, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
+    for mr in ("zero", "uniform"):
+        run(f"2 warps ranges {mr}", q, k, v, {"kv_ranges": rg20, "masked_rows": mr},
+            {"ranges": rg20, "uniform": mr == "uniform", "warps": 2})
+        run(f"2 warps ranges {mr} splits=4", q, k, v, {"kv_ranges": rg20, "masked_rows": mr},
+            {"ranges": rg20, "uniform": mr == "uniform", "splits": 4, "warps": 2})
+    qs = r(1, 32, 2, 64).expand(3, 32, 2, 64)
+    run("2 warps Q-Former splits=3", qs, r(3, 300, 2, 64), r(3, 300, 2, 64), {},
+        {"splits": 3, "warps": 2})
+    for sq in (7, 70):  # 70: forced (VLMKERN_XATTN_BLOCK_M=32), three windows per sequence
+        q, k, v = r(2, sq, 1, 64), r(2, 130, 1, 64), r(2, 130, 1, 64)
+        run(f"2 warps prefix-LM Sq={sq}", q, k, v, {"mode": "prefix_lm", "prefix_len": pl},
+            {"prefix": pl, "warps": 2})
+    # Decode GQA as rows: 8 q / 2 kv heads -> 4 rows; sequence 1 sees nothing.
+    dr = torch.tensor([[[[10, 40], [150, 190]]], [[[0, 0], [0, 0]]], [[[5, 200], [0, 0]]]],
+                      dtype=torch.int32)
+    q, k, v = r(3, 1, 8, 128), r(3, 200, 2, 128), r(3, 200, 2, 128)
+    run("2 warps decode GQA rows", q, k, v, {}, {"warps": 2}, gqa_rows=True)
+    for mr in ("zero", "uniform"):
+        run(f"2 warps decode GQA rows ranges {mr} splits=2", q, k, v,
+            {"kv_ranges": dr, "masked_rows": mr},
+            {"ranges": dr, "uniform": mr == "uniform", "splits": 2, "warps": 2}, gqa_rows=True)
+
     cq = torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32)
     ck = torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32)
     q, k, v = r(100, 2, 64), r(90, 1, 64), r(90, 1, 64)
-    out, _ = emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck)
     ref = reference.cross_attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq,
                                     cu_seqlens_k=ck)
     pt = reference.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, compute_dtype=None)
-    check(out[0].to(dt), ref, pt)
-    print("ok packed", flush=True)
+    outs = []
+    for warps in (4, 2):  # 2: forced, segments crossing 32-row windows
+        outs.append(emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck, warps=warps))
+        check(outs[-1][0][0].to(dt), ref, pt)
+        print(f"ok packed warps={warps}", flush=True)
+    # Without splits a row's result does not depend on its CTA's other rows (tiles loaded only
+    # for them are fully masked for it): both CTA shapes give the same bits (a GPU test too).
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    print("ok packed warps=4 and 2 bit-identical", flush=True)
 
 
 if __name__ == "__main__":

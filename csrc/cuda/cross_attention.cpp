@@ -61,12 +61,29 @@ int sm_count(int device) {
   return n;
 }
 
+// Query rows per forward CTA (16 per warp): VLMKERN_XATTN_BLOCK_M=32 / 64 forces one (for tests
+// and benches), else 32 (2 warps) when a window holds at most 32 rows, 64 (4 warps) otherwise.
+// Sq <= 32 covers Q-Former / Perceiver learned queries and decode steps; a decode step with GQA
+// arrives here (xattn_decode_gqa_as_rows) with Sq = the group size, the rows the kernel runs.
+// Packed input counts all its rows (Sq = total tokens). A 64-row CTA over <= 32 rows would run
+// two of its four warps on zero rows and fit fewer (image, head) pairs per SM.
+int xattn_block_m(const char* op, const XattnParams& p) {
+  if (const char* env = std::getenv("VLMKERN_XATTN_BLOCK_M"); env != nullptr && *env != '\0') {
+    const std::string s(env);
+    VLMKERN_CHECK(s == "32" || s == "64", op, "VLMKERN_XATTN_BLOCK_M must be 32 or 64, got '", s,
+                  "'");
+    return s == "32" ? 32 : 64;
+  }
+  return p.seq_q <= 32 ? 32 : 64;
+}
+
 // Split-KV runs for the forward: VLMKERN_XATTN_SPLITS=n forces n (1 = off; for tests and
-// benches), else more than one only when the (window, head) CTAs fill less than half of the
-// GPU's resident CTA slots (2 per SM at D >= 96, 3 below: registers and smem) and the keys are
+// benches), else more than one only when the (window, head) CTAs (windows of block_m rows) fill
+// less than half of the GPU's resident CTA slots (2 per SM at D >= 96, 3 below: registers and
+// smem of the 64-row CTA, kept for the 32-row one, which fits as many or more) and the keys are
 // long: floor(slots / CTAs) runs (no tail wave), each of >= 4 key tiles, at most 16, trimmed so
 // no run is empty. Packed input never splits.
-int xattn_num_splits(const char* op, const XattnParams& p, int device) {
+int xattn_num_splits(const char* op, const XattnParams& p, int block_m, int device) {
   if (p.packed) return 1;
   if (const char* env = std::getenv("VLMKERN_XATTN_SPLITS"); env != nullptr && *env != '\0') {
     char* end = nullptr;
@@ -76,7 +93,7 @@ int xattn_num_splits(const char* op, const XattnParams& p, int device) {
                   "'");
     return static_cast<int>(n);
   }
-  const int64_t ctas = p.batch * ((p.seq_q + 63) / 64) * p.heads_q;
+  const int64_t ctas = p.batch * ((p.seq_q + block_m - 1) / block_m) * p.heads_q;
   const int64_t slots = int64_t{sm_count(device)} * (p.head_dim >= 96 ? 2 : 3);
   if (ctas == 0 || 2 * ctas > slots) return 1;
   const int64_t tiles = (p.seq_k + 63) / 64;
@@ -146,9 +163,11 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
                                            &cross_attention_cuda)) {
     return *rows;
   }
-  // grid.x holds the 64-row q windows (packed: B = 1, Sq = total tokens).
-  VLMKERN_CHECK(p.batch * ((p.seq_q + 63) / 64) <= INT32_MAX, op, "B * ceil(Sq / 64) = ",
-                p.batch * ((p.seq_q + 63) / 64), " query windows exceed the CUDA grid (2^31 - 1)");
+  // grid.x holds the block_m-row q windows (packed: B = 1, Sq = total tokens).
+  const int block_m = xattn_block_m(op, p);
+  const int64_t windows = p.batch * ((p.seq_q + block_m - 1) / block_m);
+  VLMKERN_CHECK(windows <= INT32_MAX, op, "B * ceil(Sq / ", block_m, ") = ", windows,
+                " query windows exceed the CUDA grid (2^31 - 1)");
   const c10::cuda::CUDAGuard guard(q.device());
   // out (B, Sq, Hq, D) dense in q's dtype, lse (B, Hq, Sq) fp32.
   at::Tensor out = at::empty({p.batch, p.seq_q, p.heads_q, p.head_dim}, q.options());
@@ -158,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   XattnCudaParams c = cuda_params(p, qc, kc, vc);
   c.out = out.mutable_data_ptr();
   c.lse = lse.mutable_data_ptr<float>();
-  c.num_splits = xattn_num_splits(op, p, q.device().index());
+  c.block_m = block_m;
+  c.num_splits = xattn_num_splits(op, p, block_m, q.device().index());
   at::Tensor o_part, lse_part;  // split-KV partials, fp32
   if (c.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);

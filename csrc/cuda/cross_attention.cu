@@ -1,6 +1,7 @@
 // Launches the CUDA cross-attention forward / backward: picks the instantiation (element type,
-// head dim padded to a multiple of 16: 72 runs the 80 kernel with zero-filled smem columns). The
-// instantiations are compiled one per file in cuda/instantiations/cross_attention_{fwd,bwd}_*.cu.
+// head dim padded to a multiple of 16: 72 runs the 80 kernel with zero-filled smem columns; the
+// forward's rows per CTA, p.block_m = 16 x warps, as the glue chose). The instantiations are
+// compiled one per file in cuda/instantiations/cross_attention_{fwd,bwd}_*.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -10,15 +11,24 @@
 namespace vlmkern {
 namespace {
 
+template <typename T, int kWarps>
+cudaError_t launch_warps(const XattnCudaParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_xattn_fwd<T, 64, kWarps>(p, stream);
+    case 72:
+    case 80: return launch_xattn_fwd<T, 80, kWarps>(p, stream);
+    case 96: return launch_xattn_fwd<T, 96, kWarps>(p, stream);
+    case 128: return launch_xattn_fwd<T, 128, kWarps>(p, stream);
+    default: return cudaErrorInvalidValue;  // the glue rejects other head dims first
+  }
+}
+
 template <typename T>
 cudaError_t launch_type(const XattnCudaParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return launch_xattn_fwd<T, 64>(p, stream);
-    case 72:
-    case 80: return launch_xattn_fwd<T, 80>(p, stream);
-    case 96: return launch_xattn_fwd<T, 96>(p, stream);
-    case 128: return launch_xattn_fwd<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;  // the glue rejects other head dims first
+  switch (p.block_m) {
+    case 64: return launch_warps<T, 4>(p, stream);
+    case 32: return launch_warps<T, 2>(p, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 

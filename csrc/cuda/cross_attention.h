@@ -39,6 +39,8 @@ struct XattnCudaParams {
   int64_t num_segments = 0;
   int prefix_lm = 0;  // prefix (B or N,)
   XattnDevIndex prefix;
+  // Forward CTA: block_m query rows (64: 4 warps; 32: 2 warps, for windows of <= 32 rows).
+  int block_m = 64;
   // Split-KV (not packed): num_splits > 1 runs grid.z = num_splits CTAs per window over disjoint
   // runs of the key tiles, writing partials that cuda_cross_attention_combine merges into out
   // and lse.
@@ -82,8 +84,9 @@ size_t cuda_cross_attention_bwd_smem_bytes(int head_dim);
 // Enqueues the backward (delta, dK / dV, dQ kernels) on `stream`; no sync, no atomics.
 cudaError_t cuda_cross_attention_bwd(const XattnBwdParams& p, cudaStream_t stream);
 
-// One instantiation per (element type, head dim padded to 16) in cuda/instantiations/.
-template <typename T, int kHeadDimPad>
+// One instantiation per (element type, head dim padded to 16[, forward warps per CTA]) in
+// cuda/instantiations/.
+template <typename T, int kHeadDimPad, int kWarps>
 cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream);
 template <typename T, int kHeadDimPad>
 cudaError_t launch_xattn_bwd(const XattnBwdParams& p, cudaStream_t stream);

@@ -1,7 +1,7 @@
-// cross_attention forward instantiation: __nv_bfloat16, head dim padded to 128 (one per file: parallel,
-// short nvcc runs).
+// cross_attention forward instantiation: __nv_bfloat16, head dim padded to 128,
+// 64-row CTAs (4 warps). One per file: parallel, short nvcc runs.
 #include "cuda/kernels/cross_attention_launch.cuh"
 
 namespace vlmkern {
-template cudaError_t launch_xattn_fwd<__nv_bfloat16, 128>(const XattnCudaParams&, cudaStream_t);
+template cudaError_t launch_xattn_fwd<__nv_bfloat16, 128, 4>(const XattnCudaParams&, cudaStream_t);
 }  // namespace vlmkern

@@ -1,7 +1,7 @@
-// cross_attention forward instantiation: __half, head dim padded to 80 (one per file: parallel,
-// short nvcc runs).
+// cross_attention forward instantiation: __half, head dim padded to 80,
+// 64-row CTAs (4 warps). One per file: parallel, short nvcc runs.
 #include "cuda/kernels/cross_attention_launch.cuh"
 
 namespace vlmkern {
-template cudaError_t launch_xattn_fwd<__half, 80>(const XattnCudaParams&, cudaStream_t);
+template cudaError_t launch_xattn_fwd<__half, 80, 4>(const XattnCudaParams&, cudaStream_t);
 }  // namespace vlmkern

@@ -1,16 +1,19 @@
 // CUDA cross-attention forward, flash-attention 2 style (sm_80+ mma.sync, fp32 accumulation).
 //
-// One CTA = one q head x one window of kBlockM = 64 rows of q's S dim; 4 warps, each owning 16
-// rows. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix); K / V tiles of
-// kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run
-// on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain (scores
-// pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16
-// (72) are zero-padded to kHeadDimPad (80) in shared memory only.
+// One CTA = one q head x one window of kRows = 16 * kWarps rows of q's S dim; kWarps warps, each
+// owning 16 rows: 4 warps / 64 rows by default, 2 warps / 32 rows when the glue sees <= 32 rows
+// per (batch, head) (Q-Former / Perceiver learned queries, decode, decode GQA rows): then no warp
+// runs on zero rows and, with less smem and fewer registers per CTA, an SM can hold more
+// (image, head) CTAs. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix);
+// K / V tiles of kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and
+// O += P V run on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain
+// (scores pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple
+// of 16 (72) are zero-padded to kHeadDimPad (80) in shared memory only.
 //
-// Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / 64)), or with cu_seqlens the packed
-// rows of the window: grid.x = ceil(total_q / 64) and the CTA runs one pass per segment that
-// overlaps its window (binary search on device, no host sync, no idle CTAs), each pass with its
-// own keys and writing only its own rows.
+// Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / kRows)), or with cu_seqlens the
+// packed rows of the window: grid.x = ceil(total_q / kRows) and the CTA runs one pass per
+// segment that overlaps its window (binary search on device, no host sync, no idle CTAs), each
+// pass with its own keys and writing only its own rows.
 //
 // Per pass, each row's visible keys (RowVis) give the CTA's key span (union over rows): tiles
 // outside it are never loaded; inside it, per-element masks come from 64-bit tile bit masks.
@@ -41,7 +44,8 @@ __device__ __forceinline__ int64_t find_segment(const XattnDevIndex& cu, int64_t
   return lo;
 }
 
-// Min start / max end over the CTA's rows that see something (empty: lo >= hi).
+// Min start / max end over the CTA's rows (kWarps warps) that see something (empty: lo >= hi).
+template <int kWarps = kThreads / 32>
 __device__ __forceinline__ void cta_key_span(const RowVis (&vis)[2], int64_t* s_lo,
                                              int64_t* s_hi, int64_t& lo, int64_t& hi) {
   lo = INT64_MAX;
@@ -67,7 +71,7 @@ __device__ __forceinline__ void cta_key_span(const RowVis (&vis)[2], int64_t* s_
   }
   __syncthreads();
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
+  for (int w = 0; w < kWarps; ++w) {
     lo = s_lo[w] < lo ? s_lo[w] : lo;
     hi = s_hi[w] > hi ? s_hi[w] : hi;
   }
@@ -120,29 +124,32 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], const uint64_t (&
   }
 }
 
-template <typename T, int kHeadDimPad>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int kHeadDimPad, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps)
     cross_attention_fwd_kernel(const XattnCudaParams p) {
   static_assert(kHeadDimPad % 16 == 0, "mma k-chunks of 16");
+  static_assert(kWarps == 2 || kWarps == 4, "32- or 64-row CTAs");
+  constexpr int kRows = 16 * kWarps;         // query rows per CTA
+  constexpr int kCtaThreads = 32 * kWarps;
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   constexpr int kKChunks = kHeadDimPad / 16;  // mma k steps of S = Q Kᵀ
   constexpr int kDBlocks = kHeadDimPad / 8;   // 8-column blocks of O
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* s_q = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch) T, smem
-  T* s_k = s_q + kBlockM * kPitch;           // 2 stages x (kBlockN, kPitch) T, smem
+  T* s_q = reinterpret_cast<T*>(smem_raw);  // (kRows, kPitch) T, smem
+  T* s_k = s_q + kRows * kPitch;             // 2 stages x (kBlockN, kPitch) T, smem
   T* s_v = s_k + 2 * kBlockN * kPitch;       // 2 stages x (kBlockN, kPitch) T, smem
-  __shared__ int64_t s_lo[kThreads / 32], s_hi[kThreads / 32];
+  __shared__ int64_t s_lo[kWarps], s_hi[kWarps];  // (kWarps,) per-warp key span
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int d = p.head_dim;
   const int64_t h = blockIdx.y, hk = h / (p.heads_q / p.heads_k);
   // batch, first row of the window in q's S dim, rows in it
-  const auto [b, w0, window_rows] = cta_window(p.packed, blockIdx.x, p.seq_q, kBlockM);
+  const auto [b, w0, window_rows] = cta_window(p.packed, blockIdx.x, p.seq_q, kRows);
 
-  // Q tile (kBlockM, kHeadDimPad) -> smem, zero-filled past the window and past D.
+  // Q tile (kRows, kHeadDimPad) -> smem, zero-filled past the window and past D.
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + w0 * p.q_stride[1] +
                h * p.q_stride[2];
-  load_tile_async<T, kBlockM, kHeadDimPad>(s_q, q, p.q_stride[1], window_rows, d);
+  load_tile_async<T, kRows, kHeadDimPad, kCtaThreads>(s_q, q, p.q_stride[1], window_rows, d);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -159,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
   for (; seg < seg_end; ++seg) {
     const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
     if (p.packed) {
-      if (q_begin >= w0 + kBlockM) break;
+      if (q_begin >= w0 + kRows) break;
       if (q_end <= w0) continue;  // empty, or ends before the window
     }
     const int64_t lq = q_end - q_begin, lk = k_end - k_begin;
@@ -175,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
       vis[r] = row_visibility(p, valid[r], b, row[r], row[r] - q_begin, lq, lk, seg);
     }
     int64_t span_lo, span_hi;
-    cta_key_span(vis, s_lo, s_hi, span_lo, span_hi);
+    cta_key_span<kWarps>(vis, s_lo, s_hi, span_lo, span_hi);
     int64_t kb_begin = span_lo < span_hi ? span_lo / kBlockN : 0;
     int64_t kb_end = span_lo < span_hi ? (span_hi + kBlockN - 1) / kBlockN : 0;
     if (gridDim.z > 1) {  // split-KV: this CTA takes run blockIdx.z of the span's tiles
@@ -197,10 +204,10 @@ __global__ void __launch_bounds__(kThreads)
     auto load_kv = [&](int64_t kb, int stage) {  // tile kb -> stage: (kBlockN, kPitch) K and V
       const int64_t j0 = kb * kBlockN;
       const int n = static_cast<int>(lk - j0 < kBlockN ? lk - j0 : kBlockN);
-      load_tile_async<T, kBlockN, kHeadDimPad>(s_k + stage * kBlockN * kPitch,
-                                               k + j0 * p.k_stride[1], p.k_stride[1], n, d);
-      load_tile_async<T, kBlockN, kHeadDimPad>(s_v + stage * kBlockN * kPitch,
-                                               v + j0 * p.v_stride[1], p.v_stride[1], n, d);
+      load_tile_async<T, kBlockN, kHeadDimPad, kCtaThreads>(
+          s_k + stage * kBlockN * kPitch, k + j0 * p.k_stride[1], p.k_stride[1], n, d);
+      load_tile_async<T, kBlockN, kHeadDimPad, kCtaThreads>(
+          s_v + stage * kBlockN * kPitch, v + j0 * p.v_stride[1], p.v_stride[1], n, d);
       cp_async_commit();
     };
     if (kb_begin < kb_end) load_kv(kb_begin, 0);

@@ -1,5 +1,6 @@
-// launch_xattn_fwd<T, kHeadDimPad>: the grid / smem set-up of cross_attention_fwd_kernel, included
-// by the one-instantiation-per-file sources in cuda/instantiations/. No ATen/torch includes.
+// launch_xattn_fwd<T, kHeadDimPad, kWarps>: the grid / smem set-up of cross_attention_fwd_kernel
+// (kWarps warps = 16 kWarps query rows per CTA), included by the one-instantiation-per-file
+// sources in cuda/instantiations/. No ATen/torch includes.
 #pragma once
 
 #include "cuda/cross_attention.h"
@@ -7,17 +8,19 @@
 
 namespace vlmkern {
 
-template <typename T, int kHeadDimPad>
+template <typename T, int kHeadDimPad, int kWarps>
 cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   using namespace xattn_cuda;
-  // grid.x: 64-row windows (B * ceil(Sq / 64), or ceil(total_q / 64) packed), grid.y: q heads
-  // (<= 65535, checked by the glue), grid.z: split-KV runs.
-  const int64_t m_tiles = (p.seq_q + kBlockM - 1) / kBlockM;
+  constexpr int kRows = 16 * kWarps;
+  if (p.block_m != kRows) return cudaErrorInvalidValue;  // the glue's choice is this instance
+  // grid.x: kRows-row windows (B * ceil(Sq / kRows), or ceil(total_q / kRows) packed), grid.y: q
+  // heads (<= 65535, checked by the glue), grid.z: split-KV runs.
+  const int64_t m_tiles = (p.seq_q + kRows - 1) / kRows;
   const int64_t windows = p.packed ? m_tiles : p.batch * m_tiles;
   if (windows == 0 || p.heads_q == 0) return cudaSuccess;
   if (windows > INT32_MAX) return cudaErrorInvalidConfiguration;
-  constexpr int kSmem = smem_bytes<T, kHeadDimPad>();
-  auto* kernel = &cross_attention_fwd_kernel<T, kHeadDimPad>;
+  constexpr int kSmem = smem_bytes<T, kHeadDimPad, kRows>();
+  auto* kernel = &cross_attention_fwd_kernel<T, kHeadDimPad, kWarps>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kSmem);
   if (err != cudaSuccess) return err;
@@ -25,7 +28,7 @@ cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   if (p.num_splits < 1 || (p.packed && p.num_splits > 1)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.num_splits));
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  kernel<<<grid, 32 * kWarps, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

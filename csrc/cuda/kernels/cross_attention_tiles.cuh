@@ -18,9 +18,9 @@
 
 namespace vlmkern::xattn_cuda {
 
-constexpr int kBlockM = 64;    // query rows per CTA (4 warps x 16)
+constexpr int kBlockM = 64;    // query rows per CTA (4 warps x 16); forward: 16 x kWarps
 constexpr int kBlockN = 64;    // keys per K/V tile
-constexpr int kThreads = 128;  // 4 warps
+constexpr int kThreads = 128;  // 4 warps; forward: 32 x kWarps
 
 // Row pitch (elements) of a (rows, kHeadDimPad) smem tile: +8 elements (16 bytes) so the 8 rows an
 // ldmatrix reads fall on 8 distinct 16-byte bank groups (pitch / 16 bytes is odd for every pad).
@@ -29,10 +29,10 @@ constexpr int smem_pitch() {
   return kHeadDimPad + 8;
 }
 
-// Dynamic smem: Q (kBlockM, pitch) + 2 stages of K and V (kBlockN, pitch), all T.
-template <typename T, int kHeadDimPad>
+// Dynamic smem of the forward: Q (kRows, pitch) + 2 stages of K and V (kBlockN, pitch), all T.
+template <typename T, int kHeadDimPad, int kRows>
 constexpr int smem_bytes() {
-  return (kBlockM + 4 * kBlockN) * smem_pitch<kHeadDimPad>() * static_cast<int>(sizeof(T));
+  return (kRows + 4 * kBlockN) * smem_pitch<kHeadDimPad>() * static_cast<int>(sizeof(T));
 }
 
 // ---- PTX wrappers -------------------------------------------------------------------------------
@@ -107,17 +107,18 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // dst (kRows, pitch) smem <- rows [0, rows) of src (row stride `row_stride` elements, head dim
 // contiguous), columns [0, d); rows >= rows and columns in [d, kHeadDimPad) are zero-filled so
-// padded dot products and P V over out-of-range keys add exact zeros. All kThreads call it.
-template <typename T, int kRows, int kHeadDimPad>
+// padded dot products and P V over out-of-range keys add exact zeros. All kCtaThreads threads of
+// the CTA call it.
+template <typename T, int kRows, int kHeadDimPad, int kCtaThreads = kThreads>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t row_stride,
                                                 int rows, int d) {
   constexpr int kChunks = kHeadDimPad / 8;  // 16-byte chunks per row
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   const uint32_t base = smem_addr(dst);
-  static_assert(kRows * kChunks % kThreads == 0, "whole 16-byte chunks per thread");
+  static_assert(kRows * kChunks % kCtaThreads == 0, "whole 16-byte chunks per thread");
 #pragma unroll 1  // unrolled, the addresses are hoisted out of the key loop and spill
-  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
-    const int c = it * kThreads + static_cast<int>(threadIdx.x);
+  for (int it = 0; it < kRows * kChunks / kCtaThreads; ++it) {
+    const int c = it * kCtaThreads + static_cast<int>(threadIdx.x);
     const int r = c / kChunks, ch = c % kChunks;
     const bool in = r < rows && ch * 8 < d;
     const T* s = in ? src + r * row_stride + ch * 8 : src;
