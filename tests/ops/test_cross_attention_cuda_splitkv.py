@@ -109,12 +109,15 @@ def test_decode_gqa_as_rows(Hq, Hk, D, masked_rows):
     check_cuda_backward(q, k, v, grad_lse=True, kv_ranges=ranges, masked_rows=masked_rows)
 
 
-@pytest.mark.parametrize(("B", "split"), [(1, True), (4, True), (16, False)])
+@pytest.mark.parametrize(("B", "split"), [(1, True), (4, True), (32, False)])
 def test_decode_heuristic(B, split):
-    """One query row per sequence, 32 q / 8 kv heads x 6404 keys: the heuristic splits while the
-    (window, head) CTAs fill less than half of the GPU (B 1, 4 on an H100), not at B 16."""
+    """One query row per sequence, 32 q / 8 kv heads x 6404 keys (run as 8 heads x 4 GQA rows):
+    the heuristic splits while the (window, head) CTAs fill less than half of the GPU's CTA
+    slots (2 per SM at D 128): B 1, 4 (8, 32 CTAs), and on an H100 / H200 (132 SMs) still B 16
+    (128 CTAs <= 264 / 2), not B 32 (256 CTAs)."""
     q, k, v = make_qkv("bhsd", "fused", B, 1, 6404, 32, 8, 128, torch.bfloat16)
-    check_cuda(q, k, v)
+    if B <= 4:  # the float64 reference of B 32 costs more than this test is about
+        check_cuda(q, k, v)
     qc, kc, vc = (t.cuda() for t in (q, k, v))
     names = profiled_names(lambda: vlmkern.ops.cross_attention(qc, kc, vc))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
