@@ -151,6 +151,9 @@ TORCH_LIBRARY(vlmkern, m) {
 #ifndef VLMKERN_WITH_CUTLASS_SM90
 #define VLMKERN_WITH_CUTLASS_SM90 0
 #endif
+#ifndef VLMKERN_WITH_CUBLASLT
+#define VLMKERN_WITH_CUBLASLT 0
+#endif
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
@@ -162,7 +165,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
                   PyModule_AddIntConstant(mod, "cuda_kernels", VLMKERN_WITH_CUDA) == 0 &&
                   PyModule_AddStringConstant(mod, "cuda_archs", VLMKERN_CUDA_ARCHS_STR) == 0 &&
                   PyModule_AddStringConstant(mod, "nvcc_version", VLMKERN_NVCC_VERSION) == 0 &&
-                  PyModule_AddIntConstant(mod, "cutlass_gemm", VLMKERN_WITH_CUTLASS_SM90) == 0;
+                  PyModule_AddIntConstant(mod, "cutlass_gemm", VLMKERN_WITH_CUTLASS_SM90) == 0 &&
+                  PyModule_AddIntConstant(mod, "cublaslt", VLMKERN_WITH_CUBLASLT) == 0;
   if (!ok) {
     Py_DECREF(mod);
     return nullptr;

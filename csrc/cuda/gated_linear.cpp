@@ -3,14 +3,13 @@
 // capturable) and C = residual, so neither the un-gated projection nor a scaled copy is written.
 // A bias joins the residual first (one extra pass, bias only). Shapes or dtypes cuBLASLt does not
 // take (fp64, K = 0, no algorithm) and VLMKERN_GATED_LINEAR=aten run the ATen composite (mm +
-// addcmul). The backward is the shared ATen one (common/gated_linear.cpp).
-#include <ATen/cuda/CUDAContextLight.h>
+// addcmul), as does a build without cuBLASLt (VLMKERN_WITH_CUBLASLT unset: CMake found none). The
+// backward is the shared ATen one (common/gated_linear.cpp).
 #include <ATen/ops/addcmul.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cublasLt.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -25,17 +24,15 @@
 #include "cuda/gated_linear.h"
 #include "ops.h"
 
+#if VLMKERN_WITH_CUBLASLT
+#include <ATen/cuda/CUDAContextLight.h>
+#include <cublasLt.h>
+#endif
+
 namespace vlmkern {
 namespace {
 
 constexpr const char* kOp = "gated_linear";
-
-#define VLMKERN_LT_CHECK(expr)                                                                    \
-  do {                                                                                            \
-    const cublasStatus_t _st = (expr);                                                            \
-    VLMKERN_CHECK(_st == CUBLAS_STATUS_SUCCESS, kOp, #expr, " failed: ",                          \
-                  cublasLtGetStatusString(_st));                                                  \
-  } while (0)
 
 // VLMKERN_GATED_LINEAR, read per call: "lt" (or unset) the fused cuBLASLt GEMM, "aten" the
 // composite (for comparison in the bench).
@@ -46,6 +43,14 @@ bool use_aten() {
                 "VLMKERN_GATED_LINEAR must be 'lt' or 'aten', got '", std::string(v), "'");
   return v == "aten";
 }
+
+#if VLMKERN_WITH_CUBLASLT
+#define VLMKERN_LT_CHECK(expr)                                                                    \
+  do {                                                                                            \
+    const cublasStatus_t _st = (expr);                                                            \
+    VLMKERN_CHECK(_st == CUBLAS_STATUS_SUCCESS, kOp, #expr, " failed: ",                          \
+                  cublasLtGetStatusString(_st));                                                  \
+  } while (0)
 
 struct DescDeleter {
   void operator()(cublasLtMatmulDescOpaque_t* d) const { cublasLtMatmulDescDestroy(d); }
@@ -179,6 +184,8 @@ GateDtype gate_dtype(const at::Tensor& gate) {
   }
 }
 
+#endif  // VLMKERN_WITH_CUBLASLT
+
 }  // namespace
 
 at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gate,
@@ -187,6 +194,7 @@ at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({s.m, s.k});         // (M, K)
   const at::Tensor r2 = residual.reshape({s.m, s.n});  // (M, N)
+#if VLMKERN_WITH_CUBLASLT
   const bool lt_dtype = x.scalar_type() != at::kDouble;
   if (use_aten() || !lt_dtype || s.m == 0 || s.n == 0 || s.k == 0) {
     return gated_linear_composite(x2, weight, gate, r2, bias).view(s.out_sizes);
@@ -204,6 +212,10 @@ at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     return gated_linear_composite(x2, weight, gate, r2, bias).view(s.out_sizes);
   }
   return out.view(s.out_sizes);
+#else
+  use_aten();  // still validates VLMKERN_GATED_LINEAR
+  return gated_linear_composite(x2, weight, gate, r2, bias).view(s.out_sizes);
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_cuda(

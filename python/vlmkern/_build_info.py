@@ -38,6 +38,7 @@ def info() -> dict:
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a],
         "nvcc": _C.nvcc_version or None,
         "cutlass_gemm": bool(getattr(_C, "cutlass_gemm", 0)),
+        "cublaslt": bool(getattr(_C, "cublaslt", 0)),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": available_ops(),
@@ -56,6 +57,8 @@ def format_info(d: dict | None = None) -> str:
         "CUTLASS GEMM (sm_90a): "
         + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass selects it)" if d["cutlass_gemm"]
            else "not compiled"),
+        "cuBLASLt (gated_linear's fused epilogue): "
+        + ("linked" if d["cublaslt"] else "not linked (ATen composite)"),
         f"GPU: {d['gpu'] or 'none visible'}",
         "ops:",
     ]

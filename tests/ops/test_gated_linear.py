@@ -254,6 +254,8 @@ def test_fuzz(lead, k, n, layout, bias, gate, dtype):
 def test_cuda_runs_one_fused_gemm(dtype, bias, monkeypatch):
     """The lt path calls neither aten::mm nor aten::addcmul for the gate / residual (the
     VLMKERN_GATED_LINEAR=aten composite does: the check can fail), and matches it."""
+    if not vlmkern.info()["cublaslt"]:
+        pytest.skip("built without cuBLASLt: the CUDA op is the ATen composite")
     args = make((2, 96), 256, 128, dtype, "cuda", bias=bias)
     names = profiled_names(lambda: OP(*args))
     assert "aten::mm" not in names and "aten::addmm" not in names
@@ -294,3 +296,10 @@ def test_cuda_deterministic_20_runs():
     first = OP(*args)
     for _ in range(20):
         assert torch.equal(OP(*args), first)
+
+
+def test_info_reports_cublaslt():
+    info = vlmkern.info()
+    assert isinstance(info["cublaslt"], bool)
+    assert not info["cublaslt"] or info["cuda_kernels"]
+    assert "cuBLASLt" in vlmkern._build_info.format_info(info)
