@@ -3,7 +3,8 @@
 with batch-stride-0 queries at every head dim against the float64 reference; bit-identical to the
 64-row kernel (VLMKERN_XATTN_BLOCK_M) for dense, Mllama ranges, prefix-LM, packed and decode GQA
 input, Sq > 32 forced included; split-KV, the backward on its output, repeats and CUDA graph
-capture; which kernel ran, read from the profiler; the env var's errors. All `gpu`."""
+capture; which kernel ran, read from the profiler. All `gpu` (the `env` fixture: conftest.py; the
+env var's errors: test_cross_attention_cuda_block_m.py)."""
 
 import re
 
@@ -22,19 +23,6 @@ from xattn_testing import make_qkv, mllama_mask
 import vlmkern
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def env(monkeypatch):
-    """env(name=value, ...) sets VLMKERN_XATTN_<NAME>; BLOCK_M and SPLITS start unset."""
-    for name in ("BLOCK_M", "SPLITS"):
-        monkeypatch.delenv(f"VLMKERN_XATTN_{name}", raising=False)
-
-    def set_(**kw):
-        for name, value in kw.items():
-            monkeypatch.setenv(f"VLMKERN_XATTN_{name.upper()}", str(value))
-
-    return set_
 
 
 def fwd_warps(fn) -> set[int]:
@@ -175,12 +163,3 @@ def test_repeats_and_graph_capture(env):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, eager[0])
-
-
-@pytest.mark.parametrize("bad", ["16", "128", "thirty-two", "32 "])
-def test_bad_env_value(bad, env):
-    env(block_m=bad)
-    q, k, v = (t.cuda() for t in make_qkv("bhsd", "contiguous", 1, 3, 90, 2, 1, 64,
-                                          torch.bfloat16))
-    with pytest.raises(RuntimeError, match=r"VLMKERN_XATTN_BLOCK_M must be 32 or 64"):
-        vlmkern.ops.cross_attention(q, k, v)
