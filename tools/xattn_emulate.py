@@ -340,6 +340,14 @@ def _main() -> None:
             assert (lse[fin].double() - rlse[fin]).abs().max() < 1e-3, name
         print("ok", name, flush=True)
 
+    def run_ranges(name, q, k, v, rg, splits, **ekw):
+        """Mllama ranges in both masked-row modes, without and with split-KV `splits`."""
+        for mr in ("zero", "uniform"):
+            for n in (1, splits):
+                run(f"{name} {mr}" + (f" splits={n}" if n > 1 else ""), q, k, v,
+                    {"kv_ranges": rg, "masked_rows": mr},
+                    dict(ekw, ranges=rg, uniform=mr == "uniform", splits=n))
+
     for d in (64, 72, 80, 96, 128):
         run(f"D={d}", r(1, 70, 2, d), r(1, 100, 1, d), r(1, 100, 1, d), {}, {})
     rg = vlmkern.ops.mllama_kv_ranges(mllama_mask(2, 130, 2, 2, seed=5), 20)
@@ -377,11 +385,7 @@ def _main() -> None:
             {"warps": 2})
     rg20 = vlmkern.ops.mllama_kv_ranges(mllama_mask(2, 20, 2, 2, seed=5), 20)
     q, k, v = r(2, 20, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
-    for mr in ("zero", "uniform"):
-        run(f"2 warps ranges {mr}", q, k, v, {"kv_ranges": rg20, "masked_rows": mr},
-            {"ranges": rg20, "uniform": mr == "uniform", "warps": 2})
-        run(f"2 warps ranges {mr} splits=4", q, k, v, {"kv_ranges": rg20, "masked_rows": mr},
-            {"ranges": rg20, "uniform": mr == "uniform", "splits": 4, "warps": 2})
+    run_ranges("2 warps ranges", q, k, v, rg20, 4, warps=2)
     qs = r(1, 32, 2, 64).expand(3, 32, 2, 64)
     run("2 warps Q-Former splits=3", qs, r(3, 300, 2, 64), r(3, 300, 2, 64), {},
         {"splits": 3, "warps": 2})
@@ -408,11 +412,7 @@ def _main() -> None:
         {"warps": 8})
     # rg: 3 and 106 dead rows in the two sequences' first windows
     q, k, v = r(2, 130, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
-    for mr in ("zero", "uniform"):
-        run(f"8 warps ranges {mr}", q, k, v, {"kv_ranges": rg, "masked_rows": mr},
-            {"ranges": rg, "uniform": mr == "uniform", "warps": 8})
-        run(f"8 warps ranges {mr} splits=3", q, k, v, {"kv_ranges": rg, "masked_rows": mr},
-            {"ranges": rg, "uniform": mr == "uniform", "splits": 3, "warps": 8})
+    run_ranges("8 warps ranges", q, k, v, rg, 3, warps=8)
     run("8 warps D=64 splits=3", r(1, 130, 2, 64), r(1, 300, 1, 64), r(1, 300, 1, 64), {},
         {"splits": 3, "warps": 8})
     pl130 = torch.tensor([3, 150])

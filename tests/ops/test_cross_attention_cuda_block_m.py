@@ -8,7 +8,11 @@ from the profiler; the automatic pick never takes 128; the env var's errors. All
 import pytest
 import torch
 from test_cross_attention_cuda import LOWP, check_cuda, check_cuda_backward
-from test_cross_attention_cuda_small_q import ran_warps
+from test_cross_attention_cuda_small_q import (
+    check_repeats_and_graph_capture,
+    check_same_bits_as_64_rows,
+    ran_warps,
+)
 from testing_utils import profiled_names
 from xattn_testing import make_qkv, mllama_mask
 
@@ -63,18 +67,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bit_identical_to_64_rows(case, env):
-    """Without split-KV a row's result does not depend on the CTA's other rows (tiles only the
-    128-row window loads are fully masked for this row: p = 0, alpha = 1), so the 128- and 64-row
-    kernels agree to the bit, and the 128-row one meets the reference."""
     torch.manual_seed(0)
     q, k, v, kw = CASES[case]()
-    env(splits=1, block_m=128)
-    out128, lse128 = check_cuda(q, k, v, **kw)
-    assert ran_warps(q, k, v, **kw) == {8}
-    env(block_m=64)
-    out64, lse64 = check_cuda(q, k, v, **kw)
-    assert ran_warps(q, k, v, **kw) == {4}
-    assert torch.equal(out128, out64) and torch.equal(lse128, lse64)
+    check_same_bits_as_64_rows(env, 128, q, k, v, **kw)
 
 
 @pytest.mark.parametrize("masked_rows", ["zero", "uniform"])
@@ -106,18 +101,8 @@ def test_backward_on_128_row_forward(env):
 
 def test_repeats_and_graph_capture(env):
     env(block_m=128)
-    q, k, v = (t.cuda() for t in make_qkv("bshd", "fused", 2, 300, 500, 8, 2, 128,
-                                          torch.bfloat16))
-    eager = vlmkern.ops.cross_attention(q, k, v, layout="bshd", return_lse=True)
-    for _ in range(20):
-        again = vlmkern.ops.cross_attention(q, k, v, layout="bshd", return_lse=True)
-        assert torch.equal(again[0], eager[0]) and torch.equal(again[1], eager[1])
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = vlmkern.ops.cross_attention(q, k, v, layout="bshd")
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static, eager[0])
+    check_repeats_and_graph_capture(*(t.cuda() for t in make_qkv(
+        "bshd", "fused", 2, 300, 500, 8, 2, 128, torch.bfloat16)))
 
 
 @pytest.mark.parametrize("bad", ["16", "256", "thirty-two", "32 ", "128 "])
