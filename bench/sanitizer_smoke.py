@@ -7,16 +7,16 @@ on the CPU."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 import vlmkern
 import vlmkern.ops
 import vlmkern.reference
+from vlmkern.bench.harness import env_var
 
 DTYPES = (torch.bfloat16, torch.float32)
 LAYOUTS = ("contiguous", "cls_dropped", "channel_strided")
@@ -89,20 +89,6 @@ def smoke_pixel_shuffle(device: str) -> int:
         run_case(op, (0, *shape[1:]), scale, torch.float32, "contiguous", device)
         n += 1
     return n
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Sets an environment variable the C++ side reads on every call, restored on exit."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -244,7 +230,7 @@ def _smoke_projector_cutlass(device: str) -> int:
               file=sys.stderr)
         return 0
     n = 0
-    with _env("VLMKERN_PROJECTOR_GEMM", "cutlass"):
+    with env_var("VLMKERN_PROJECTOR_GEMM", "cutlass"):
         k, n1, d = 136, 264, 72  # multiples of 8, off the 128 x 128 x 64 tiles
         for dtype in (torch.bfloat16, torch.float16):
             for rows, act, bias in ((113, "gelu", True), (1, "gelu", False), (200, "none", True)):
@@ -311,7 +297,7 @@ def smoke_cross_attention(device: str) -> int:
                     _close(t.grad, r.grad, f"cross_attention d{name} {sorted(kw)} {dtype}")
             n += 1
     if cuda:  # split-KV runs + the combine kernel (1-2 key tiles in 3 runs: some are empty)
-        with _env("VLMKERN_XATTN_SPLITS", "3"):
+        with env_var("VLMKERN_XATTN_SPLITS", "3"):
             for q, k, v, kw in (cases[0], cases[1], cases[4]):
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
                 ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()

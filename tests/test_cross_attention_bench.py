@@ -3,6 +3,8 @@ masks, HF eager, compiled FlexAttention with the block masks it builds) agrees w
 vlmkern.reference on Mllama ranges (dead rows), a decode step, Q-Former shared queries, packed
 segments and prefix-LM, so the GPU tables compare the same function."""
 
+import os
+
 import pytest
 import torch
 
@@ -45,3 +47,29 @@ def test_flex_attention_block_masks(name):
     flex = bench.providers(Config("cpu", torch.float32, quick=True, compile=True))["FlexAttention"]
     out = flex(*inputs, **case.kwargs)
     check_equal("FlexAttention", case, out, bench.reference()(*inputs, **case.kwargs), exact=False)
+
+
+def test_m128_provider(monkeypatch):
+    """vlmkern.m128 (CUDA only in providers()): on the CPU the op ignores the switch, so this
+    checks the wrapper: the reference's result on an Mllama prefill of 80 rows, the env var set
+    during the call and restored after, ValueError (skipped by the harness) on the cases it does
+    not take."""
+    assert "vlmkern.m128" not in bench.providers(CFG)
+    monkeypatch.setenv("VLMKERN_XATTN_BLOCK_M", "64")
+    seen = []
+    inner = bench.vlmkern_xattn
+
+    def spy(*args, **kw):
+        seen.append(os.environ["VLMKERN_XATTN_BLOCK_M"])
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(bench, "vlmkern_xattn", spy)
+    case = bench._mllama_case(1, 80, 1, CFG)
+    inputs = case.make_inputs()
+    out = bench.vlmkern_m128(*inputs, **case.kwargs)
+    check_equal("vlmkern.m128", case, out, bench.reference()(*inputs, **case.kwargs), exact=False)
+    assert seen == ["128"] and os.environ["VLMKERN_XATTN_BLOCK_M"] == "64"
+    for name in ("decode", "qformer", "packed", "prefix"):
+        c = CASES[name]()
+        with pytest.raises(ValueError, match="no 128-row CTA|fit one 64-row CTA"):
+            bench.vlmkern_m128(*c.make_inputs(), **c.kwargs)

@@ -1,13 +1,16 @@
 """Dev aid, no GPU needed: a line-by-line numpy emulation of cross_attention_fwd_kernel
 (csrc/cuda/kernels/cross_attention_fwd.cuh) with lane-level ldmatrix / mma.m16n8k16 fragment
-semantics as the PTX ISA defines them, for both CTA shapes (kWarps = 4: 64 rows, 2: 32 rows). It
+semantics as the PTX ISA defines them, for every CTA shape (kWarps = 4: 64 rows, 2: 32 rows,
+8: 128 rows). It
 checks the kernel's smem address formulas, the threads' 16-byte chunks of a tile copy, fragment
 reuse (S accumulators -> P A fragments), masking, segment passes and epilogue against
 vlmkern.reference; keep it in step with the kernel when the kernel changes.
 
-usage: PYTHONPATH=python:tests python tools/xattn_emulate.py   (a few small cases, ~1 min)
+usage: PYTHONPATH=python:tests python tools/xattn_emulate.py [NAME...]   (a few small cases,
+~2 min; NAMEs: run only the cases whose name contains one of them, e.g. "8 warps")
 """
 import math
+import sys
 
 import numpy as np
 import torch
@@ -306,10 +309,15 @@ def _main() -> None:
     def r(*s):
         return torch.randn(*s).to(dt)
 
+    def wanted(name):
+        return not sys.argv[1:] or any(a in name for a in sys.argv[1:])
+
     def run(name, q, k, v, kw, ekw, gqa_rows=False):
         """Emulates q, k, v (bshd) and checks it against the float64 reference; gqa_rows: a
         decode step (Sq = 1) run as xattn_decode_gqa_as_rows does (the G q heads of each kv
         head as G rows: q (B, G, Hk, D), ranges (B, G, R, 2)), mapped back."""
+        if not wanted(name):
+            return
         if gqa_rows:
             B, _, Hq, D = q.shape
             Hk = k.shape[2]
@@ -331,6 +339,14 @@ def _main() -> None:
         if fin.any():
             assert (lse[fin].double() - rlse[fin]).abs().max() < 1e-3, name
         print("ok", name, flush=True)
+
+    def run_ranges(name, q, k, v, rg, splits, **ekw):
+        """Mllama ranges in both masked-row modes, without and with split-KV `splits`."""
+        for mr in ("zero", "uniform"):
+            for n in (1, splits):
+                run(f"{name} {mr}" + (f" splits={n}" if n > 1 else ""), q, k, v,
+                    {"kv_ranges": rg, "masked_rows": mr},
+                    dict(ekw, ranges=rg, uniform=mr == "uniform", splits=n))
 
     for d in (64, 72, 80, 96, 128):
         run(f"D={d}", r(1, 70, 2, d), r(1, 100, 1, d), r(1, 100, 1, d), {}, {})
@@ -369,11 +385,7 @@ def _main() -> None:
             {"warps": 2})
     rg20 = vlmkern.ops.mllama_kv_ranges(mllama_mask(2, 20, 2, 2, seed=5), 20)
     q, k, v = r(2, 20, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
-    for mr in ("zero", "uniform"):
-        run(f"2 warps ranges {mr}", q, k, v, {"kv_ranges": rg20, "masked_rows": mr},
-            {"ranges": rg20, "uniform": mr == "uniform", "warps": 2})
-        run(f"2 warps ranges {mr} splits=4", q, k, v, {"kv_ranges": rg20, "masked_rows": mr},
-            {"ranges": rg20, "uniform": mr == "uniform", "splits": 4, "warps": 2})
+    run_ranges("2 warps ranges", q, k, v, rg20, 4, warps=2)
     qs = r(1, 32, 2, 64).expand(3, 32, 2, 64)
     run("2 warps Q-Former splits=3", qs, r(3, 300, 2, 64), r(3, 300, 2, 64), {},
         {"splits": 3, "warps": 2})
@@ -391,21 +403,49 @@ def _main() -> None:
             {"kv_ranges": dr, "masked_rows": mr},
             {"ranges": dr, "uniform": mr == "uniform", "splits": 2, "warps": 2}, gqa_rows=True)
 
-    cq = torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32)
-    ck = torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32)
-    q, k, v = r(100, 2, 64), r(90, 1, 64), r(90, 1, 64)
-    ref = reference.cross_attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq,
-                                    cu_seqlens_k=ck)
-    pt = reference.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, compute_dtype=None)
-    outs = []
-    for warps in (4, 2):  # 2: forced, segments crossing 32-row windows
-        outs.append(emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck, warps=warps))
-        check(outs[-1][0][0].to(dt), ref, pt)
-        print(f"ok packed warps={warps}", flush=True)
-    # Without splits a row's result does not depend on its CTA's other rows (tiles loaded only
-    # for them are fully masked for it): both CTA shapes give the same bits (a GPU test too).
-    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
-    print("ok packed warps=4 and 2 bit-identical", flush=True)
+    # 128-row CTAs (kWarps = 8, 256 threads; only forced, VLMKERN_XATTN_BLOCK_M=128; head-dim pads
+    # 64 / 96 / 128). Sq 130: the last window holds 2 rows; GQA heads.
+    run("8 warps D=64 GQA Sq=130", r(1, 130, 4, 64), r(1, 100, 2, 64), r(1, 100, 2, 64), {},
+        {"warps": 8})
+    run("8 warps D=96", r(1, 40, 1, 96), r(1, 70, 1, 96), r(1, 70, 1, 96), {}, {"warps": 8})
+    run("8 warps D=128 GQA Sq=130", r(1, 130, 2, 128), r(1, 70, 1, 128), r(1, 70, 1, 128), {},
+        {"warps": 8})
+    # rg: 3 and 106 dead rows in the two sequences' first windows
+    q, k, v = r(2, 130, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
+    run_ranges("8 warps ranges", q, k, v, rg, 3, warps=8)
+    run("8 warps D=64 splits=3", r(1, 130, 2, 64), r(1, 300, 1, 64), r(1, 300, 1, 64), {},
+        {"splits": 3, "warps": 8})
+    pl130 = torch.tensor([3, 150])
+    q, k, v = r(2, 130, 1, 64), r(2, 200, 1, 64), r(2, 200, 1, 64)
+    run("8 warps prefix-LM Sq=130", q, k, v, {"mode": "prefix_lm", "prefix_len": pl130},
+        {"prefix": pl130, "warps": 8})
+
+    def packed(name, cq, ck, warps_list):
+        """Packed segments on each CTA shape; without splits a row's result does not depend on
+        its CTA's other rows (tiles loaded only for them are fully masked for it): every shape
+        gives the same bits (a GPU test too)."""
+        if not wanted(name):
+            return
+        q, k, v = r(int(cq[-1]), 2, 64), r(int(ck[-1]), 1, 64), r(int(ck[-1]), 1, 64)
+        ref = reference.cross_attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq,
+                                        cu_seqlens_k=ck)
+        pt = reference.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                       compute_dtype=None)
+        outs = []
+        for warps in warps_list:
+            outs.append(emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck, warps=warps))
+            check(outs[-1][0][0].to(dt), ref, pt)
+            print(f"ok {name} warps={warps}", flush=True)
+        assert all(torch.equal(a[0], outs[0][0]) and torch.equal(a[1], outs[0][1])
+                   for a in outs[1:])
+        print(f"ok {name} warps={warps_list} bit-identical", flush=True)
+
+    # 2: forced, segments crossing 32-row windows; an empty segment and one without keys
+    packed("packed", torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32),
+           torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32), (4, 2))
+    # segments crossing the 128-row windows (rows 100..140, 200..262) and the 64-row ones
+    packed("8 warps packed", torch.tensor([0, 3, 3, 100, 140, 200, 262], dtype=torch.int32),
+           torch.tensor([0, 10, 15, 15, 80, 90, 150], dtype=torch.int32), (8, 4))
 
 
 if __name__ == "__main__":

@@ -61,18 +61,36 @@ int sm_count(int device) {
   return n;
 }
 
-// Query rows per forward CTA (16 per warp): VLMKERN_XATTN_BLOCK_M=32 / 64 forces one (for tests
-// and benches), else 32 (2 warps) when a window holds at most 32 rows, 64 (4 warps) otherwise.
+// Opt-in shared memory per block of `device` (227 KiB on H100, 163 KiB A100, 99 KiB sm_86 /
+// sm_89), 0 if unknown; clears the runtime error a failed query leaves, so a later launch check
+// cannot report it.
+int optin_smem(int device) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    optin = 0;
+  }
+  return optin;
+}
+
+// Query rows per forward CTA (16 per warp): VLMKERN_XATTN_BLOCK_M=32 / 64 / 128 forces one (for
+// tests and benches; 128 only at head dims 64, 96, 128, whose K / V tile copy divides over 8
+// warps), else 32 (2 warps) when a window holds at most 32 rows, 64 (4 warps) otherwise.
 // Sq <= 32 covers Q-Former / Perceiver learned queries and decode steps; a decode step with GQA
 // arrives here (xattn_decode_gqa_as_rows) with Sq = the group size, the rows the kernel runs.
 // Packed input counts all its rows (Sq = total tokens). A 64-row CTA over <= 32 rows would run
-// two of its four warps on zero rows and fit fewer (image, head) pairs per SM.
+// two of its four warps on zero rows and fit fewer (image, head) pairs per SM. The 128-row CTA
+// (8 warps) is an experiment, never picked automatically: not yet measured on a GPU.
 int xattn_block_m(const char* op, const XattnParams& p) {
   if (const char* env = std::getenv("VLMKERN_XATTN_BLOCK_M"); env != nullptr && *env != '\0') {
     const std::string s(env);
-    VLMKERN_CHECK(s == "32" || s == "64", op, "VLMKERN_XATTN_BLOCK_M must be 32 or 64, got '", s,
-                  "'");
-    return s == "32" ? 32 : 64;
+    VLMKERN_CHECK(s == "32" || s == "64" || s == "128", op,
+                  "VLMKERN_XATTN_BLOCK_M must be 32, 64 or 128, got '", s, "'");
+    VLMKERN_CHECK(s != "128" || p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128, op,
+                  "VLMKERN_XATTN_BLOCK_M=128 takes head dims 64, 96 and 128 only, got head dim ",
+                  p.head_dim, " (use 32 or 64)");
+    return std::stoi(s);
   }
   return p.seq_q <= 32 ? 32 : 64;
 }
@@ -80,9 +98,10 @@ int xattn_block_m(const char* op, const XattnParams& p) {
 // Split-KV runs for the forward: VLMKERN_XATTN_SPLITS=n forces n (1 = off; for tests and
 // benches), else more than one only when the (window, head) CTAs (windows of block_m rows) fill
 // less than half of the GPU's resident CTA slots (2 per SM at D >= 96, 3 below: registers and
-// smem of the 64-row CTA, kept for the 32-row one, which fits as many or more) and the keys are
-// long: floor(slots / CTAs) runs (no tail wave), each of >= 4 key tiles, at most 16, trimmed so
-// no run is empty. Packed input never splits.
+// smem of the 64-row CTA, kept for the 32-row one, which fits as many or more; 1 for the 128-row
+// CTA at every D: 182-207 registers x 256 threads, ptxas sm_90a) and the keys are long:
+// floor(slots / CTAs) runs (no tail wave), each of >= 4 key tiles, at most 16, trimmed so no run
+// is empty. Packed input never splits.
 int xattn_num_splits(const char* op, const XattnParams& p, int block_m, int device) {
   if (p.packed) return 1;
   if (const char* env = std::getenv("VLMKERN_XATTN_SPLITS"); env != nullptr && *env != '\0') {
@@ -94,7 +113,8 @@ int xattn_num_splits(const char* op, const XattnParams& p, int block_m, int devi
     return static_cast<int>(n);
   }
   const int64_t ctas = p.batch * ((p.seq_q + block_m - 1) / block_m) * p.heads_q;
-  const int64_t slots = int64_t{sm_count(device)} * (p.head_dim >= 96 ? 2 : 3);
+  const int per_sm = block_m == 128 ? 1 : (p.head_dim >= 96 ? 2 : 3);
+  const int64_t slots = int64_t{sm_count(device)} * per_sm;
   if (ctas == 0 || 2 * ctas > slots) return 1;
   const int64_t tiles = (p.seq_k + 63) / 64;
   int64_t n = slots / ctas;
@@ -178,6 +198,13 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   c.out = out.mutable_data_ptr();
   c.lse = lse.mutable_data_ptr<float>();
   c.block_m = block_m;
+  if (block_m == 128) {  // the 32- / 64-row CTAs fit every sm_80+ part (<= 85 KiB)
+    const size_t need = cuda_cross_attention_fwd_smem_bytes(static_cast<int>(p.head_dim), 128);
+    const int optin = optin_smem(q.device().index());
+    VLMKERN_CHECK(optin <= 0 || need <= static_cast<size_t>(optin), op,
+                  "VLMKERN_XATTN_BLOCK_M=128 at head dim ", p.head_dim, " needs ", need,
+                  " bytes of shared memory per block; this GPU allows ", optin, " (use 32 or 64)");
+  }
   c.num_splits = xattn_num_splits(op, p, block_m, q.device().index());
   at::Tensor o_part, lse_part;  // split-KV partials, fp32
   if (c.num_splits > 1) {
@@ -249,12 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   bp.dk = dk.mutable_data_ptr();
   bp.dv = dv.mutable_data_ptr();
   bp.scale = static_cast<float>(p.scale);
-  int optin = 0;  // opt-in shared memory per block: 227 KiB on H100, 163 KiB A100, 99 KiB sm_86/89
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                             q.device().index()) != cudaSuccess) {
-    cudaGetLastError();  // no stale error for the launch check below to report
-    optin = 0;
-  }
+  const int optin = optin_smem(q.device().index());
   const size_t need = cuda_cross_attention_bwd_smem_bytes(static_cast<int>(p.head_dim));
   VLMKERN_CHECK(optin <= 0 || need <= static_cast<size_t>(optin), "cross_attention_backward",
                 "the CUDA backward at head dim ", p.head_dim, " needs ", need,

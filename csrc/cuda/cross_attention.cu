@@ -11,14 +11,25 @@
 namespace vlmkern {
 namespace {
 
+// The instance for head-dim pad kHeadDimPad, or an error where its tile copy does not divide over
+// kWarps warps (8 warps at pad 80: not instantiated, the glue rejects it first).
+template <typename T, int kHeadDimPad, int kWarps>
+cudaError_t launch_pad(const XattnCudaParams& p, cudaStream_t stream) {
+  if constexpr (xattn_cuda::fwd_tiles_divide<kHeadDimPad, kWarps>()) {
+    return launch_xattn_fwd<T, kHeadDimPad, kWarps>(p, stream);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+}
+
 template <typename T, int kWarps>
 cudaError_t launch_warps(const XattnCudaParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch_xattn_fwd<T, 64, kWarps>(p, stream);
+    case 64: return launch_pad<T, 64, kWarps>(p, stream);
     case 72:
-    case 80: return launch_xattn_fwd<T, 80, kWarps>(p, stream);
-    case 96: return launch_xattn_fwd<T, 96, kWarps>(p, stream);
-    case 128: return launch_xattn_fwd<T, 128, kWarps>(p, stream);
+    case 80: return launch_pad<T, 80, kWarps>(p, stream);
+    case 96: return launch_pad<T, 96, kWarps>(p, stream);
+    case 128: return launch_pad<T, 128, kWarps>(p, stream);
     default: return cudaErrorInvalidValue;  // the glue rejects other head dims first
   }
 }
@@ -28,6 +39,7 @@ cudaError_t launch_type(const XattnCudaParams& p, cudaStream_t stream) {
   switch (p.block_m) {
     case 64: return launch_warps<T, 4>(p, stream);
     case 32: return launch_warps<T, 2>(p, stream);
+    case 128: return launch_warps<T, 8>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -44,11 +56,33 @@ cudaError_t launch_type_bwd(const XattnBwdParams& p, cudaStream_t stream) {
   }
 }
 
+template <int kRows>
+size_t fwd_smem_bytes(int head_dim) {
+  using xattn_cuda::smem_bytes;
+  switch (head_dim) {
+    case 64: return smem_bytes<__half, 64, kRows>();
+    case 72:
+    case 80: return smem_bytes<__half, 80, kRows>();
+    case 96: return smem_bytes<__half, 96, kRows>();
+    case 128: return smem_bytes<__half, 128, kRows>();
+    default: return 0;
+  }
+}
+
 }  // namespace
 
 cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   return p.dtype == XattnDtype::kFloat16 ? launch_type<__half>(p, stream)
                                          : launch_type<__nv_bfloat16>(p, stream);
+}
+
+size_t cuda_cross_attention_fwd_smem_bytes(int head_dim, int block_m) {
+  switch (block_m) {  // the same for fp16 and bf16
+    case 32: return fwd_smem_bytes<32>(head_dim);
+    case 64: return fwd_smem_bytes<64>(head_dim);
+    case 128: return fwd_smem_bytes<128>(head_dim);
+    default: return 0;
+  }
 }
 
 size_t cuda_cross_attention_bwd_smem_bytes(int head_dim) {

@@ -39,7 +39,8 @@ struct XattnCudaParams {
   int64_t num_segments = 0;
   int prefix_lm = 0;  // prefix (B or N,)
   XattnDevIndex prefix;
-  // Forward CTA: block_m query rows (64: 4 warps; 32: 2 warps, for windows of <= 32 rows).
+  // Forward CTA: block_m query rows (64: 4 warps; 32: 2 warps, for windows of <= 32 rows;
+  // 128: 8 warps, head-dim pads 64 / 96 / 128, only when forced).
   int block_m = 64;
   // Split-KV (not packed): num_splits > 1 runs grid.z = num_splits CTAs per window over disjoint
   // runs of the key tiles, writing partials that cuda_cross_attention_combine merges into out
@@ -72,6 +73,11 @@ inline bool xattn_cuda_head_dim_ok(int64_t d) {
 
 // Enqueues the forward on `stream`; returns the launch status (no sync, graph-capture safe).
 cudaError_t cuda_cross_attention_fwd(const XattnCudaParams& p, cudaStream_t stream);
+
+// Dynamic shared memory per block of the forward at head dim `head_dim` with block_m-row CTAs
+// (0 for a head dim the kernel does not take): the 128-row CTA at D = 128 takes 102 KiB, over the 99 KiB
+// opt-in of sm_86 / sm_89 parts.
+size_t cuda_cross_attention_fwd_smem_bytes(int head_dim, int block_m);
 
 // Merges the split-KV partials of p (num_splits > 1) into p.out and p.lse on `stream`
 // (cuda/cross_attention_combine.cu).

@@ -3,7 +3,8 @@
 with batch-stride-0 queries at every head dim against the float64 reference; bit-identical to the
 64-row kernel (VLMKERN_XATTN_BLOCK_M) for dense, Mllama ranges, prefix-LM, packed and decode GQA
 input, Sq > 32 forced included; split-KV, the backward on its output, repeats and CUDA graph
-capture; which kernel ran, read from the profiler; the env var's errors. All `gpu`."""
+capture; which kernel ran, read from the profiler. All `gpu` (the `env` fixture: conftest.py; the
+env var's errors: test_cross_attention_cuda_block_m.py)."""
 
 import re
 
@@ -22,19 +23,6 @@ from xattn_testing import make_qkv, mllama_mask
 import vlmkern
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def env(monkeypatch):
-    """env(name=value, ...) sets VLMKERN_XATTN_<NAME>; BLOCK_M and SPLITS start unset."""
-    for name in ("BLOCK_M", "SPLITS"):
-        monkeypatch.delenv(f"VLMKERN_XATTN_{name}", raising=False)
-
-    def set_(**kw):
-        for name, value in kw.items():
-            monkeypatch.setenv(f"VLMKERN_XATTN_{name.upper()}", str(value))
-
-    return set_
 
 
 def fwd_warps(fn) -> set[int]:
@@ -114,20 +102,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bit_identical_to_64_rows(case, env):
-    """Without split-KV a row's result does not depend on the CTA's other rows: tiles only the
-    64-row window loads are fully masked for this row (p = 0, alpha = 1). So the two kernels agree
-    to the bit, and the 32-row one meets the reference."""
-    torch.manual_seed(0)
-    q, k, v, kw = CASES[case]()
-    env(splits=1, block_m=32)
-    out32, lse32 = check_cuda(q, k, v, **kw)
-    assert ran_warps(q, k, v, **kw) == {2}
+def check_same_bits_as_64_rows(env, block_m, q, k, v, **kw):
+    """Forced block_m-row CTAs (split-KV off) meet the reference, ran with block_m / 16 warps,
+    and give the 64-row kernel's bits: without split-KV a row's result does not depend on the
+    CTA's other rows (tiles only one of the windows loads are fully masked for this row: p = 0,
+    alpha = 1)."""
+    env(splits=1, block_m=block_m)
+    out, lse = check_cuda(q, k, v, **kw)
+    assert ran_warps(q, k, v, **kw) == {block_m // 16}
     env(block_m=64)
     out64, lse64 = check_cuda(q, k, v, **kw)
     assert ran_warps(q, k, v, **kw) == {4}
-    assert torch.equal(out32, out64) and torch.equal(lse32, lse64)
+    assert torch.equal(out, out64) and torch.equal(lse, lse64)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_identical_to_64_rows(case, env):
+    torch.manual_seed(0)
+    q, k, v, kw = CASES[case]()
+    check_same_bits_as_64_rows(env, 32, q, k, v, **kw)
 
 
 @pytest.mark.parametrize("masked_rows", ["zero", "uniform"])
@@ -162,9 +155,9 @@ def test_backward_on_32_row_forward(env):
     check_cuda_backward(q, k, v, grad_lse=True, layout="bshd")
 
 
-def test_repeats_and_graph_capture(env):
-    q, k, v = (t.cuda() for t in make_qkv("bshd", "expanded_q", 4, 32, 257, 12, 12, 64,
-                                          torch.bfloat16))
+def check_repeats_and_graph_capture(q, k, v):
+    """20 repeats of the forward (bshd CUDA tensors) give the same bits, and so does a CUDA graph
+    replay."""
     eager = vlmkern.ops.cross_attention(q, k, v, layout="bshd", return_lse=True)
     for _ in range(20):
         again = vlmkern.ops.cross_attention(q, k, v, layout="bshd", return_lse=True)
@@ -177,10 +170,6 @@ def test_repeats_and_graph_capture(env):
     assert torch.equal(static, eager[0])
 
 
-@pytest.mark.parametrize("bad", ["16", "128", "thirty-two", "32 "])
-def test_bad_env_value(bad, env):
-    env(block_m=bad)
-    q, k, v = (t.cuda() for t in make_qkv("bhsd", "contiguous", 1, 3, 90, 2, 1, 64,
-                                          torch.bfloat16))
-    with pytest.raises(RuntimeError, match=r"VLMKERN_XATTN_BLOCK_M must be 32 or 64"):
-        vlmkern.ops.cross_attention(q, k, v)
+def test_repeats_and_graph_capture(env):
+    check_repeats_and_graph_capture(*(t.cuda() for t in make_qkv(
+        "bshd", "expanded_q", 4, 32, 257, 12, 12, 64, torch.bfloat16)))

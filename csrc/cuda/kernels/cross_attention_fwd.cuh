@@ -4,7 +4,9 @@
 // owning 16 rows: 4 warps / 64 rows by default, 2 warps / 32 rows when the glue sees <= 32 rows
 // per (batch, head) (Q-Former / Perceiver learned queries, decode, decode GQA rows): then no warp
 // runs on zero rows and, with less smem and fewer registers per CTA, an SM can hold more
-// (image, head) CTAs. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix);
+// (image, head) CTAs. 8 warps / 128 rows (head-dim pads 64, 96, 128; only when
+// VLMKERN_XATTN_BLOCK_M=128 forces it, an unmeasured experiment) stream each K / V tile once for
+// twice the rows of the 64-row CTA. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix);
 // K / V tiles of kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and
 // O += P V run on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain
 // (scores pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple
@@ -128,7 +130,8 @@ template <typename T, int kHeadDimPad, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps)
     cross_attention_fwd_kernel(const XattnCudaParams p) {
   static_assert(kHeadDimPad % 16 == 0, "mma k-chunks of 16");
-  static_assert(kWarps == 2 || kWarps == 4, "32- or 64-row CTAs");
+  static_assert(kWarps == 2 || kWarps == 4 || kWarps == 8, "32-, 64- or 128-row CTAs");
+  static_assert(fwd_tiles_divide<kHeadDimPad, kWarps>(), "whole tile-copy chunks per thread");
   constexpr int kRows = 16 * kWarps;         // query rows per CTA
   constexpr int kCtaThreads = 32 * kWarps;
   constexpr int kPitch = smem_pitch<kHeadDimPad>();

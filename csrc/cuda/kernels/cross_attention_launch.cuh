@@ -20,6 +20,7 @@ cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   if (windows == 0 || p.heads_q == 0) return cudaSuccess;
   if (windows > INT32_MAX) return cudaErrorInvalidConfiguration;
   constexpr int kSmem = smem_bytes<T, kHeadDimPad, kRows>();
+  static_assert(kSmem <= 227 * 1024, "over the sm_90 opt-in smem per block");
   auto* kernel = &cross_attention_fwd_kernel<T, kHeadDimPad, kWarps>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kSmem);

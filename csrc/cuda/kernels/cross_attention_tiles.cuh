@@ -35,6 +35,16 @@ constexpr int smem_bytes() {
   return (kRows + 4 * kBlockN) * smem_pitch<kHeadDimPad>() * static_cast<int>(sizeof(T));
 }
 
+// Whether the forward's tile copies (load_tile_async) split into whole 16-byte chunks per thread
+// for CTAs of kWarps warps: the (16 kWarps, kHeadDimPad) Q tile always does; the (kBlockN,
+// kHeadDimPad) K / V tiles need kBlockN * kHeadDimPad / 8 to be a multiple of 32 kWarps (8 warps:
+// pads 64, 96 and 128, not 80).
+template <int kHeadDimPad, int kWarps>
+constexpr bool fwd_tiles_divide() {
+  return kBlockN * (kHeadDimPad / 8) % (32 * kWarps) == 0 &&
+         16 * kWarps * (kHeadDimPad / 8) % (32 * kWarps) == 0;
+}
+
 // ---- PTX wrappers -------------------------------------------------------------------------------
 
 template <typename T>

@@ -9,7 +9,9 @@ Every provider is called as ``fn(q, k, v, aux, spec=...)`` with q/k/v in HF's ``
 (packed: ``(total, H, D)``) and returns the attention output in q's layout. TFLOP/s count only
 visible (query, key) pairs: 4·D·Hq·pairs. On CUDA the vlmkern provider runs the flash-attention 2
 forward kernel (bf16 / fp16; with ``--dtype fp32`` it reports that the CUDA kernel takes bf16 /
-fp16 only).
+fp16 only); ``vlmkern.m128`` (CUDA only) forces its experimental 128-row / 8-warp CTAs
+(``VLMKERN_XATTN_BLOCK_M=128``) on the cases with more than 64 query rows per sequence at head
+dims 64 / 96 / 128 (the Mllama prefill; not Qwen2-VL's hd 80 nor PaliGemma's hd 256).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vlmkern.bench.harness import Case, Config
+from vlmkern.bench.harness import Case, Config, env_var
 
 NAME = "cross_attention"
 BASELINE = "SDPA"
@@ -174,6 +176,20 @@ def vlmkern_xattn(q, k, v, aux, spec: Spec) -> torch.Tensor:
     return cross_attention(q, k, v)
 
 
+def vlmkern_m128(q, k, v, aux, spec: Spec) -> torch.Tensor:
+    """vlmkern with ``VLMKERN_XATTN_BLOCK_M=128`` (128-row / 8-warp forward CTAs). Raises
+    ValueError (the harness skips the provider) where the kernel has no 128-row CTA (head dims
+    other than 64 / 96 / 128) or a sequence has <= 64 query rows (decode, Q-Former: the 64-row
+    CTA already holds them)."""
+    d, rows = q.shape[-1], q.shape[0] if spec.kind == "packed" else q.shape[-2]
+    if d not in (64, 96, 128):
+        raise ValueError(f"no 128-row CTA at head dim {d}")
+    if rows <= 64:
+        raise ValueError(f"{rows} query rows fit one 64-row CTA")
+    with env_var("VLMKERN_XATTN_BLOCK_M", "128"):
+        return vlmkern_xattn(q, k, v, aux, spec)
+
+
 def _sdpa(q, k, v, aux, spec: Spec) -> torch.Tensor:
     gqa = q.shape[-3] != k.shape[-3]
     if spec.kind == "packed":  # HF's Qwen2-VL SDPA path: one call per image
@@ -291,6 +307,8 @@ def providers(cfg: Config) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend
 
     out: dict[str, Callable] = {"vlmkern": vlmkern_xattn, "SDPA": _sdpa}
+    if cfg.device == "cuda":
+        out["vlmkern.m128"] = vlmkern_m128
     names = {"MATH": "SDPA math", "FLASH_ATTENTION": "SDPA flash", "EFFICIENT_ATTENTION":
              "SDPA mem-eff", "CUDNN_ATTENTION": "SDPA cudnn"}
     for attr, name in names.items():

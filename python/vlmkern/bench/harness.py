@@ -3,6 +3,7 @@ correctness gate, environment header, table and JSON output. Every per-op bench 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
@@ -11,7 +12,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,21 @@ class Timing:
 
 # --------------------------------------------------------------------------------------------
 # Cache sizes and input rotation
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Sets an environment variable the C++ side reads on every call (a provider's kernel
+    switch), restored on exit."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def cache_bytes(device: str) -> int:
