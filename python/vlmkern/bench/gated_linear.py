@@ -6,13 +6,12 @@ own ATen composite, and two rooflines: ``torch.mm`` of the same GEMM and ``torch
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from vlmkern.bench.harness import MM, Case, Config
+from vlmkern.bench.harness import MM, Case, Config, env_var
 
 NAME = "gated_linear"
 BASELINE = "torch"
@@ -42,15 +41,8 @@ def vlmkern_gated(x, w, gate, residual):
 
 def vlmkern_aten(x, w, gate, residual):
     """vlmkern's ATen composite (VLMKERN_GATED_LINEAR=aten): mm, then one addcmul."""
-    before = os.environ.get("VLMKERN_GATED_LINEAR")
-    os.environ["VLMKERN_GATED_LINEAR"] = "aten"
-    try:
+    with env_var("VLMKERN_GATED_LINEAR", "aten"):
         return vlmkern_gated(x, w, gate, residual)
-    finally:
-        if before is None:
-            del os.environ["VLMKERN_GATED_LINEAR"]
-        else:
-            os.environ["VLMKERN_GATED_LINEAR"] = before
 
 
 def _case(label: str, batch: int, seq: int, k: int, n: int, cfg: Config) -> Case:

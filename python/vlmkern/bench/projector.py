@@ -11,7 +11,6 @@ Every provider is called as ``fn(x, w1, b1, w2, b2, norm_weight, norm_bias, rows
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +18,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from vlmkern.bench.harness import MM, Case, Config
+from vlmkern.bench.harness import MM, Case, Config, env_var
 
 NAME = "projector"
 BASELINE = "torch"
@@ -105,15 +104,8 @@ def vlmkern_cutlass(*inputs, spec: Spec, mode: str = "cutlass"):
     """vlmkern with ``VLMKERN_PROJECTOR_GEMM=cutlass`` (both Linears on the cooperative CUTLASS
     kernel) or ``cutlass_pingpong`` (GEMM1 + bias + GELU on the pingpong kernel, the rest on
     cuBLAS); sm_90a only: elsewhere, and on the CPU, the op falls back to its ATen path."""
-    before = os.environ.get(GEMM_ENV)
-    os.environ[GEMM_ENV] = mode
-    try:
+    with env_var(GEMM_ENV, mode):
         return vlmkern_projector(*inputs, spec=spec)
-    finally:
-        if before is None:
-            del os.environ[GEMM_ENV]
-        else:
-            os.environ[GEMM_ENV] = before
 
 
 def _has_cutlass_gemm() -> bool:
