@@ -178,6 +178,7 @@ int64_t gemm_width(const at::Tensor& like, int64_t k) {
 }
 
 PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_patch_matrix)
+AddendGemmFn cuda_addend_gemm = nullptr;    // set by the CUDA build (set_cuda_addend_gemm)
 
 // pixels -> (B*gh*gw, kp) rows in `dtype`: K features in (C, ph, pw) order, or (ph, pw, C)
 // channels-last, then kp - K zero columns. One kernel on CUDA, else ATen's strided copy.
@@ -229,6 +230,8 @@ at::Tensor grid_positions(const at::Tensor& table, const ImageGeom& g) {
 
 void set_cuda_patch_matrix(PatchMatrixFn fn) { cuda_patch_matrix = fn; }
 
+void set_cuda_addend_gemm(AddendGemmFn fn) { cuda_addend_gemm = fn; }
+
 namespace patch_embed_detail {
 
 int64_t image_tokens(const at::Tensor& pixels, const at::Tensor& weight,
@@ -278,6 +281,9 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
   const at::Tensor wb = wt.unsqueeze(0).expand({g.b, wt.size(0), g.d});  // (B, K, D), stride 0
   if (addend.defined()) {
     const at::Tensor add = addend.dim() == 1 ? addend.expand({g.l, g.d}) : addend;
+    if (blocks.is_cuda() && cuda_addend_gemm != nullptr && cuda_addend_gemm(blocks, xb, w2, add)) {
+      return;
+    }
     at::baddbmm_out(blocks, add.expand({g.b, g.l, g.d}), xb, wb);
   } else {
     at::bmm_out(blocks, xb, wb);

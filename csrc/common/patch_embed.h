@@ -49,6 +49,14 @@ using PatchMatrixFn = bool (*)(const at::Tensor& pixels, bool channels_last, int
                                int64_t gh, int64_t gw, const at::Tensor& out);
 void set_cuda_patch_matrix(PatchMatrixFn fn);
 
+// The CUDA build's GEMM with a per-token addend (cuda/patch_embed.cpp, on cuBLASLt): blocks
+// (B, L, D) = rows (B, L, kp) @ w (D, kp)^T + addend (L, D), the addend read once per image in
+// the epilogue (ATen's baddbmm would first copy it, broadcast, into blocks). blocks may be a
+// strided view (e.g. skipping the CLS rows). false: not handled (the caller uses baddbmm).
+using AddendGemmFn = bool (*)(const at::Tensor& blocks, const at::Tensor& rows,
+                              const at::Tensor& w, const at::Tensor& addend);
+void set_cuda_addend_gemm(AddendGemmFn fn);
+
 // Packed mode (Qwen2-VL / 2.5-VL / 3-VL). patches (N, C*T*P*P) rows in (C, T, ph, pw) order,
 // weight (D, C, T, P, P), bias (D,), grid_thw (n, 3) int, pos_embed (S*S, D) resampled bilinearly
 // (align_corners=True) to each image's (h, w) grid in spatial-merge-block order (Qwen3-VL).

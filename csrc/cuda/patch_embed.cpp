@@ -1,6 +1,7 @@
 // CUDA registration of patch_embed / _packed / _varlen (+ backwards): the ATen composite of
 // common/patch_embed*.cpp under a device guard, with image mode's patch matrix built by one
-// kernel (cuda/patchify.h: dtype conversion and aligned zero-padded rows), until the
+// kernel (cuda/patchify.h: dtype conversion and aligned zero-padded rows) and its per-token
+// addend (bias + positions) read in a cuBLASLt GEMM's epilogue (cuda/lt_matmul.h), until the
 // implicit-GEMM kernel lands. No host syncs: grid_thw is never read back (its values are
 // validated on the CPU path only).
 #include <c10/cuda/CUDAException.h>
@@ -9,6 +10,7 @@
 #include <torch/library.h>
 
 #include "common/patch_embed.h"
+#include "cuda/lt_matmul.h"
 #include "cuda/patchify.h"
 #include "ops.h"
 
@@ -55,6 +57,22 @@ bool cuda_patch_matrix(const at::Tensor& pixels, bool channels_last, int64_t pat
 }
 
 [[maybe_unused]] const bool kPatchMatrixInstalled = (set_cuda_patch_matrix(&cuda_patch_matrix), true);
+
+// The AddendGemmFn: one cuBLASLt batched matmul, blocks (B, L, D) = rows (B, L, kp) @ w (D, kp)^T
+// + addend (L, D), with w and the addend at batch stride 0 (read per image, never broadcast into
+// a buffer); false (ATen's baddbmm) when cuBLASLt is not linked or takes no algorithm.
+bool cuda_addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at::Tensor& w,
+                      const at::Tensor& addend) {
+  const int64_t b = rows.size(0);
+  const at::Tensor add = addend.contiguous();  // (L, D): a (D,) bias expanded over L has pitch 0
+  static constexpr float kOne = 1.0f;
+  const LtMatmul mm{rows, w.unsqueeze(0).expand({b, w.size(0), w.size(1)}),
+                    add.unsqueeze(0).expand({b, add.size(0), add.size(1)}), blocks, &kOne, &kOne,
+                    /*device_scalars=*/false};
+  return lt_matmul(mm, c10::cuda::getCurrentCUDAStream(rows.device().index()).stream());
+}
+
+[[maybe_unused]] const bool kAddendGemmInstalled = (set_cuda_addend_gemm(&cuda_addend_gemm), true);
 
 }  // namespace
 

@@ -143,3 +143,35 @@ def test_cuda_patch_matrix_kernel(patch, layout, dtype):
     for a, c in zip(outs["cuda"], outs["cpu"], strict=True):
         assert a.device.type == "cuda"
         torch.testing.assert_close(a.cpu().float(), c.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [True, False])
+def test_cuda_addend_in_the_gemm_epilogue(dtype, cls):
+    """With positions (and CLS rows skipped in the output), bias + positions are the C operand of
+    one cuBLASLt batched GEMM (batch stride 0), not a baddbmm after a broadcast copy; the result
+    equals the CPU path's. Without cuBLASLt in the build, baddbmm stays and only equality counts."""
+    g = torch.Generator().manual_seed(7)
+    b, d, grid, p = 3, 48, 4, 8
+    x = torch.randn(b, 3, grid * p, grid * p, generator=g).to(dtype)
+    w = (torch.randn(d, 3, p, p, generator=g) * 0.05).to(dtype)
+    bias = torch.randn(d, generator=g).to(dtype)
+    pos = torch.randn(grid * grid + int(cls), d, generator=g).to(dtype)
+    c = torch.randn(d, generator=g).to(dtype) if cls else None
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        args = [None if t is None else t.to(dev) for t in (x, w, bias, pos, c)]
+
+        def run(args=args):
+            return vlmkern.ops.patch_embed(args[0], args[1], args[2], pos_embed=args[3],
+                                           cls_token=args[4], pos_interp="none")
+
+        outs[dev] = run()
+        if dev == "cuda":
+            names = profiled_names(run)
+            if vlmkern.info()["cublaslt"]:
+                assert "aten::baddbmm" not in names and "aten::bmm" not in names
+            else:
+                assert "aten::baddbmm" in names
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(outs["cuda"].cpu().float(), outs["cpu"].float(), **tol)

@@ -6,11 +6,11 @@
 // runs on zero rows and, with less smem and fewer registers per CTA, an SM can hold more
 // (image, head) CTAs. 8 warps / 128 rows (head-dim pads 64, 96, 128; only when
 // VLMKERN_XATTN_BLOCK_M=128 forces it, an unmeasured experiment) stream each K / V tile once for
-// twice the rows of the 64-row CTA. The Q tile is loaded once into smem (its A fragments re-read by ldmatrix);
-// K / V tiles of kBlockN = 64 keys stream through a 2-stage cp.async smem pipeline; S = Q Kᵀ and
-// O += P V run on m16n8k16 tensor cores, the online softmax in fp32 registers in the log2 domain
-// (scores pre-multiplied by scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple
-// of 16 (72) are zero-padded to kHeadDimPad (80) in shared memory only.
+// twice the rows of the 64-row CTA. The Q tile is loaded once into smem (its A fragments re-read
+// by ldmatrix); K / V tiles of kBlockN = 64 keys stream through a 2-stage cp.async smem
+// pipeline; S = Q Kᵀ and O += P V run on m16n8k16 tensor cores, the online softmax in fp32
+// registers in the log2 domain (scores pre-multiplied by scale * log2(e), exp2f), masked keys
+// -inf. Head dims not a multiple of 16 (72) are zero-padded to kHeadDimPad (80) in smem only.
 //
 // Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / kRows)), or with cu_seqlens the
 // packed rows of the window: grid.x = ceil(total_q / kRows) and the CTA runs one pass per
