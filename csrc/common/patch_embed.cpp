@@ -179,6 +179,7 @@ int64_t gemm_width(const at::Tensor& like, int64_t k) {
 
 PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_patch_matrix)
 AddendGemmFn cuda_addend_gemm = nullptr;    // set by the CUDA build (set_cuda_addend_gemm)
+PositionRowsFn cuda_position_rows = nullptr;  // set by the CUDA build (set_cuda_position_rows)
 
 // pixels -> (B*gh*gw, kp) rows in `dtype`: K features in (C, ph, pw) order, or (ph, pw, C)
 // channels-last, then kp - K zero columns. One kernel on CUDA, else ATen's strided copy.
@@ -232,7 +233,23 @@ void set_cuda_patch_matrix(PatchMatrixFn fn) { cuda_patch_matrix = fn; }
 
 void set_cuda_addend_gemm(AddendGemmFn fn) { cuda_addend_gemm = fn; }
 
+void set_cuda_position_rows(PositionRowsFn fn) { cuda_position_rows = fn; }
+
 namespace patch_embed_detail {
+
+PositionRowsFn cuda_position_rows_hook() { return cuda_position_rows; }
+
+void addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at::Tensor& w,
+                 const at::Tensor& addend) {
+  if (blocks.is_cuda() && cuda_addend_gemm != nullptr && cuda_addend_gemm(blocks, rows, w, addend)) {
+    return;
+  }
+  const int64_t b = rows.size(0);
+  const at::Tensor wt = w.t();  // (K, D)
+  at::Tensor out = blocks;      // a view: baddbmm_out writes through it
+  at::baddbmm_out(out, addend.expand({b, addend.size(0), addend.size(1)}), rows,
+                  wt.unsqueeze(0).expand({b, wt.size(0), wt.size(1)}));  // w at batch stride 0
+}
 
 int64_t image_tokens(const at::Tensor& pixels, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias,
@@ -276,17 +293,12 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
   }
   // One batched GEMM writes every image's (L, D) token block in place (batch stride (first + L)
   // * D skips the CLS rows); the per-token addend is broadcast over the batch, not copied.
-  at::Tensor blocks = out.narrow(1, first, g.l);                     // (B, L, D) view
-  const at::Tensor xb = x.view({g.b, g.l, x.size(1)});               // (B, L, K)
-  const at::Tensor wb = wt.unsqueeze(0).expand({g.b, wt.size(0), g.d});  // (B, K, D), stride 0
+  at::Tensor blocks = out.narrow(1, first, g.l);        // (B, L, D) view
+  const at::Tensor xb = x.view({g.b, g.l, x.size(1)});  // (B, L, K)
   if (addend.defined()) {
-    const at::Tensor add = addend.dim() == 1 ? addend.expand({g.l, g.d}) : addend;
-    if (blocks.is_cuda() && cuda_addend_gemm != nullptr && cuda_addend_gemm(blocks, xb, w2, add)) {
-      return;
-    }
-    at::baddbmm_out(blocks, add.expand({g.b, g.l, g.d}), xb, wb);
+    addend_gemm(blocks, xb, w2, addend.dim() == 1 ? addend.expand({g.l, g.d}) : addend);
   } else {
-    at::bmm_out(blocks, xb, wb);
+    at::bmm_out(blocks, xb, wt.unsqueeze(0).expand({g.b, wt.size(0), g.d}));  // w: stride 0
   }
 }
 

@@ -57,6 +57,15 @@ using AddendGemmFn = bool (*)(const at::Tensor& blocks, const at::Tensor& rows,
                               const at::Tensor& w, const at::Tensor& addend);
 void set_cuda_addend_gemm(AddendGemmFn fn);
 
+// The CUDA build's position-rows kernel (cuda/position_rows.h) for packed mode's bilinear table:
+// out (N, D) = dtype(dtype(sum_k table[index[k, r]] * weight[k, r]) + bias) per token r, table
+// (S*S, D) and out in weight's dtype, index (4, N) int64, weight (4, N) fp32, bias (D,) or
+// undefined. false: not handled (the caller gathers with ATen).
+using PositionRowsFn = bool (*)(const at::Tensor& table, const at::Tensor& index,
+                                const at::Tensor& weight, const at::Tensor& bias,
+                                const at::Tensor& out);
+void set_cuda_position_rows(PositionRowsFn fn);
+
 // Packed mode (Qwen2-VL / 2.5-VL / 3-VL). patches (N, C*T*P*P) rows in (C, T, ph, pw) order,
 // weight (D, C, T, P, P), bias (D,), grid_thw (n, 3) int, pos_embed (S*S, D) resampled bilinearly
 // (align_corners=True) to each image's (h, w) grid in spatial-merge-block order (Qwen3-VL).

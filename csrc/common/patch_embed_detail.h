@@ -54,6 +54,14 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
                               const std::optional<at::Tensor>& cls_token, const PixelNorm& norm,
                               bool channels_last, std::string_view pos_interp);
 
+// blocks (B, L, D) = rows (B, L, K) @ w (D, K)^T + addend (L, D) for every b: the CUDA build's
+// cuBLASLt GEMM with the addend in its epilogue where it takes the operands, else ATen's baddbmm.
+void addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at::Tensor& w,
+                 const at::Tensor& addend);
+
+// The CUDA build's position-rows hook (set_cuda_position_rows), nullptr without one.
+PositionRowsFn cuda_position_rows_hook();
+
 // Empty (0,) placeholder for an unrequested gradient.
 at::Tensor no_grad_output(const at::Tensor& like);
 

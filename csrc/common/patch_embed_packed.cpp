@@ -10,6 +10,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/searchsorted.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
@@ -198,6 +199,19 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
   const at::Tensor cu_seqlens = prefix_counts(grid_thw).to(at::kInt);
   const auto [w2, b2] = fold_weight(weight, bias, norm);
   const at::Tensor x = patches.to(weight.scalar_type());
+  const PositionRowsFn position_rows = cuda_position_rows_hook();
+  if (pos_embed && g.n > 0 && g.d > 0 && x.is_cuda() && position_rows != nullptr) {
+    // CUDA: the (N, D) position + bias addend in one kernel, then the GEMM with it as C.
+    const Taps taps = bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size);
+    const at::Tensor index = at::stack(taps.index);                  // (4, N) int64
+    const at::Tensor tap_w = at::stack(taps.weight).to(at::kFloat);  // (4, N) fp32
+    at::Tensor addend = at::empty({g.n, g.d}, x.options());         // (N, D)
+    if (position_rows(pos_embed->contiguous(), index, tap_w, b2, addend)) {
+      at::Tensor tokens = at::empty({g.n, g.d}, x.options());
+      addend_gemm(tokens.unsqueeze(0), x.unsqueeze(0), w2, addend);
+      return {tokens, cu_seqlens};
+    }
+  }
   at::Tensor tokens = b2.defined() ? at::addmm(b2, x, w2.t()) : at::mm(x, w2.t());
   if (pos_embed && g.n > 0 && g.d > 0) {
     const Taps taps = bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size);

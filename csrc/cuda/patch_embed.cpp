@@ -1,8 +1,9 @@
 // CUDA registration of patch_embed / _packed / _varlen (+ backwards): the ATen composite of
 // common/patch_embed*.cpp under a device guard, with image mode's patch matrix built by one
 // kernel (cuda/patchify.h: dtype conversion and aligned zero-padded rows) and its per-token
-// addend (bias + positions) read in a cuBLASLt GEMM's epilogue (cuda/lt_matmul.h), until the
-// implicit-GEMM kernel lands. No host syncs: grid_thw is never read back (its values are
+// addend (bias + positions) read in a cuBLASLt GEMM's epilogue (cuda/lt_matmul.h), packed
+// mode's bilinear positions + bias written by one kernel (cuda/position_rows.h) as that addend,
+// until the implicit-GEMM kernel lands. No host syncs: grid_thw is never read back (its values are
 // validated on the CPU path only).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +13,7 @@
 #include "common/patch_embed.h"
 #include "cuda/lt_matmul.h"
 #include "cuda/patchify.h"
+#include "cuda/position_rows.h"
 #include "ops.h"
 
 namespace vlmkern {
@@ -73,6 +75,34 @@ bool cuda_addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at
 }
 
 [[maybe_unused]] const bool kAddendGemmInstalled = (set_cuda_addend_gemm(&cuda_addend_gemm), true);
+
+// The PositionRowsFn: one kernel (cuda/position_rows.h) writes packed mode's (N, D) addend; false
+// (ATen's gathers) for fp64.
+bool cuda_position_rows_fn(const at::Tensor& table, const at::Tensor& index,
+                           const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& out) {
+  PositionRowsParams p;
+  switch (out.scalar_type()) {
+    case at::kFloat: p.dtype = PositionRowsDtype::kFloat32; break;
+    case at::kHalf: p.dtype = PositionRowsDtype::kFloat16; break;
+    case at::kBFloat16: p.dtype = PositionRowsDtype::kBFloat16; break;
+    default: return false;
+  }
+  p.table = table.const_data_ptr();
+  p.index = index.const_data_ptr<int64_t>();
+  p.weight = weight.const_data_ptr<float>();
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;  // (D,), alive until launched
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.n = out.size(0);
+  p.d = out.size(1);
+  C10_CUDA_CHECK(cuda_position_rows(p, c10::cuda::getCurrentCUDAStream(out.device().index())
+                                           .stream()));
+  return true;
+}
+
+[[maybe_unused]] const bool kPositionRowsInstalled =
+    (set_cuda_position_rows(&cuda_position_rows_fn), true);
 
 }  // namespace
 

@@ -175,3 +175,30 @@ def test_cuda_addend_in_the_gemm_epilogue(dtype, cls):
                 assert "aten::baddbmm" in names
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     torch.testing.assert_close(outs["cuda"].cpu().float(), outs["cpu"].float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_packed_positions_kernel(dtype, bias):
+    """Packed mode with Qwen3-VL's bilinear table: the position + bias addend comes from
+    position_rows_kernel (no ATen gathers) and, with cuBLASLt linked, rides in the GEMM epilogue
+    (no separate add); the tokens equal the CPU path's."""
+    (px, pw, pb, ppos), grid = _packed("cpu", dtype)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        args = [t.detach().to(dev) for t in (px, pw, pb, ppos)]
+
+        def run(args=args, dev=dev):
+            return vlmkern.ops.patch_embed(args[0], args[1], args[2] if bias else None,
+                                           pos_embed=args[3], grid_thw=grid.to(dev),
+                                           spatial_merge_size=2)[0]
+
+        outs[dev] = run()
+        if dev == "cuda":
+            names = profiled_names(run)
+            assert any("position_rows_kernel" in n for n in names), "kernel did not run"
+            assert "aten::index_select" not in names
+            if vlmkern.info()["cublaslt"]:
+                assert not names & {"aten::addmm", "aten::add_", "aten::baddbmm"}
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(outs["cuda"].cpu().float(), outs["cpu"].float(), **tol)
