@@ -74,13 +74,14 @@ at::Tensor gated_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor scalars = at::empty({2}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda_gated_linear_scalars(gate.const_data_ptr(), gate_dtype(gate),
                                            scalars.mutable_data_ptr<float>(), stream));
-  // residual + tanh(gate) * b as the C operand when there is a bias (the GEMM adds the rest).
+  // residual + tanh(gate) * b as the C operand when there is a bias (the GEMM adds the rest; the
+  // tanh is rounded to x's dtype for this product, within the low-precision tier).
   const at::Tensor c2 = bias ? at::addcmul(r2, *bias, scalars[0]) : r2;
   at::Tensor out = at::empty({s.m, s.n}, x.options());
   const float* dev = scalars.const_data_ptr<float>();
   const LtMatmul mm{lt_operand(x2), lt_operand(weight), lt_operand(c2), out.unsqueeze(0),
                     dev, dev + 1, /*device_scalars=*/true};
-  if (!lt_matmul(mm, stream)) {
+  if (!lt_matmul(mm)) {
     return gated_linear_composite(x2, weight, gate, r2, bias).view(s.out_sizes);
   }
   return out.view(s.out_sizes);

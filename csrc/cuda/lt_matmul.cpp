@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <utility>
 
 #include "common/checks.h"
@@ -11,6 +12,7 @@
 #if VLMKERN_WITH_CUBLASLT
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContextLight.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cublasLt.h>
 #endif
 
@@ -58,12 +60,12 @@ Layout layout(cudaDataType_t dt, const at::Tensor& t) {
 }
 
 // The largest of 16, 8, 4, 2 bytes (at least one element) dividing the address, the row pitch and
-// the batch stride in bytes.
+// (batched) the batch stride in bytes.
 uint32_t alignment(const at::Tensor& t) {
   const auto esize = static_cast<uint64_t>(t.element_size());
   const uint64_t parts[] = {reinterpret_cast<uintptr_t>(t.const_data_ptr()),
                             static_cast<uint64_t>(pitch(t)) * esize,
-                            static_cast<uint64_t>(t.stride(0)) * esize};
+                            t.size(0) > 1 ? static_cast<uint64_t>(t.stride(0)) * esize : 0};
   uint32_t a = 16;
   for (const uint64_t v : parts) {
     while (a > esize && v % a != 0) a /= 2;
@@ -78,28 +80,42 @@ bool usable(const at::Tensor& t, at::ScalarType dt, int64_t batch, int64_t rows,
          pitch(t) >= cols && t.stride(0) >= 0;
 }
 
+// torch's allow_{bf16,fp16}_reduced_precision_reduction as cuBLASLt's reduction-scheme mask (0:
+// any scheme), as ATen's own cuBLASLt GEMMs set it. Newer torch returns a CuBLASReductionOption
+// (which can also forbid split-K), older a bool: both compile.
+template <typename Option>
+uint32_t reduction_mask(Option option) {
+  if constexpr (std::is_same_v<Option, bool>) {
+    return option ? 0 : CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  } else {
+    if (option == Option::AllowReducedPrecisionWithSplitK) return 0;
+    if (option == Option::DisallowReducedPrecisionDisallowSplitK) {
+      return CUBLASLT_REDUCTION_SCHEME_NONE;
+    }
+    return CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  }
+}
+
 }  // namespace
 
 bool lt_matmul_linked() { return true; }
 
-bool lt_matmul(const LtMatmul& p, cudaStream_t stream) {
+bool lt_matmul(const LtMatmul& p) {
   const at::ScalarType st = p.a.scalar_type();
   cudaDataType_t dt = CUDA_R_32F;
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   auto& ctx = at::globalContext();
-  bool reduced_ok = true;
+  uint32_t reduction = 0;
   switch (st) {
     case at::kBFloat16:
       dt = CUDA_R_16BF;
-      reduced_ok = ctx.allowBF16ReductionCuBLAS() ==
-                   at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+      reduction = reduction_mask(ctx.allowBF16ReductionCuBLAS());
       break;
     case at::kHalf:
       dt = CUDA_R_16F;
-      reduced_ok = ctx.allowFP16ReductionCuBLAS() ==
-                   at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+      reduction = reduction_mask(ctx.allowFP16ReductionCuBLAS());
       break;
-    case at::kFloat:
+    case at::kFloat:  // torch.backends.cuda.matmul.allow_tf32 (the API every torch we build has)
       if (ctx.allowTF32CuBLAS()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
       break;
     default:
@@ -135,10 +151,9 @@ bool lt_matmul(const LtMatmul& p, cudaStream_t stream) {
   VLMKERN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
       pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes,
       sizeof(workspace_bytes)));
-  if (!reduced_ok) {  // torch's allow_{bf16,fp16}_reduced_precision_reduction = False
-    const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  if (reduction != 0) {
     VLMKERN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        pref.get(), CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &scheme, sizeof(scheme)));
+        pref.get(), CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction, sizeof(reduction)));
   }
   // cuBLASLt's A is our B (the weight-like operand), its B our A.
   const std::pair<cublasLtMatmulPreferenceAttributes_t, const at::Tensor*> aligned[] = {
@@ -151,7 +166,9 @@ bool lt_matmul(const LtMatmul& p, cudaStream_t stream) {
     VLMKERN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.get(), attr, &a, sizeof(a)));
   }
 
+  // ATen's handle and the workspace it keeps for (handle, current stream): run on that stream.
   const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   cublasLtMatmulHeuristicResult_t heuristic = {};
   int found = 0;
   const cublasStatus_t status =
@@ -169,7 +186,7 @@ bool lt_matmul(const LtMatmul& p, cudaStream_t stream) {
 
 bool lt_matmul_linked() { return false; }
 
-bool lt_matmul(const LtMatmul&, cudaStream_t) { return false; }
+bool lt_matmul(const LtMatmul&) { return false; }
 
 #endif
 

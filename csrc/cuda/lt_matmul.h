@@ -6,7 +6,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <cuda_runtime_api.h>
 
 namespace vlmkern {
 
@@ -27,7 +26,8 @@ struct LtMatmul {
 // Whether this build links cuBLASLt (VLMKERN_WITH_CUBLASLT).
 bool lt_matmul_linked();
 
-// Enqueues the matmul on `stream` and returns true, or returns false having done nothing.
-bool lt_matmul(const LtMatmul& p, cudaStream_t stream);
+// Enqueues the matmul on the current CUDA stream (ATen's cuBLASLt workspace belongs to it) and
+// returns true, or returns false having done nothing. Call it under a device guard.
+bool lt_matmul(const LtMatmul& p);
 
 }  // namespace vlmkern

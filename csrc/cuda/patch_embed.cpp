@@ -71,7 +71,7 @@ bool cuda_addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at
   const LtMatmul mm{rows, w.unsqueeze(0).expand({b, w.size(0), w.size(1)}),
                     add.unsqueeze(0).expand({b, add.size(0), add.size(1)}), blocks, &kOne, &kOne,
                     /*device_scalars=*/false};
-  return lt_matmul(mm, c10::cuda::getCurrentCUDAStream(rows.device().index()).stream());
+  return lt_matmul(mm);
 }
 
 [[maybe_unused]] const bool kAddendGemmInstalled = (set_cuda_addend_gemm(&cuda_addend_gemm), true);

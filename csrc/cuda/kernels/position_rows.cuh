@@ -1,8 +1,9 @@
 // Position-rows kernel (torch-free): Qwen3-VL's bilinearly resampled position embedding of every
 // packed token, plus the patch bias, as the (N, D) addend a GEMM epilogue reads (one pass; the
 // ATen path gathered four fp32 (N, D) temporaries). Row r: out = T(T(sum_k table[idx_k] * w_k) +
-// bias), the taps summed in fp32 in tap order and rounded to T, as HF's
-// (embedding * weights).sum(1).to(dtype) is, then the bias added in fp32.
+// bias), the taps summed in fp32 in tap order (nvcc may fuse them into FMAs) and rounded to T,
+// like HF's (embedding * weights).sum(1).to(dtype), then the bias added in fp32. HF rounds
+// conv + bias first and adds the positions after; the two orders differ by about an ulp of T.
 #pragma once
 
 #include <cuda_bf16.h>
