@@ -167,10 +167,20 @@ DenseAct dense_act(const at::Tensor& a, const at::Tensor& w, const OptTensor& b,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const OptTensor& norm_weight, const OptTensor& norm_bias,
-    const ProjectorOptions& opt, FusedDenseFn fused_dense) {
+    const ProjectorOptions& opt, FusedDenseFn fused_dense, ShuffleNormFn shuffle_norm) {
   const auto s = check_mlp_projector(x, w1, b1, w2, b2, norm_weight, norm_bias, opt);
-  const auto rows = projector_rows(x, s, opt);
-  auto [xn, mean, rstd] = norm_forward(rows, norm_weight, norm_bias, s, opt);
+  NormOut normed;
+  bool fused_norm = false;
+  if (shuffle_norm != nullptr && opt.shuffle > 1 && opt.norm == ProjectorNorm::kLayerNorm &&
+      opt.norm_post && s.groups == 1 && s.m > 0) {
+    const auto stats = x.options().dtype(stat_type(x.scalar_type()));
+    normed = {at::empty({s.m, s.k}, x.options()), at::empty({s.m, 1}, stats),
+              at::empty({s.m, 1}, stats)};
+    fused_norm = shuffle_norm(x, opt.shuffle, norm_weight, norm_bias, opt.eps, normed.y,
+                              normed.mean, normed.rstd);
+  }
+  if (!fused_norm) normed = norm_forward(projector_rows(x, s, opt), norm_weight, norm_bias, s, opt);
+  auto [xn, mean, rstd] = normed;
   // h (the pre-activation) is an output whenever there is a second Linear, or an activation to
   // differentiate; a single identity Linear returns its output alone.
   const bool keep_h = w2.has_value() || opt.activation != ProjectorActivation::kNone;

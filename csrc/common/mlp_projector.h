@@ -61,13 +61,24 @@ using FusedDenseFn = DenseAct (*)(const at::Tensor& a, const at::Tensor& w,
                                   const std::optional<at::Tensor>& b, ProjectorActivation act,
                                   bool keep_pre);
 
+// A device's pixel shuffle + LayerNorm in one pass (InternVL: the norm over the K = r*r*C
+// features of each shuffled row): x (B, H, W, C) -> xn (M, K) in x's dtype, mean and rstd (M, 1)
+// fp32, all preallocated. false: not handled (the composite shuffles, then normalizes).
+using ShuffleNormFn = bool (*)(const at::Tensor& x, int64_t r,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps,
+                               const at::Tensor& xn, const at::Tensor& mean,
+                               const at::Tensor& rstd);
+
 // Forward: (out, hidden = GEMM1 + b1 before the activation, mean, rstd). See torch_bindings.cpp.
-// `fused_dense` (optional) runs both Linears where it can; the rest of the chain stays ATen's.
+// `fused_dense` (optional) runs both Linears where it can, `shuffle_norm` (optional) the shuffle
+// and a post-shuffle LayerNorm; the rest of the chain stays ATen's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
-    const ProjectorOptions& opt, FusedDenseFn fused_dense = nullptr);
+    const ProjectorOptions& opt, FusedDenseFn fused_dense = nullptr,
+    ShuffleNormFn shuffle_norm = nullptr);
 
 // Backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); undefined where output_mask is off.
 using ProjectorGrads =

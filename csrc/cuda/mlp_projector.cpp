@@ -1,5 +1,6 @@
 // CUDA registration of mlp_projector and its backward: the shared ATen composite (cuBLAS GEMMs,
-// ATen elementwise kernels, no host syncs) under a guard for x's device; with
+// ATen elementwise kernels, no host syncs) under a guard for x's device, InternVL's pixel
+// shuffle + LayerNorm as one kernel (cuda/shuffle_layer_norm.h); with
 // VLMKERN_PROJECTOR_GEMM=cutlass, its two Linears run on the fused CUTLASS GEMM + bias + GELU
 // kernel (cuda/gemm_bias_act.h) where the device and the inputs allow, else on ATen as before.
 #include <ATen/ops/empty.h>
@@ -15,6 +16,7 @@
 #include "common/checks.h"
 #include "common/mlp_projector.h"
 #include "cuda/gemm_bias_act.h"
+#include "cuda/shuffle_layer_norm.h"
 #include "ops.h"
 
 namespace vlmkern {
@@ -98,6 +100,51 @@ DenseAct cutlass_pingpong_dense(const at::Tensor& a, const at::Tensor& w,
   return cutlass_dense_with(GemmSchedule::kPingpong, a, w, b, act, keep_pre);
 }
 
+// VLMKERN_PROJECTOR_SHUFFLE_NORM, read per call: "fused" (or unset) runs InternVL's pixel shuffle
+// + LayerNorm as one kernel; "aten" keeps the shuffle copy and ATen's LayerNorm (to compare).
+bool shuffle_norm_fused() {
+  const char* env = std::getenv("VLMKERN_PROJECTOR_SHUFFLE_NORM");
+  const std::string_view v = env ? env : "";
+  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", "mlp_projector",
+                "VLMKERN_PROJECTOR_SHUFFLE_NORM must be 'fused' or 'aten', got '", std::string(v),
+                "'");
+  return v != "aten";
+}
+
+// The ShuffleNormFn of the CUDA composite: fp16 / bf16 x (B, H, W, C) with unit channel stride,
+// LayerNorm weight / bias of x's dtype (or none), 16-byte aligned rows; else false.
+bool cuda_shuffle_norm(const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, double eps, const at::Tensor& xn,
+                       const at::Tensor& mean, const at::Tensor& rstd) {
+  const auto dt = x.scalar_type();
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || x.dim() != 4 || x.stride(3) != 1) return false;
+  for (const auto* p : {&weight, &bias}) {
+    if (*p && ((*p)->scalar_type() != dt || !(*p)->is_contiguous())) return false;
+  }
+  ShuffleLnArgs a;
+  a.x = x.const_data_ptr();
+  a.weight = weight ? weight->const_data_ptr() : nullptr;
+  a.bias = bias ? bias->const_data_ptr() : nullptr;
+  a.out = xn.mutable_data_ptr();
+  a.mean = mean.mutable_data_ptr<float>();
+  a.rstd = rstd.mutable_data_ptr<float>();
+  a.rows = xn.size(0);
+  a.gh = x.size(1) / r;
+  a.gw = x.size(2) / r;
+  a.stride_b = x.stride(0);
+  a.stride_h = x.stride(1);
+  a.stride_w = x.stride(2);
+  a.r = static_cast<int>(r);
+  a.c = static_cast<int>(x.size(3));
+  a.k = static_cast<int>(xn.size(1));
+  a.eps = static_cast<float>(eps);
+  if (shuffle_layer_norm_unsupported(a) != nullptr) return false;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  C10_CUDA_CHECK(cuda_shuffle_layer_norm(
+      a, dt == at::kBFloat16 ? ShuffleLnDtype::kBFloat16 : ShuffleLnDtype::kFloat16, stream));
+  return true;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
@@ -112,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
   return mlp_projector_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, opt,
                                gemm == ProjectorGemm::kCutlass           ? &cutlass_dense
                                : gemm == ProjectorGemm::kCutlassPingpong ? &cutlass_pingpong_dense
-                                                                         : nullptr);
+                                                                         : nullptr,
+                               shuffle_norm_fused() ? &cuda_shuffle_norm : nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -15,13 +15,14 @@ from projector_testing import (
     cast,
     factor,
     fp32_rel_err,
+    grads_of,
     make_weights,
     make_x,
     max_err,
     options,
     run,
 )
-from testing_utils import assert_nontrivial
+from testing_utils import assert_nontrivial, profiled_names
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LAYOUTS = ["contiguous", "cls", "strided", "transposed"]
@@ -279,3 +280,38 @@ def test_cuda_graph_capture_and_repeats_are_bit_identical():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, run(OURS, x, weights, opts))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "cls", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("c", [64, 1024])
+def test_cuda_fused_shuffle_layer_norm(c, dtype, layout, monkeypatch):
+    """InternVL's pixel shuffle + LayerNorm(4C) run as one kernel on CUDA (C a multiple of 8):
+    the profiler shows it and no ATen LayerNorm / shuffle copy; the output keeps the low-precision
+    tier; the saved statistics and every gradient match VLMKERN_PROJECTOR_SHUFFLE_NORM=aten's
+    (which runs ATen's LayerNorm: the check can fail)."""
+    _, x, weights, opts = _inputs("internvl", 113, layout, dtype, device="cuda", c=c, n1=96, d=48)
+
+    def forward():
+        return torch.ops.vlmkern.mlp_projector(
+            x if x.dim() == 4 else x.view(1, *opts["grid"], c), weights["w1"], weights["b1"],
+            weights["w2"], weights["b2"], weights["norm_weight"], weights["norm_bias"], "gelu",
+            "layernorm", "post", opts["eps"], 2, 1)
+
+    names = profiled_names(forward)
+    assert any("shuffle_layer_norm_kernel" in n for n in names), "kernel did not run"
+    assert "aten::native_layer_norm" not in names
+    fused = forward()
+    out = run(OURS, x, weights, opts)
+    ref64 = _ref64(x, weights, opts)
+    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+    grads = grads_of(OURS, x, weights, opts)[1]
+    monkeypatch.setenv("VLMKERN_PROJECTOR_SHUFFLE_NORM", "aten")
+    assert "aten::native_layer_norm" in profiled_names(forward)
+    unfused = forward()
+    for a, b in zip(fused[2:], unfused[2:], strict=True):  # mean, rstd (fp32)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[0].float(), unfused[0].float(), rtol=2e-2, atol=2e-2)
+    for name, g in grads_of(OURS, x, weights, opts)[1].items():
+        torch.testing.assert_close(grads[name].float(), g.float(), rtol=2e-2, atol=2e-2)

@@ -12,21 +12,12 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/kernels/float_cast.cuh"
+
 namespace vlmkern {
 
 constexpr int kPatchifyThreads = 256;
 constexpr int kPatchifyRows = 8;  // rows per block (per table build)
-
-template <typename T>
-__device__ __forceinline__ T patchify_cast(float v);
-template <>
-__device__ __forceinline__ float patchify_cast<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half patchify_cast<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 patchify_cast<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Same dtype: the element as is. uint8 -> float dtype: exact in every target (0..255).
 template <typename In, typename Out>
@@ -34,7 +25,7 @@ __device__ __forceinline__ Out patchify_convert(In v) {
   if constexpr (std::is_same_v<In, Out>) {
     return v;
   } else {
-    return patchify_cast<Out>(static_cast<float>(v));
+    return from_float<Out>(static_cast<float>(v));
   }
 }
 
@@ -104,7 +95,7 @@ __global__ void __launch_bounds__(kPatchifyThreads)
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int off = patch_offset[k0 + e];
-        v[e] = off >= 0 ? patchify_convert<In, Out>(src[off]) : patchify_cast<Out>(0.0f);
+        v[e] = off >= 0 ? patchify_convert<In, Out>(src[off]) : from_float<Out>(0.0f);
       }
       store8<Out>(out + (first + r) * a.kp + k0, v);
     }

@@ -11,22 +11,11 @@
 
 #include <cstdint>
 
+#include "cuda/kernels/float_cast.cuh"
+
 namespace vlmkern {
 
 constexpr int kPositionRowsThreads = 128;
-
-template <typename T>
-__device__ __forceinline__ T position_rows_cast(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half position_rows_cast<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 position_rows_cast<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // One block per row (grid-stride over rows), threads over the D features (coalesced).
 template <typename T>
@@ -51,9 +40,9 @@ __global__ void __launch_bounds__(kPositionRowsThreads)
       p += static_cast<float>(rows[1][j]) * w[1];
       p += static_cast<float>(rows[2][j]) * w[2];
       p += static_cast<float>(rows[3][j]) * w[3];
-      float v = static_cast<float>(position_rows_cast<T>(p));
+      float v = static_cast<float>(from_float<T>(p));
       if (bias != nullptr) v += static_cast<float>(bias[j]);
-      o[j] = position_rows_cast<T>(v);
+      o[j] = from_float<T>(v);
     }
   }
 }

@@ -108,6 +108,15 @@ def vlmkern_cutlass(*inputs, spec: Spec, mode: str = "cutlass"):
         return vlmkern_projector(*inputs, spec=spec)
 
 
+def vlmkern_unfused_norm(*inputs, spec: Spec):
+    """vlmkern with ``VLMKERN_PROJECTOR_SHUFFLE_NORM=aten`` (the shuffle copy, then ATen's
+    LayerNorm): the A/B of the fused shuffle + LayerNorm kernel, on InternVL-style connectors."""
+    if not (spec.shuffle and spec.norm == "layernorm" and spec.norm_position == "post"):
+        raise ValueError("no shuffle + post-shuffle LayerNorm in this connector")
+    with env_var("VLMKERN_PROJECTOR_SHUFFLE_NORM", "aten"):
+        return vlmkern_projector(*inputs, spec=spec)
+
+
 def _has_cutlass_gemm() -> bool:
     from vlmkern import _C
 
@@ -217,6 +226,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
             out["vlmkern.cutlass"] = vlmkern_cutlass
             out["vlmkern.cutlass_pingpong"] = partial(vlmkern_cutlass, mode="cutlass_pingpong")
         out["torch._addmm_activation"] = _only_erf_gelu_cases(addmm_activation_chain)
+        out["vlmkern.unfused_norm"] = vlmkern_unfused_norm
     out[MM] = mm_roofline
     return out
 
