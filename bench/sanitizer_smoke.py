@@ -168,7 +168,8 @@ def run_mrope_smoke(device: str) -> int:
 def smoke_mlp_projector(device: str) -> int:
     """mlp_projector forward + backward (every gradient) on small odd sizes: LLaVA (quick_gelu),
     InternVL (CLS-dropped grid, post LayerNorm), Qwen2.5-VL (RMSNorm, merge), Qwen3-VL DeepStack,
-    Idefics3 (r = 3, one Linear, no bias), an empty batch; bf16 and fp32, against the reference
+    Idefics3 (r = 3, one Linear, no bias), an empty batch, InternVL at C = 16 (CUDA's fused
+    shuffle + LayerNorm kernel); bf16 and fp32, against the reference
     (gradients through the reference's autograd on the CPU)."""
     c, n1, d = 7, 13, 11
     connectors = [  # (x shape as made, kwargs, features normalized)
@@ -179,13 +180,17 @@ def smoke_mlp_projector(device: str) -> int:
         ((4 * 3, c), {"norm": "layernorm", "norm_position": "post", "merge": 2}, 4 * c),
         ((1, 1 + 6 * 6, c), {"activation": "none", "shuffle": 3, "grid": (6, 6)}, 0),
         ((0, 5, c), {}, 0),
+        # C a multiple of 8: CUDA's one-kernel pixel shuffle + LayerNorm
+        ((2, 1 + 4 * 6, 16), {"norm": "layernorm", "norm_position": "post", "shuffle": 2,
+                              "grid": (4, 6)}, 4 * 16),
     ]  # fmt: skip
     n = 0
     for dtype in DTYPES:
         for shape, kw, features in connectors:
             f = kw.get("shuffle") or kw.get("merge") or 1
             single = kw.get("shuffle") == 3
-            params = {"w1": torch.randn(n1, c * f * f) * (c * f * f) ** -0.5,
+            k = shape[-1] * f * f
+            params = {"w1": torch.randn(n1, k) * k**-0.5,
                       "b1": None if single else torch.randn(n1),
                       "w2": None if single else torch.randn(d, n1) * n1**-0.5,
                       "b2": None if single else torch.randn(d),
@@ -305,6 +310,16 @@ def smoke_cross_attention(device: str) -> int:
                 out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
                 _close(out, ref, f"cross_attention split-KV {sorted(kw)}")
                 n += 1
+        for rows in ("64", "128"):  # forced CTA heights (small cases default to 32 rows)
+            with env_var("VLMKERN_XATTN_BLOCK_M", rows):
+                for q, k, v, kw in cases[:3]:  # head dim 64: every height has an instance
+                    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+                    ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
+                    kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t
+                           for n, t in kw.items()}
+                    out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
+                    _close(out, ref, f"cross_attention {rows}-row CTAs {sorted(kw)}")
+                    n += 1
     return n
 
 
