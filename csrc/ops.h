@@ -138,8 +138,8 @@ patch_embed_varlen_backward_cuda(const at::Tensor& grad, at::TensorList pixels,
                                bool channels_last, std::string_view pos_interp,
                                std::array<bool, 5> output_mask);
 
-// mlp_projector: (out, hidden, mean, rstd), see torch_bindings.cpp; its backward: seven gradients.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cpu(
+// mlp_projector: (out, hidden, act, mean, rstd), see torch_bindings.cpp; its backward: seven gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cpu(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
@@ -150,11 +150,11 @@ mlp_projector_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, cons
                           const std::optional<at::Tensor>& w2,
                           const std::optional<at::Tensor>& norm_weight,
                           const std::optional<at::Tensor>& norm_bias, const at::Tensor& hidden,
-                          const at::Tensor& mean, const at::Tensor& rstd,
+                          const at::Tensor& act, const at::Tensor& mean, const at::Tensor& rstd,
                           std::string_view activation, std::string_view norm,
                           std::string_view norm_position, double eps, int64_t shuffle,
                           int64_t merge, std::array<bool, 7> output_mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
@@ -165,7 +165,7 @@ mlp_projector_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
                           const std::optional<at::Tensor>& w2,
                           const std::optional<at::Tensor>& norm_weight,
                           const std::optional<at::Tensor>& norm_bias, const at::Tensor& hidden,
-                          const at::Tensor& mean, const at::Tensor& rstd,
+                          const at::Tensor& act, const at::Tensor& mean, const at::Tensor& rstd,
                           std::string_view activation, std::string_view norm,
                           std::string_view norm_position, double eps, int64_t shuffle,
                           int64_t merge, std::array<bool, 7> output_mask);

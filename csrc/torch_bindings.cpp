@@ -52,17 +52,21 @@ TORCH_LIBRARY(vlmkern, m) {
   m.set_python_module("vlmkern.ops.mlp_projector");
   // VLM connector: x (B, H, W, C) pixel-shuffled by `shuffle`, or (..., C) with s*s tokens merged
   // (`merge`, Qwen), or (..., K) -> rows (M, K); norm -> act(rows @ w1^T + b1) @ w2^T + b2.
-  // Returns (out, hidden = GEMM1 + b1 before the activation (M, N1), mean, rstd (M, groups) fp32).
+  // Returns (out, hidden = GEMM1 + b1 before the activation (M, N1), act = GEMM2's input
+  // act(hidden) (M, N1) when there are two Linears and an activation, else (0,), mean, rstd (M,
+  // groups) fp32).
   m.def(
       "mlp_projector(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, "
       "Tensor? norm_weight, Tensor? norm_bias, str activation, str norm, str norm_position, "
-      "float eps, int shuffle, int merge) -> (Tensor, Tensor, Tensor, Tensor)",
+      "float eps, int shuffle, int merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Its backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); None where output_mask is
-  // off. hidden / mean / rstd are not differentiable (double backward is refused).
+  // off. hidden / act / mean / rstd are not differentiable (double backward is refused); an empty
+  // act is recomputed from hidden where dw2 needs it.
   m.def(
       "mlp_projector_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? w2, "
-      "Tensor? norm_weight, Tensor? norm_bias, Tensor hidden, Tensor mean, Tensor rstd, "
+      "Tensor? norm_weight, Tensor? norm_bias, Tensor hidden, Tensor act, Tensor mean, "
+      "Tensor rstd, "
       "str activation, str norm, str norm_position, float eps, int shuffle, int merge, "
       "bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});

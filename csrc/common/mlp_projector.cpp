@@ -164,7 +164,7 @@ DenseAct dense_act(const at::Tensor& a, const at::Tensor& w, const OptTensor& b,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const OptTensor& norm_weight, const OptTensor& norm_bias,
     const ProjectorOptions& opt, FusedDenseFn fused_dense, ShuffleNormFn shuffle_norm) {
@@ -185,23 +185,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward
   // differentiate; a single identity Linear returns its output alone.
   const bool keep_h = w2.has_value() || opt.activation != ProjectorActivation::kNone;
   auto [a, h] = dense_act(xn, w1, b1, opt.activation, keep_h, fused_dense);
+  const auto none = [&] { return at::empty({0}, x.options()); };
   if (w2) {
     auto out = dense_act(a, *w2, b2, ProjectorActivation::kNone, false, fused_dense).out;
-    return {out.view(s.out_sizes), h, mean, rstd};
+    // GEMM2's input, kept for dw2 (as eager autograd keeps it) unless it is hidden itself.
+    const bool identity = opt.activation == ProjectorActivation::kNone;
+    return {out.view(s.out_sizes), h, identity ? none() : a, mean, rstd};
   }
-  auto hidden = keep_h ? h : at::empty({0}, x.options());
-  return {a.view(s.out_sizes), hidden, mean, rstd};
+  auto hidden = keep_h ? h : none();
+  return {a.view(s.out_sizes), hidden, none(), mean, rstd};
 }
 
 ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& w1, const OptTensor& w2,
                                            const OptTensor& norm_weight, const OptTensor& norm_bias,
-                                           const at::Tensor& hidden, const at::Tensor& mean,
-                                           const at::Tensor& rstd, const ProjectorOptions& opt,
-                                           std::array<bool, 7> mask) {
+                                           const at::Tensor& hidden, const at::Tensor& act,
+                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                           const ProjectorOptions& opt, std::array<bool, 7> mask) {
   const auto s = check_mlp_projector(x, w1, std::nullopt, w2, std::nullopt, norm_weight,
                                      norm_bias, opt);
-  check_projector_saved(grad_out, hidden, mean, rstd, x, s, opt, w2.has_value());
+  check_projector_saved(grad_out, hidden, act, mean, rstd, x, s, opt, w2.has_value());
   const auto g = grad_out.reshape({s.m, s.d});
   const bool norm = opt.norm != ProjectorNorm::kNone;
   const bool need_dxn = mask[0] || (norm && (mask[5] || mask[6]));
@@ -210,7 +213,9 @@ ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at:
 
   at::Tensor da = g;
   if (w2) {
-    if (mask[3]) dw2 = at::mm(g.t(), activation_forward(hidden, opt.activation));
+    if (mask[3]) {
+      dw2 = at::mm(g.t(), act.numel() > 0 ? act : activation_forward(hidden, opt.activation));
+    }
     if (mask[4]) db2 = g.sum(0);
     if (need_dh) da = at::mm(g, *w2);
   }

@@ -47,7 +47,8 @@ ProjectorShape check_mlp_projector(const at::Tensor& x, const at::Tensor& w1,
 
 // Backward-only checks: grad_out has the output's shape, hidden / mean / rstd the forward's.
 void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
-                           const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                           const at::Tensor& act, const at::Tensor& mean, const at::Tensor& rstd,
+                           const at::Tensor& x,
                            const ProjectorShape& s, const ProjectorOptions& opt, bool has_w2);
 
 // One Linear + activation as a device may fuse it: out = act(a (M, K) @ w (N, K)^T + b (N)) and,
@@ -70,10 +71,11 @@ using ShuffleNormFn = bool (*)(const at::Tensor& x, int64_t r,
                                const at::Tensor& xn, const at::Tensor& mean,
                                const at::Tensor& rstd);
 
-// Forward: (out, hidden = GEMM1 + b1 before the activation, mean, rstd). See torch_bindings.cpp.
+// Forward: (out, hidden = GEMM1 + b1 before the activation, act = GEMM2's input (or (0,)), mean,
+// rstd). See torch_bindings.cpp.
 // `fused_dense` (optional) runs both Linears where it can, `shuffle_norm` (optional) the shuffle
 // and a post-shuffle LayerNorm; the rest of the chain stays ATen's.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
@@ -88,8 +90,9 @@ ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at:
                                            const std::optional<at::Tensor>& w2,
                                            const std::optional<at::Tensor>& norm_weight,
                                            const std::optional<at::Tensor>& norm_bias,
-                                           const at::Tensor& hidden, const at::Tensor& mean,
-                                           const at::Tensor& rstd, const ProjectorOptions& opt,
+                                           const at::Tensor& hidden, const at::Tensor& act,
+                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                           const ProjectorOptions& opt,
                                            std::array<bool, 7> output_mask);
 
 }  // namespace vlmkern

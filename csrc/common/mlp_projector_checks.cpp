@@ -172,7 +172,8 @@ ProjectorShape check_mlp_projector(const at::Tensor& x, const at::Tensor& w1,
 }
 
 void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
-                           const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                           const at::Tensor& act, const at::Tensor& mean, const at::Tensor& rstd,
+                           const at::Tensor& x,
                            const ProjectorShape& s, const ProjectorOptions& opt, bool has_w2) {
   const char* op = "mlp_projector_backward";
   check_like_x(grad_out, x, "grad_out");
@@ -183,6 +184,13 @@ void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
   const auto h_sizes = keep_h ? std::vector<int64_t>{s.m, s.n1} : std::vector<int64_t>{0};
   VLMKERN_CHECK(hidden.sizes() == at::IntArrayRef(h_sizes), op, "hidden must have shape ",
                 at::IntArrayRef(h_sizes), ", got ", hidden.sizes());
+  // act: GEMM2's input as the forward kept it, or (0,) (recomputed from hidden).
+  check_like_x(act, x, "act");
+  const bool act_ok = act.sizes() == at::IntArrayRef({0}) ||
+                      (has_w2 && opt.activation != ProjectorActivation::kNone &&
+                       act.sizes() == at::IntArrayRef({s.m, s.n1}));
+  VLMKERN_CHECK(act_ok, op, "act must have shape [", s.m, ", ", s.n1, "] (two Linears with an "
+                "activation) or [0], got ", act.sizes());
   const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const std::vector<int64_t> stats{s.m, s.groups}, none{0};
   const bool has_mean = opt.norm == ProjectorNorm::kLayerNorm;

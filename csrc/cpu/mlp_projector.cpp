@@ -7,7 +7,7 @@
 
 namespace vlmkern {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cpu(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
@@ -22,13 +22,13 @@ mlp_projector_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, cons
                            const std::optional<at::Tensor>& w2,
                            const std::optional<at::Tensor>& norm_weight,
                            const std::optional<at::Tensor>& norm_bias, const at::Tensor& hidden,
-                           const at::Tensor& mean, const at::Tensor& rstd,
+                           const at::Tensor& act, const at::Tensor& mean, const at::Tensor& rstd,
                            std::string_view activation, std::string_view norm,
                            std::string_view norm_position, double eps, int64_t shuffle,
                            int64_t merge, std::array<bool, 7> output_mask) {
   const auto opt = parse_projector_options(activation, norm, norm_position, eps, shuffle, merge);
-  return mlp_projector_backward_impl(grad_out, x, w1, w2, norm_weight, norm_bias, hidden, mean,
-                                     rstd, opt, output_mask);
+  return mlp_projector_backward_impl(grad_out, x, w1, w2, norm_weight, norm_bias, hidden, act,
+                                     mean, rstd, opt, output_mask);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CPU, m) {

@@ -72,12 +72,34 @@ def test_lowprec_gradients_within_3x_of_pytorch(name, dtype):
         assert_lowprec_tier(g, pt[n], ref[n], factor_=3.0, what=n)
 
 
+def test_saved_activation_is_gemm2_input_and_optional():
+    """The forward keeps GEMM2's input act(hidden) for dw2 (as eager autograd does); the backward
+    takes it or, given an empty one, recomputes it with the same result; a wrong shape raises;
+    without an activation (or a second Linear) nothing extra is kept."""
+    x, weights, _ = _inputs("internvl", 4, "contiguous")
+    mode = ("gelu", "layernorm", "post", 1e-5, 2, 0)
+    out, hidden, act, mean, rstd = op(x, *weights.values(), *mode)
+    assert torch.equal(act, torch.nn.functional.gelu(hidden))
+    g = torch.randn_like(out)
+    head = (g, x, weights["w1"], weights["w2"], weights["norm_weight"], weights["norm_bias"],
+            hidden)
+    saved = backward_op(*head, act, mean, rstd, *mode, [True] * 7)
+    recomputed = backward_op(*head, act.new_empty(0), mean, rstd, *mode, [True] * 7)
+    for a, b in zip(saved, recomputed, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"act must have shape \[4, "):
+        backward_op(*head, act[:, :3], mean, rstd, *mode, [True] * 7)
+    x, weights, _ = _inputs("no_act_two_linears", 4, "contiguous")
+    assert op(x, *weights.values(), "none", "layernorm", "pre", 1e-5, 0, 0)[2].numel() == 0
+
+
 def test_only_requested_gradients_are_computed():
     x, weights, opts = _inputs("internvl", 4, "contiguous")
-    out, hidden, mean, rstd = op(x, *weights.values(), "gelu", "layernorm", "post", 1e-5, 2, 0)
+    out, hidden, act, mean, rstd = op(x, *weights.values(), "gelu", "layernorm", "post", 1e-5, 2,
+                                      0)
     g = torch.randn_like(out)
     args = (g, x, weights["w1"], weights["w2"], weights["norm_weight"], weights["norm_bias"],
-            hidden, mean, rstd, "gelu", "layernorm", "post", 1e-5, 2, 0)  # fmt: skip
+            hidden, act, mean, rstd, "gelu", "layernorm", "post", 1e-5, 2, 0)  # fmt: skip
     grads = backward_op(*args, [True, False, False, True, False, False, True])
     assert [t is not None for t in grads] == [True, False, False, True, False, False, True]
     everything = backward_op(*args, [True] * 7)
@@ -137,10 +159,10 @@ def test_opcheck_backward(sample):
     name, rows, layout, requires_grad = sample
     tensors, opts = _raw_args(name, rows, layout, False)
     x, w1, b1, w2, b2, nw, nb = tensors
-    out, hidden, mean, rstd = op(*tensors, *opts)
+    out, hidden, act, mean, rstd = op(*tensors, *opts)
     g = torch.randn_like(out).requires_grad_(requires_grad)
     mask = [t is not None for t in tensors]
-    args = (g, x, w1, w2, nw, nb, hidden, mean, rstd, *opts, mask)
+    args = (g, x, w1, w2, nw, nb, hidden, act, mean, rstd, *opts, mask)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if not requires_grad:
         utils += ("test_aot_dispatch_dynamic",)
@@ -326,9 +348,9 @@ def test_wrapper_rejects_bad_input(case, dev):
 def test_backward_rejects_mismatched_grad():
     tensors, opts = _raw_args("llava", 4, "contiguous", False)
     x, w1, _, w2, _, nw, nb = tensors
-    out, hidden, mean, rstd = op(*tensors, *opts)
+    out, hidden, act, mean, rstd = op(*tensors, *opts)
     for dev in ("cpu", "meta"):
         args = [t.to(dev) if t is not None else None
-                for t in (out[:, :3], x, w1, w2, nw, nb, hidden, mean, rstd)]  # fmt: skip
+                for t in (out[:, :3], x, w1, w2, nw, nb, hidden, act, mean, rstd)]  # fmt: skip
         with pytest.raises(RuntimeError, match=r"grad_out must have the output's shape"):
             backward_op(*args, *opts, [True] * 7)

@@ -188,7 +188,7 @@ def test_cutlass_reads_strided_rows(cutlass, dtype):
 def test_hidden_is_the_pre_activation(cutlass, dtype, second):
     x, weights, opts = _plain(577, "gelu", True, dtype, second=second)
     w = [weights[n] for n in ("w1", "b1", "w2", "b2")]
-    out, hidden, _, _ = torch.ops.vlmkern.mlp_projector(
+    out, hidden, _, _, _ = torch.ops.vlmkern.mlp_projector(
         x, *w, None, None, "gelu", "none", "pre", 1e-5, 1, 1)
     h64 = x[0].double() @ weights["w1"].double().t() + weights["b1"].double()
     h_pt = torch.addmm(weights["b1"], x[0], weights["w1"].t())

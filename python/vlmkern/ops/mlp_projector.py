@@ -260,15 +260,16 @@ def _mlp_projector_fake(
     out = x.new_empty(out_sizes)
     keep_h = w2 is not None or activation != "none"
     hidden = x.new_empty((m, n1) if keep_h else (0,))
+    act = x.new_empty((m, n1) if w2 is not None and activation != "none" else (0,))
     st = _stat_dtype(x)
     rstd = x.new_empty((m, groups) if norm != "none" else (0,), dtype=st)
     mean = x.new_empty((m, groups) if norm == "layernorm" else (0,), dtype=st)
-    return out, hidden, mean, rstd
+    return out, hidden, act, mean, rstd
 
 
 @torch.library.register_fake("vlmkern::mlp_projector_backward")
 def _mlp_projector_backward_fake(
-    grad_out, x, w1, w2, norm_weight, norm_bias, hidden, mean, rstd, activation, norm,
+    grad_out, x, w1, w2, norm_weight, norm_bias, hidden, act, mean, rstd, activation, norm,
     norm_position, eps, shuffle, merge, output_mask,
 ):  # fmt: skip
     r, s = _parse(activation, norm, norm_position, eps, shuffle, merge)
@@ -297,17 +298,17 @@ def _mlp_projector_backward_fake(
 
 def _setup(ctx, inputs, output) -> None:
     x, w1, b1, w2, b2, nw, nb, *options = inputs
-    _, hidden, mean, rstd = output
-    ctx.mark_non_differentiable(hidden, mean, rstd)
-    ctx.save_for_backward(x, w1, w2, nw, nb, hidden, mean, rstd)
+    _, hidden, act, mean, rstd = output
+    ctx.mark_non_differentiable(hidden, act, mean, rstd)
+    ctx.save_for_backward(x, w1, w2, nw, nb, hidden, act, mean, rstd)
     ctx.options = options
 
 
-def _backward(ctx, grad_out, _grad_hidden, _grad_mean, _grad_rstd):
-    x, w1, w2, nw, nb, hidden, mean, rstd = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_hidden, _grad_act, _grad_mean, _grad_rstd):
+    x, w1, w2, nw, nb, hidden, act, mean, rstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:7])
     grads = torch.ops.vlmkern.mlp_projector_backward(
-        grad_out, x, w1, w2, nw, nb, hidden, mean, rstd, *ctx.options, mask
+        grad_out, x, w1, w2, nw, nb, hidden, act, mean, rstd, *ctx.options, mask
     )
     return (*grads, None, None, None, None, None, None)
 
