@@ -17,7 +17,9 @@ import sys
 
 import numpy as np
 import torch
-from xattn_emulate import BM, BN, clamp, ldm, load_tile, mma, rnd, row_vis, tile_bits
+from xattn_emulate import BN, clamp, ldm, load_tile, mma, rnd, row_vis, tile_bits
+
+BM, THREADS = 64, 128  # the backward kernels' CTAs: kBlockM rows, kThreads (4 warps)
 
 LOG2E = np.float32(1.4426950408889634)
 LANES = np.arange(32)
@@ -110,8 +112,8 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
         for hk in range(Hk):
             b, w0 = (0, bx * BN) if packed else (bx // nt, (bx % nt) * BN)
             wk = min(Sk - w0, BN)
-            s_k = load_tile(kn[b, w0:w0 + wk, hk], D, DP, BN)
-            s_v = load_tile(vn[b, w0:w0 + wk, hk], D, DP, BN)
+            s_k = load_tile(kn[b, w0:w0 + wk, hk], D, DP, BN, THREADS)
+            s_v = load_tile(vn[b, w0:w0 + wk, hk], D, DP, BN, THREADS)
             seg, seg_end = (find_segment(cu_k, N, w0), N) if packed else (b, b + 1)
             while seg < seg_end:
                 qb, qe, kb, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
@@ -135,8 +137,8 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
                     if not any(s_bits):
                         continue
                     for hq in range(hk * G, (hk + 1) * G):
-                        s_q = load_tile(qn[b, i0:i0 + rows, hq], D, DP, BM)
-                        s_do = load_tile(don[b, i0:i0 + rows, hq], D, DP, BM)
+                        s_q = load_tile(qn[b, i0:i0 + rows, hq], D, DP, BM, THREADS)
+                        s_do = load_tile(don[b, i0:i0 + rows, hq], D, DP, BM, THREADS)
                         s_lse = np.zeros(BM, np.float32)
                         s_delta = np.zeros(BM, np.float32)
                         s_lse[:rows] = lsen[b, hq, i0:i0 + rows] * LOG2E
@@ -186,8 +188,8 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
             hk = h // G
             b, w0 = (0, bx * BM) if packed else (bx // mt, (bx % mt) * BM)
             wr = min(Sq - w0, BM)
-            s_q = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM)
-            s_do = load_tile(don[b, w0:w0 + wr, h], D, DP, BM)
+            s_q = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM, THREADS)
+            s_do = load_tile(don[b, w0:w0 + wr, h], D, DP, BM, THREADS)
             seg, seg_end = (find_segment(cu_q, N, w0), N) if packed else (b, b + 1)
             while seg < seg_end:
                 qb, qe, kb_, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
@@ -223,8 +225,8 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
                 for kbi in range(kbb, kbe):
                     j0 = kbi * BN
                     n = min(lk - j0, BN)
-                    s_k = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
-                    s_v = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN)
+                    s_k = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, THREADS)
+                    s_v = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, THREADS)
                     for w in range(4):
                         ws = st[w]
                         s = mma_abt(s_q, w * 16, s_k, DP)

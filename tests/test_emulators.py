@@ -1,0 +1,35 @@
+"""The fragment-level emulators of the CUDA cross-attention kernels (tools/xattn_emulate.py,
+tools/xattn_bwd_emulate.py) keep running: one small case each (seconds), so a kernel or tool
+change that breaks them shows in CI, not at the next GPU session. The full runs take ~1.5 min
+each: run them by hand after touching the kernels."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str, env: dict | None = None) -> str:
+    pythonpath = os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests"),
+                                  os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("case", ["2 warps decode GQA rows ranges zero splits=2",
+                                  "8 warps D=64 splits=3"])
+def test_forward_emulator(case):
+    out = _run("xattn_emulate.py", case)
+    assert out.count("ok ") >= 1 and "FAIL" not in out
+
+
+def test_backward_emulator():
+    out = _run("xattn_bwd_emulate.py", "fuzz", env={"XBWD_FUZZ_ITERS": "2"})
+    assert out.count("ok fuzz") == 2
