@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from xattn_testing import mllama_mask
 
 import vlmkern
@@ -112,6 +113,45 @@ def test_mllama_decoder_layer_low_precision(hf_mllama, dtype):
     e_pt = (pt.double() - ref).abs().max().item()
     assert e_pt > 0
     assert e_ours <= 2 * e_pt + 1e-6 * ref.abs().max().item()
+
+
+class _LoraLinear(nn.Module):
+    """A PEFT-style wrapper: the base Linear plus a low-rank update B(A(x))."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_b.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+@pytest.mark.parametrize("where", ["o_proj", "down_proj", "hook"])
+def test_mllama_decoder_layer_respects_wrapped_projections(hf_mllama, where):
+    """The fused gated_linear path reads o_proj / down_proj weights directly; a wrapped module
+    (LoRA) or a forward hook must still take effect: the layer calls such modules as modules."""
+    cfg, _ = hf_mllama
+    layer = _randomize(vlmkern.nn.MllamaCrossAttentionDecoderLayer(cfg)).double()
+    mask, x, states = _mllama_inputs(torch.float64)
+    ranges = layer.kv_ranges(mask, NVT)
+    plain = layer(x, states, kv_ranges=ranges)
+    if where == "o_proj":
+        layer.cross_attn.o_proj = _LoraLinear(layer.cross_attn.o_proj).double()
+    elif where == "down_proj":
+        layer.mlp.down_proj = _LoraLinear(layer.mlp.down_proj).double()
+    else:
+        layer.mlp.down_proj.register_forward_hook(lambda mod, inp, out: out * 2)
+    changed = layer(x, states, kv_ranges=ranges)
+    assert not torch.allclose(changed, plain)
+    h = x + layer.cross_attn_attn_gate.tanh() * layer.cross_attn(
+        layer.input_layernorm(x), states, kv_ranges=ranges)
+    n = layer.post_attention_layernorm(h)
+    n = n * (ranges[..., 1] > ranges[..., 0]).any(-1, keepdim=True).to(n.dtype)
+    expected = h + layer.cross_attn_mlp_gate.tanh() * layer.mlp(n)
+    torch.testing.assert_close(changed, expected)
 
 
 def test_mllama_cached_kv(hf_mllama):

@@ -139,3 +139,38 @@ def test_qwen3_patch_embed_and_positions_match_hf(cfg_kwargs, grid):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     counts = grid.prod(1)
     assert cu.dtype == torch.int32 and cu.tolist() == [0, *counts.cumsum(0).tolist()]
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny", "internvit-tiny", "qwen2", "qwen3"])
+def test_wrapped_or_hooked_patch_conv_is_refused(name):
+    """The fused op reads the patch conv's weights directly: a hook (or a PEFT wrapper) on it would
+    be bypassed silently, so the module refuses with a clear error instead."""
+    if name == "qwen2":
+        ours = vnn.Qwen2VLPatchEmbed(4, 2, 3, 16)
+        conv = ours.proj
+        x = torch.randn(8, 3 * 2 * 4 * 4)
+
+        def call():
+            return ours(x)
+    elif name == "qwen3":
+        cfg = Qwen3VLVisionConfig(hidden_size=32, num_heads=4, patch_size=4,
+                                  num_position_embeddings=36)
+        ours = vnn.Qwen3VLPatchEmbed(cfg)
+        conv = ours.patch_embed.proj
+        x, grid = torch.randn(24, conv.weight[0].numel()), torch.tensor([[1, 4, 6]])
+
+        def call():
+            return ours(x, grid)
+    else:
+        cfg, _, ours = _pair(*IMAGE_MODELS[name])
+        conv = ours.patch_embeddings.projection if name == "internvit-tiny" \
+            else ours.patch_embedding
+        size = _pair_size(cfg.image_size)
+        x = torch.randn(1, 3, *size)
+
+        def call():
+            return _call(ours, x, False)
+    call()  # plain: runs
+    conv.register_forward_hook(lambda mod, inp, out: out * 2)
+    with pytest.raises(NotImplementedError, match=r"wrapped or hooked"):
+        call()

@@ -168,3 +168,51 @@ def test_qwen_rmsnorm_module_matches_hf():
     ours.load_state_dict(hf.state_dict(), strict=True)
     x = torch.randn(7, C, dtype=torch.bfloat16)
     assert torch.equal(ours.to(torch.bfloat16)(x), hf.to(torch.bfloat16)(x))
+
+
+class _Lora(torch.nn.Module):
+    """A PEFT-style wrapper: the base Linear plus a low-rank update."""
+
+    def __init__(self, base, seed):
+        super().__init__()
+        self.base = base
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Parameter(torch.randn(4, base.in_features, generator=g) * 0.1)
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, 4, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.t() @ self.b.t()
+
+
+def _wrap_linears(root, how):
+    """Wraps every nn.Linear of root in _Lora ("lora"), hooks it ("hook") or patches its forward
+    ("patched_forward"); same seeds per path, so HF's module and ours get the same change."""
+    linears = [(n, m) for n, m in root.named_modules() if type(m) is torch.nn.Linear]
+    for i, (path, lin) in enumerate(linears):
+        if how == "hook":
+            lin.register_forward_hook(lambda mod, inp, out: out * 1.5 + 0.25)
+            continue
+        if how == "patched_forward":  # as accelerate's offloading hooks replace module.forward
+            lin.forward = (lambda f: lambda x: f(x) * 1.5 + 0.25)(lin.forward)
+            continue
+        parent_path, _, leaf = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        setattr(parent, leaf, _Lora(lin, seed=i))
+    return len(linears)
+
+
+@pytest.mark.parametrize("how", ["lora", "hook", "patched_forward"])
+@pytest.mark.parametrize("name", NAMES)
+def test_wrapped_or_hooked_linears_are_honoured(name, how):
+    """The fused op reads the Linears' weights directly; a PEFT / LoRA-wrapped or hooked Linear
+    must still take effect (the connector then runs its modules one by one, as HF does)."""
+    hf, ours, make_x, hf_call, ours_call = _loaded(name)
+    x = make_x(torch.float32)
+    plain = ours_call(x).detach()
+    assert _wrap_linears(hf, how) == _wrap_linears(ours, how) >= 1
+    out, grads = _grads(ours, ours_call, x)
+    hf_out, hf_grads = _grads(hf, hf_call, x)
+    assert fp32_rel_err(plain, hf_out) > 1e-3  # the change is visible
+    assert fp32_rel_err(out, hf_out) <= 1e-5
+    for n, g in hf_grads.items():
+        assert fp32_rel_err(grads[n], g) <= 2e-5, n

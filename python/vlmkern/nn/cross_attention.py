@@ -10,6 +10,7 @@ from torch import nn
 
 from ..ops.cross_attention import cross_attention, mllama_kv_ranges
 from ..ops.gated_linear import gated_linear
+from ._fusable import fusable
 
 
 class MllamaTextRMSNorm(nn.Module):
@@ -29,6 +30,16 @@ class MllamaTextRMSNorm(nn.Module):
 
 def _cfg(config, name, default=None):
     return getattr(config, name, default) if config is not None else default
+
+
+def _gated_residual(linear: nn.Module, x: torch.Tensor, gate: torch.Tensor,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """``residual + tanh(gate) · linear(x)``: one :func:`gated_linear` (the gate and residual in
+    the GEMM's epilogue) for a plain ``nn.Linear``; a replaced or hooked module (a PEFT / LoRA
+    wrapper, a quantized Linear, forward hooks) is called as a module, so it keeps its behaviour."""
+    if fusable(linear):
+        return gated_linear(x, linear.weight, gate, residual, linear.bias)
+    return residual + gate.tanh() * linear(x)
 
 
 class MllamaTextCrossAttention(nn.Module):
@@ -140,10 +151,9 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.cross_attn.attend(self.input_layernorm(hidden_states),
                                       cross_attention_states, kv=kv, kv_ranges=kv_ranges)
-        o_proj = self.cross_attn.o_proj
         # residual + tanh(gate) * o_proj(attn): gate and residual in the GEMM's epilogue.
-        hidden_states = gated_linear(attn, o_proj.weight, self.cross_attn_attn_gate,
-                                     hidden_states, o_proj.bias)
+        hidden_states = _gated_residual(self.cross_attn.o_proj, attn, self.cross_attn_attn_gate,
+                                        hidden_states)
         normed = self.post_attention_layernorm(hidden_states)
         if kv_ranges is not None:  # HF's full_text_row_masked_out_mask
             # HF zeroes the MLP's output rows; the bias-free MLP maps a zero row to a zero row,
@@ -152,8 +162,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
             normed = row.to(normed.dtype) * normed
         mlp = self.mlp
         act = nn.functional.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed)
-        return gated_linear(act, mlp.down_proj.weight, self.cross_attn_mlp_gate, hidden_states,
-                            mlp.down_proj.bias)
+        return _gated_residual(mlp.down_proj, act, self.cross_attn_mlp_gate, hidden_states)
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):

@@ -12,6 +12,17 @@ import torch
 from torch import nn
 
 from ..ops.patch_embed import patch_embed
+from ._fusable import fusable
+
+
+def _check_fusable(owner: nn.Module, *modules: nn.Module) -> None:
+    """The op reads the conv's / embedding's parameters directly: a wrapped (PEFT adapter,
+    quantized) or hooked module would be silently bypassed, so it is refused instead."""
+    if not fusable(*modules, types=(nn.Conv2d, nn.Conv3d, nn.Embedding)):
+        raise NotImplementedError(
+            f"vlmkern.nn.{type(owner).__name__}: its patch conv or position embedding is wrapped "
+            "or hooked (e.g. a PEFT adapter or a forward hook), which this fused module would "
+            "bypass: merge the adapter into the weights, remove the hook, or use HF's module")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -63,6 +74,7 @@ class CLIPVisionEmbeddings(_Normalizing):
         if not interpolate_pos_encoding and (height, width) != (self.image_size,) * 2:
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
                              f"({self.image_size}*{self.image_size}).")
+        _check_fusable(self, self.patch_embedding, self.position_embedding)
         return patch_embed(pixel_values, self.patch_embedding.weight,
                            pos_embed=self.position_embedding.weight,
                            cls_token=self.class_embedding, **self._image_kw())
@@ -89,6 +101,7 @@ class SiglipVisionEmbeddings(_Normalizing):
     def forward(self, pixel_values: torch.Tensor,
                 interpolate_pos_encoding: bool = False) -> torch.Tensor:
         conv = self.patch_embedding
+        _check_fusable(self, conv, self.position_embedding)
         return patch_embed(pixel_values, conv.weight, conv.bias,
                            pos_embed=self.position_embedding.weight,
                            pos_interp="bicubic" if interpolate_pos_encoding else "none",
@@ -127,6 +140,7 @@ class InternVLVisionEmbeddings(_Normalizing):
             raise ValueError("vlmkern.nn.InternVLVisionEmbeddings: bool_masked_pos is not "
                              "supported")
         conv = self.patch_embeddings.projection
+        _check_fusable(self, conv)
         out = patch_embed(pixel_values, conv.weight, conv.bias,
                           pos_embed=self.position_embeddings, cls_token=self.cls_token,
                           **self._image_kw())
@@ -150,6 +164,7 @@ class Qwen2VLPatchEmbed(_Normalizing):
 
     def forward(self, hidden_states: torch.Tensor,
                 grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        _check_fusable(self, self.proj)
         rows = hidden_states.reshape(-1, self.proj.weight[0].numel())
         if grid_thw is None:  # one pseudo-image covering every row
             grid_thw = torch.tensor([[1, 1, rows.shape[0]]], device=rows.device)
@@ -181,6 +196,7 @@ class Qwen3VLPatchEmbed(_Normalizing):
     def forward(self, hidden_states: torch.Tensor,
                 grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.patch_embed.proj
+        _check_fusable(self, proj, self.pos_embed)
         rows = hidden_states.reshape(-1, proj.weight[0].numel())
         return patch_embed(rows, proj.weight, proj.bias, pos_embed=self.pos_embed.weight,
                            grid_thw=grid_thw, spatial_merge_size=self.spatial_merge_size,

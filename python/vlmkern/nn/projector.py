@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..ops.mlp_projector import mlp_projector
+from ..ops.pixel_shuffle import pixel_shuffle
+from ._fusable import fusable
 
 # HF ACT2FN names -> the op's activation names.
 HF_ACTIVATIONS = {
@@ -20,6 +22,23 @@ HF_ACTIVATIONS = {
     "quick_gelu": "quick_gelu",
     "linear": "none",
 }
+
+
+def _plain(*modules: nn.Module) -> bool:
+    """Whether mlp_projector may read these Linears' / norms' parameters (see fusable); else the
+    connector calls its modules one by one."""
+    return fusable(*modules, types=(nn.Linear, nn.LayerNorm, QwenRMSNorm))
+
+
+def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The op's activation in plain PyTorch (HF's ACT2FN equivalents)."""
+    if activation == "gelu":
+        return nn.functional.gelu(x)
+    if activation == "gelu_tanh":
+        return nn.functional.gelu(x, approximate="tanh")
+    if activation == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return x
 
 
 def activation_from_hf(name: str) -> str:
@@ -52,6 +71,8 @@ class LlavaMultiModalProjector(nn.Module):
                    config.projector_hidden_act)  # fmt: skip
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if not _plain(self.linear_1, self.linear_2):
+            return self.linear_2(_act(self.linear_1(image_features), self.activation))
         return mlp_projector(image_features, self.linear_1.weight, self.linear_1.bias,
                              self.linear_2.weight, self.linear_2.bias,
                              activation=self.activation)  # fmt: skip
@@ -92,6 +113,9 @@ class InternVLMultiModalProjector(nn.Module):
     def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         fused = self.fuse_pixel_shuffle and self.scale > 1
         ln = self.layer_norm
+        if not _plain(ln, self.linear_1, self.linear_2):
+            y = pixel_shuffle(x, self.scale, grid) if fused else x
+            return self.linear_2(_act(self.linear_1(ln(y)), self.activation))
         return mlp_projector(
             x, self.linear_1.weight, self.linear_1.bias, self.linear_2.weight,
             self.linear_2.bias, activation=self.activation, norm="layernorm",
@@ -130,6 +154,8 @@ class _QwenMerger(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _plain(self.ln_q, self.mlp[0], self.mlp[2]):
+            return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
         rms = isinstance(self.ln_q, QwenRMSNorm)
         eps = self.ln_q.variance_epsilon if rms else self.ln_q.eps
         return mlp_projector(
@@ -181,6 +207,10 @@ class Qwen3VLVisionPatchMerger(nn.Module):
                    use_postshuffle_norm)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _plain(self.norm, self.linear_fc1, self.linear_fc2):
+            rows = (self.norm(x.view(-1, self.hidden_size)) if self.use_postshuffle_norm
+                    else self.norm(x).view(-1, self.hidden_size))
+            return self.linear_fc2(self.act_fn(self.linear_fc1(rows)))
         return mlp_projector(
             x, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
             self.linear_fc2.bias, norm="layernorm", norm_weight=self.norm.weight,
@@ -215,6 +245,9 @@ class Idefics3Connector(nn.Module):
 
     def forward(self, image_hidden_states: torch.Tensor) -> torch.Tensor:
         side = int(image_hidden_states.shape[1] ** 0.5)
+        if not _plain(self.modality_projection.proj):
+            shuffled = pixel_shuffle(image_hidden_states, self.scale_factor, (side, side))
+            return self.modality_projection.proj(shuffled)
         return mlp_projector(image_hidden_states, self.modality_projection.proj.weight,
                              activation="none", shuffle=self.scale_factor,
                              grid=(side, side))  # fmt: skip
@@ -235,5 +268,7 @@ class PaliGemmaMultiModalProjector(nn.Module):
         return cls(config.vision_config.hidden_size, config.vision_config.projection_dim)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if not _plain(self.linear):
+            return self.linear(image_features)
         return mlp_projector(image_features, self.linear.weight, self.linear.bias,
                              activation="none")  # fmt: skip
