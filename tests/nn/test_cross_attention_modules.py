@@ -200,3 +200,13 @@ def test_blip2_self_attention(hf_blip2):
     ours.load_state_dict(hf.state_dict(), strict=True)
     x = torch.randn(3, 32, 64)
     assert (ours(x) - hf(x)[0]).abs().max() < 2e-5
+
+
+def test_mllama_decoder_layer_compiles_without_graph_breaks(hf_mllama):
+    cfg, _ = hf_mllama
+    layer = _randomize(vlmkern.nn.MllamaCrossAttentionDecoderLayer(cfg))
+    mask, x, states = _mllama_inputs(torch.float32)
+    ranges = layer.kv_ranges(mask, NVT)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, states, kv_ranges=ranges),
+                               layer(x, states, kv_ranges=ranges))

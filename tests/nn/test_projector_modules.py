@@ -216,3 +216,12 @@ def test_wrapped_or_hooked_linears_are_honoured(name, how):
     assert fp32_rel_err(out, hf_out) <= 1e-5
     for n, g in hf_grads.items():
         assert fp32_rel_err(grads[n], g) <= 2e-5, n
+
+
+@pytest.mark.parametrize("name", ["llava", "internvl", "qwen2_5_vl"])
+def test_compiles_without_graph_breaks(name):
+    """G11 for the modules: the fusable() checks and the op trace in one graph."""
+    _, ours, make_x, _, ours_call = _loaded(name)
+    x = make_x(torch.float32)
+    compiled = torch.compile(ours_call, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), ours_call(x))
