@@ -199,10 +199,12 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
   const at::Tensor cu_seqlens = prefix_counts(grid_thw).to(at::kInt);
   const auto [w2, b2] = fold_weight(weight, bias, norm);
   const at::Tensor x = patches.to(weight.scalar_type());
+  const bool positions = pos_embed && g.n > 0 && g.d > 0;
+  const Taps taps =
+      positions ? bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size) : Taps{};
   const PositionRowsFn position_rows = cuda_position_rows_hook();
-  if (pos_embed && g.n > 0 && g.d > 0 && x.is_cuda() && position_rows != nullptr) {
+  if (positions && x.is_cuda() && position_rows != nullptr && x.scalar_type() != at::kDouble) {
     // CUDA: the (N, D) position + bias addend in one kernel, then the GEMM with it as C.
-    const Taps taps = bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size);
     const at::Tensor index = at::stack(taps.index);                  // (4, N) int64
     const at::Tensor tap_w = at::stack(taps.weight).to(at::kFloat);  // (4, N) fp32
     at::Tensor addend = at::empty({g.n, g.d}, x.options());         // (N, D)
@@ -213,8 +215,7 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
     }
   }
   at::Tensor tokens = b2.defined() ? at::addmm(b2, x, w2.t()) : at::mm(x, w2.t());
-  if (pos_embed && g.n > 0 && g.d > 0) {
-    const Taps taps = bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size);
+  if (positions) {
     if (tokens.is_cpu()) {
       add_positions_cpu(tokens, pos_embed->contiguous(), taps);
     } else {  // + sum_k table[idx_k] * w_k in fp32 (one table conversion), cast, added

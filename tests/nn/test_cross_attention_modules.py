@@ -129,10 +129,12 @@ class _LoraLinear(nn.Module):
         return self.base(x) + self.lora_b(self.lora_a(x))
 
 
-@pytest.mark.parametrize("where", ["o_proj", "down_proj", "hook"])
+@pytest.mark.parametrize("where", ["o_proj", "down_proj", "hook", "offset_hook", "attn_hook"])
 def test_mllama_decoder_layer_respects_wrapped_projections(hf_mllama, where):
     """The fused gated_linear path reads o_proj / down_proj weights directly; a wrapped module
-    (LoRA) or a forward hook must still take effect: the layer calls such modules as modules."""
+    (LoRA) or a forward hook must still take effect: the layer calls such modules as modules, with
+    HF's math (the row mask on the MLP's output: an offset hook on down_proj would leak through
+    masking the MLP's input instead)."""
     cfg, _ = hf_mllama
     layer = _randomize(vlmkern.nn.MllamaCrossAttentionDecoderLayer(cfg)).double()
     mask, x, states = _mllama_inputs(torch.float64)
@@ -142,15 +144,19 @@ def test_mllama_decoder_layer_respects_wrapped_projections(hf_mllama, where):
         layer.cross_attn.o_proj = _LoraLinear(layer.cross_attn.o_proj).double()
     elif where == "down_proj":
         layer.mlp.down_proj = _LoraLinear(layer.mlp.down_proj).double()
-    else:
+    elif where == "hook":
         layer.mlp.down_proj.register_forward_hook(lambda mod, inp, out: out * 2)
+    elif where == "offset_hook":
+        layer.mlp.down_proj.register_forward_hook(lambda mod, inp, out: out + 0.5)
+    else:
+        layer.cross_attn.register_forward_hook(lambda mod, inp, out: out * 2)
     changed = layer(x, states, kv_ranges=ranges)
     assert not torch.allclose(changed, plain)
     h = x + layer.cross_attn_attn_gate.tanh() * layer.cross_attn(
         layer.input_layernorm(x), states, kv_ranges=ranges)
-    n = layer.post_attention_layernorm(h)
-    n = n * (ranges[..., 1] > ranges[..., 0]).any(-1, keepdim=True).to(n.dtype)
-    expected = h + layer.cross_attn_mlp_gate.tanh() * layer.mlp(n)
+    row = (ranges[..., 1] > ranges[..., 0]).any(-1, keepdim=True).to(h.dtype)
+    mlp = layer.mlp(layer.post_attention_layernorm(h))
+    expected = h + layer.cross_attn_mlp_gate.tanh() * (row * mlp)
     torch.testing.assert_close(changed, expected)
 
 

@@ -285,19 +285,34 @@ def test_cuda_graph_capture_and_repeats_are_bit_identical():
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "cls", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("c", [64, 1024])
+@pytest.mark.parametrize("c", [64, 1280, 3200])  # K = 256, 5120, 12800: 2, 4, 8 vectors a thread
 def test_cuda_fused_shuffle_layer_norm(c, dtype, layout, monkeypatch):
     """InternVL's pixel shuffle + LayerNorm(4C) run as one kernel on CUDA (C a multiple of 8):
     the profiler shows it and no ATen LayerNorm / shuffle copy; the output keeps the low-precision
     tier; the saved statistics and every gradient match VLMKERN_PROJECTOR_SHUFFLE_NORM=aten's
-    (which runs ATen's LayerNorm: the check can fail)."""
-    _, x, weights, opts = _inputs("internvl", 113, layout, dtype, device="cuda", c=c, n1=96, d=48)
+    (which runs ATen's LayerNorm: the check can fail). x is made on the GPU so the CLS-dropped
+    view (storage offset, padded batch stride) and the transposed grid reach the kernel as such."""
+    h, w, b = 8, 10, 2
+    mode = MODES["internvl"]
+    g = torch.Generator(device="cuda").manual_seed(c)
+    grid = None
+    if layout == "cls":
+        x = torch.randn(b, 1 + h * w, c, device="cuda", generator=g).to(dtype)[:, 1:]
+        grid = (h, w)
+    elif layout == "transposed":
+        x = torch.randn(b, w, h, c, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    else:
+        x = torch.randn(b, h, w, c, device="cuda", generator=g).to(dtype)
+    weights = {n: None if t is None else t.to(device="cuda", dtype=dtype)
+               for n, t in make_weights(mode, c, 96, 48).items()}
+    opts = options(mode, grid)
+    x4 = x if x.dim() == 4 else x.view(b, h, w, c)
 
     def forward():
         return torch.ops.vlmkern.mlp_projector(
-            x if x.dim() == 4 else x.view(1, *opts["grid"], c), weights["w1"], weights["b1"],
-            weights["w2"], weights["b2"], weights["norm_weight"], weights["norm_bias"], "gelu",
-            "layernorm", "post", opts["eps"], 2, 1)
+            x4, weights["w1"], weights["b1"], weights["w2"], weights["b2"],
+            weights["norm_weight"], weights["norm_bias"], "gelu", "layernorm", "post",
+            opts["eps"], 2, 1)
 
     names = profiled_names(forward)
     assert any("shuffle_layer_norm_kernel" in n for n in names), "kernel did not run"

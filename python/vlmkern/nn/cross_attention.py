@@ -149,20 +149,34 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 cross_attention_states: torch.Tensor | None = None, *,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
-        attn = self.cross_attn.attend(self.input_layernorm(hidden_states),
-                                      cross_attention_states, kv=kv, kv_ranges=kv_ranges)
-        # residual + tanh(gate) * o_proj(attn): gate and residual in the GEMM's epilogue.
-        hidden_states = _gated_residual(self.cross_attn.o_proj, attn, self.cross_attn_attn_gate,
-                                        hidden_states)
+        xattn, mlp = self.cross_attn, self.mlp
+        normed = self.input_layernorm(hidden_states)
+        gate = self.cross_attn_attn_gate
+        if fusable(xattn, types=(MllamaTextCrossAttention,)):
+            attn = xattn.attend(normed, cross_attention_states, kv=kv, kv_ranges=kv_ranges)
+            # residual + tanh(gate) * o_proj(attn): gate and residual in the GEMM's epilogue.
+            hidden_states = _gated_residual(xattn.o_proj, attn, gate, hidden_states)
+        else:  # a wrapped / hooked attention module is called as a module
+            attn = xattn(normed, cross_attention_states, kv=kv, kv_ranges=kv_ranges)
+            hidden_states = hidden_states + gate.tanh() * attn
         normed = self.post_attention_layernorm(hidden_states)
-        if kv_ranges is not None:  # HF's full_text_row_masked_out_mask
-            # HF zeroes the MLP's output rows; the bias-free MLP maps a zero row to a zero row,
+        # HF's full_text_row_masked_out_mask: the row sees an image.
+        row = None if kv_ranges is None else \
+            (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True).to(normed.dtype)
+        projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if (fusable(mlp, types=(MllamaTextMLP,)) and fusable(*projs)
+                and all(p.bias is None for p in projs)):
+            # HF zeroes the MLP's output rows; this bias-free MLP maps a zero row to a zero row,
             # so zeroing its input rows instead is exact and leaves down_proj's epilogue free.
-            row = (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True)
-            normed = row.to(normed.dtype) * normed
-        mlp = self.mlp
-        act = nn.functional.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed)
-        return _gated_residual(mlp.down_proj, act, self.cross_attn_mlp_gate, hidden_states)
+            if row is not None:
+                normed = row * normed
+            act = nn.functional.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+            return gated_linear(act, mlp.down_proj.weight, self.cross_attn_mlp_gate,
+                                hidden_states)
+        out = mlp(normed)  # HF's math for a wrapped / hooked MLP
+        if row is not None:
+            out = row * out
+        return hidden_states + self.cross_attn_mlp_gate.tanh() * out
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):

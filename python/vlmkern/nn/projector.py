@@ -27,7 +27,8 @@ HF_ACTIVATIONS = {
 def _plain(*modules: nn.Module) -> bool:
     """Whether mlp_projector may read these Linears' / norms' parameters (see fusable); else the
     connector calls its modules one by one."""
-    return fusable(*modules, types=(nn.Linear, nn.LayerNorm, QwenRMSNorm))
+    return fusable(*modules, types=(nn.Linear, nn.LayerNorm, QwenRMSNorm, nn.Sequential, nn.GELU,
+                                    _ModalityProjection))
 
 
 def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -154,7 +155,7 @@ class _QwenMerger(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _plain(self.ln_q, self.mlp[0], self.mlp[2]):
+        if not _plain(self.ln_q, self.mlp, *self.mlp) or self.mlp[1].approximate != "none":
             return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
         rms = isinstance(self.ln_q, QwenRMSNorm)
         eps = self.ln_q.variance_epsilon if rms else self.ln_q.eps
@@ -207,7 +208,8 @@ class Qwen3VLVisionPatchMerger(nn.Module):
                    use_postshuffle_norm)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _plain(self.norm, self.linear_fc1, self.linear_fc2):
+        if (not _plain(self.norm, self.linear_fc1, self.act_fn, self.linear_fc2)
+                or self.act_fn.approximate != "none"):
             rows = (self.norm(x.view(-1, self.hidden_size)) if self.use_postshuffle_norm
                     else self.norm(x).view(-1, self.hidden_size))
             return self.linear_fc2(self.act_fn(self.linear_fc1(rows)))
@@ -245,7 +247,7 @@ class Idefics3Connector(nn.Module):
 
     def forward(self, image_hidden_states: torch.Tensor) -> torch.Tensor:
         side = int(image_hidden_states.shape[1] ** 0.5)
-        if not _plain(self.modality_projection.proj):
+        if not _plain(self.modality_projection, self.modality_projection.proj):
             shuffled = pixel_shuffle(image_hidden_states, self.scale_factor, (side, side))
             return self.modality_projection.proj(shuffled)
         return mlp_projector(image_hidden_states, self.modality_projection.proj.weight,

@@ -273,13 +273,20 @@ def _mlp_projector_backward_fake(
     norm_position, eps, shuffle, merge, output_mask,
 ):  # fmt: skip
     r, s = _parse(activation, norm, norm_position, eps, shuffle, merge)
-    _, n1, d, _, features, out_sizes = _shape(
+    m, n1, d, _, features, out_sizes = _shape(
         x, w1, None, w2, None, norm_weight, norm_bias, norm, norm_position, r, s
     )
     torch._check(
         list(grad_out.shape) == list(out_sizes),
         lambda: f"vlmkern.mlp_projector_backward: grad_out must have the output's shape "
         f"{list(out_sizes)}, got {list(grad_out.shape)}",
+    )
+    act_ok = list(act.shape) == [0] or (
+        w2 is not None and activation != "none" and list(act.shape) == [m, n1])
+    torch._check(
+        act_ok,
+        lambda: f"vlmkern.mlp_projector_backward: act must have shape [{m}, {n1}] (two Linears "
+        f"with an activation) or [0], got {list(act.shape)}",
     )
     has_norm = norm != "none"
     shapes = [
