@@ -216,3 +216,22 @@ def test_mllama_decoder_layer_compiles_without_graph_breaks(hf_mllama):
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, states, kv_ranges=ranges),
                                layer(x, states, kv_ranges=ranges))
+
+
+def test_mllama_decoder_layer_under_autocast_matches_hf(hf_mllama):
+    """Mixed-precision training: under torch.autocast the layer keeps HF's fp32 residual stream
+    (the gated adds leave the fused op) and stays as close to HF-in-fp64 as HF itself is."""
+    cfg, mod = hf_mllama
+    hf = _randomize(mod.MllamaCrossAttentionDecoderLayer(cfg, layer_idx=0))
+    ours = vlmkern.nn.MllamaCrossAttentionDecoderLayer(cfg)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    mask, x, states = _mllama_inputs(torch.float32)
+    add, row = mod._prepare_cross_attention_mask(mask, NVT, torch.float32)
+    ref = copy.deepcopy(hf).double()(x.double(), states.double(), add.double(), None,
+                                      row.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = hf(x, states, add, None, row)
+        got = ours(x, states, kv_ranges=ours.kv_ranges(mask, NVT))
+    assert got.dtype == theirs.dtype == torch.float32
+    e_ours, e_hf = ((t.double() - ref).abs().max().item() for t in (got, theirs))
+    assert e_ours <= 2 * e_hf + 1e-6 * ref.abs().max().item()

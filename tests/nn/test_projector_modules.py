@@ -2,6 +2,8 @@
 (strict), outputs match (fp32 ≤ 1e-5 relative; bf16 / fp16 ≤ 2× HF's own error vs fp64), and so do
 the gradients of the input and every parameter (fp32 ≤ 2e-5; low precision 3×)."""
 
+import copy
+
 import pytest
 import torch
 from projector_testing import assert_lowprec_tier, fp32_rel_err
@@ -225,3 +227,19 @@ def test_compiles_without_graph_breaks(name):
     x = make_x(torch.float32)
     compiled = torch.compile(ours_call, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), ours_call(x))
+
+
+@pytest.mark.parametrize("name", ["llava", "internvl", "qwen2_vl", "idefics3"])
+def test_under_autocast_within_tiers_of_hf(name):
+    """Mixed-precision training: under torch.autocast (bf16) the connector runs in bf16 and stays
+    within 2x of HF-under-autocast's own error against float64."""
+    hf, ours, make_x, hf_call, ours_call = _loaded(name)
+    x = make_x(torch.float32)
+    hf64 = copy.deepcopy(hf).double()
+    ref = (_internvl_hf(hf64) if name == "internvl" else hf64)(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, theirs = ours_call(x), hf_call(x)
+    assert got.dtype == theirs.dtype
+    e_ours = (got.double() - ref).abs().max().item()
+    e_hf = (theirs.double() - ref).abs().max().item()
+    assert e_ours <= 2 * e_hf + 1e-6 * ref.abs().max().item()

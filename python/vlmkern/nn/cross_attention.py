@@ -36,8 +36,10 @@ def _gated_residual(linear: nn.Module, x: torch.Tensor, gate: torch.Tensor,
                     residual: torch.Tensor) -> torch.Tensor:
     """``residual + tanh(gate) · linear(x)``: one :func:`gated_linear` (the gate and residual in
     the GEMM's epilogue) for a plain ``nn.Linear``; a replaced or hooked module (a PEFT / LoRA
-    wrapper, a quantized Linear, forward hooks) is called as a module, so it keeps its behaviour."""
-    if fusable(linear):
+    wrapper, a quantized Linear, forward hooks) is called as a module, so it keeps its behaviour;
+    so is every Linear under torch.autocast, where HF's residual stream stays in fp32 while the op
+    would take the region's dtype."""
+    if fusable(linear) and not torch.is_autocast_enabled(x.device.type):
         return gated_linear(x, linear.weight, gate, residual, linear.bias)
     return residual + gate.tanh() * linear(x)
 
@@ -165,7 +167,8 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
             (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True).to(normed.dtype)
         projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if (fusable(mlp, types=(MllamaTextMLP,)) and fusable(*projs)
-                and all(p.bias is None for p in projs)):
+                and all(p.bias is None for p in projs)
+                and not torch.is_autocast_enabled(normed.device.type)):
             # HF zeroes the MLP's output rows; this bias-free MLP maps a zero row to a zero row,
             # so zeroing its input rows instead is exact and leaves down_proj's epilogue free.
             if row is not None:

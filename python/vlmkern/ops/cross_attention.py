@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ._autocast import register_autocast
 from ._checks import check_rank
 
 _OP = "cross_attention"
@@ -298,3 +299,4 @@ def _no_double_backward(ctx, grad_dq, grad_dk, grad_dv):
 
 torch.library.register_autograd("vlmkern::cross_attention_backward", _no_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+register_autocast("cross_attention")

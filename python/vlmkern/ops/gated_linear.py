@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autocast import register_autocast
+
 _OP = "gated_linear"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -112,3 +114,4 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 torch.library.register_autograd("vlmkern::gated_linear", _backward, setup_context=_setup_context)
+register_autocast("gated_linear")

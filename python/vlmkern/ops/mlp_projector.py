@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._autocast import register_autocast
 from ._checks import check_rank
 from .pixel_shuffle import _check_grid
 
@@ -332,3 +333,4 @@ torch.library.register_autograd("vlmkern::mlp_projector", _backward, setup_conte
 torch.library.register_autograd(
     "vlmkern::mlp_projector_backward", _no_double_backward, setup_context=_no_setup
 )
+register_autocast("mlp_projector")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _patch_embed_checks as chk
+from ._autocast import register_autocast
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -327,3 +328,6 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "vlmkern::patch_embed_packed", _packed_backward, setup_context=_setup_packed
 )
+register_autocast("patch_embed")
+register_autocast("patch_embed_packed")
+register_autocast("patch_embed_varlen")
