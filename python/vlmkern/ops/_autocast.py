@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-_LIB = torch.library.Library("vlmkern", "IMPL")  # noqa: TOR901 (IMPL fragment, no new defs)
+_LIB = torch.library.Library("vlmkern", "IMPL")  # an IMPL fragment: kernels only, no new ops
 
 
 def _cast(value, device: str, dtype: torch.dtype):
