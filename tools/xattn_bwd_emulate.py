@@ -17,7 +17,17 @@ import sys
 
 import numpy as np
 import torch
-from xattn_emulate import BN, clamp, ldm, load_tile, mma, rnd, row_vis, tile_bits
+from xattn_emulate import (
+    BN,
+    find_segment,
+    ldm,
+    load_tile,
+    mma,
+    rnd,
+    row_vis,
+    seg_bounds,
+    tile_bits,
+)
 
 BM, THREADS = 64, 128  # the backward kernels' CTAs: kBlockM rows, kThreads (4 warps)
 
@@ -57,25 +67,6 @@ def store_row(dst, acc, L, r, mul, D, dt):
     for nb in range(acc.shape[1]):
         if nb * 8 < D:
             dst[nb * 8 + 2 * t:nb * 8 + 2 * t + 2] = rnd(acc[L, nb, 2 * r:2 * r + 2] * mul, dt)
-
-
-def find_segment(cu, n, row):
-    lo, hi = 0, n - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if int(cu[mid]) <= row:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk):
-    if not packed:
-        return 0, Sq, 0, Sk
-    qb, qe = clamp(int(cu_q[seg]), int(cu_q[seg + 1]), Sq)
-    kb, ke = clamp(int(cu_k[seg]), int(cu_k[seg + 1]), Sk)
-    return qb, qe, kb, ke
 
 
 def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, cu_k=None,

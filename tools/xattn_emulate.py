@@ -87,6 +87,27 @@ def clamp(lo, hi, lk):
     return lo, hi
 
 
+# The segment of packed row `row` (binary search over cu, as find_segment in the kernels) and a
+# segment's [begin, end) query and key rows (segment_span).
+def find_segment(cu, n, row):
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(cu[mid]) <= row:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk):
+    if not packed:
+        return 0, Sq, 0, Sk
+    qb, qe = clamp(int(cu_q[seg]), int(cu_q[seg + 1]), Sq)
+    kb, ke = clamp(int(cu_k[seg]), int(cu_k[seg + 1]), Sk)
+    return qb, qe, kb, ke
+
+
 def row_vis(P, valid, b, row, i, lq, lk, seg):
     v = dict(lo=0, hi=0, off=None, use=False)
     if not valid:
@@ -154,22 +175,10 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                 b, w0 = bx // mt, (bx % mt) * BM
             wr = min(Sq - w0, BM)
             sq_ = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM, threads)
-            if packed:
-                lo_, hi_ = 0, N - 1
-                while lo_ < hi_:
-                    mid = (lo_ + hi_ + 1) // 2
-                    if int(cu_q[mid]) <= w0:
-                        lo_ = mid
-                    else:
-                        hi_ = mid - 1
-                seg, seg_end = lo_, N
-            else:
-                seg, seg_end = b, b + 1
+            seg, seg_end = (find_segment(cu_q, N, w0), N) if packed else (b, b + 1)
             while seg < seg_end:
-                qb, qe, kb_, ke = 0, Sq, 0, Sk
+                qb, qe, kb_, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
                 if packed:
-                    qb, qe = clamp(int(cu_q[seg]), int(cu_q[seg + 1]), Sq)
-                    kb_, ke = clamp(int(cu_k[seg]), int(cu_k[seg + 1]), Sk)
                     if qb >= w0 + BM:
                         break
                     if qe <= w0:
