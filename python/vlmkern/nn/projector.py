@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.mlp_projector import mlp_projector
 from ..ops.pixel_shuffle import pixel_shuffle
+from ..reference.mlp_projector import activation_fn  # HF's ACT2FN math, for the unfused path
 from ._fusable import fusable
 
 # HF ACT2FN names -> the op's activation names.
@@ -29,17 +30,6 @@ def _plain(*modules: nn.Module) -> bool:
     connector calls its modules one by one."""
     return fusable(*modules, types=(nn.Linear, nn.LayerNorm, QwenRMSNorm, nn.Sequential, nn.GELU,
                                     _ModalityProjection))
-
-
-def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """The op's activation in plain PyTorch (HF's ACT2FN equivalents)."""
-    if activation == "gelu":
-        return nn.functional.gelu(x)
-    if activation == "gelu_tanh":
-        return nn.functional.gelu(x, approximate="tanh")
-    if activation == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    return x
 
 
 def activation_from_hf(name: str) -> str:
@@ -73,7 +63,7 @@ class LlavaMultiModalProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         if not _plain(self.linear_1, self.linear_2):
-            return self.linear_2(_act(self.linear_1(image_features), self.activation))
+            return self.linear_2(activation_fn(self.linear_1(image_features), self.activation))
         return mlp_projector(image_features, self.linear_1.weight, self.linear_1.bias,
                              self.linear_2.weight, self.linear_2.bias,
                              activation=self.activation)  # fmt: skip
@@ -116,7 +106,7 @@ class InternVLMultiModalProjector(nn.Module):
         ln = self.layer_norm
         if not _plain(ln, self.linear_1, self.linear_2):
             y = pixel_shuffle(x, self.scale, grid) if fused else x
-            return self.linear_2(_act(self.linear_1(ln(y)), self.activation))
+            return self.linear_2(activation_fn(self.linear_1(ln(y)), self.activation))
         return mlp_projector(
             x, self.linear_1.weight, self.linear_1.bias, self.linear_2.weight,
             self.linear_2.bias, activation=self.activation, norm="layernorm",
