@@ -375,6 +375,24 @@ def smoke_patch_embed(device: str) -> int:
             _close(out.detach()[cu[i] : cu[i + 1]], ref, f"patch_embed varlen {i} {dtype}")
         assert all(im.grad is not None for im in imd) and pos_d.grad is not None
         n += 3
+    if device == "cuda":  # the sm_90a implicit GEMM (elsewhere the default path runs again)
+        x = torch.randn(3, 3, 42, 28).to(torch.bfloat16)  # M = 72 rows, D = 136: partial tiles
+        u8 = torch.randint(0, 256, (3, 42, 28, 3), dtype=torch.uint8)
+        w = (torch.randn(136, 3, 7, 7) * 0.1).to(torch.bfloat16)
+        b, c = torch.randn(136).to(torch.bfloat16), torch.randn(136).to(torch.bfloat16)
+        pos = torch.randn(25, 136).to(torch.bfloat16)  # CLS row + the 6 x 4 grid
+        norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "rescale": 1 / 255}
+        cases = ((x, {"pos_embed": pos, "cls_token": c}),
+                 (u8, {"pos_embed": pos[1:], "channels_last": True, **norm}))
+        with env_var("VLMKERN_PATCH_EMBED_GEMM", "implicit"):
+            for px, kw in cases:
+                ref = vlmkern.reference.patch_embed(px, w, b, pos_interp="none", **kw)
+                kwd = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                       for k, v in kw.items()}
+                out = vlmkern.ops.patch_embed(px.to(device), w.to(device), b.to(device),
+                                              pos_interp="none", **kwd)
+                _close(out, ref, f"patch_embed implicit {px.dtype}")
+                n += 1
     return n
 
 

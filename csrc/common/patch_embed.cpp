@@ -180,6 +180,7 @@ int64_t gemm_width(const at::Tensor& like, int64_t k) {
 PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_patch_matrix)
 AddendGemmFn cuda_addend_gemm = nullptr;    // set by the CUDA build (set_cuda_addend_gemm)
 PositionRowsFn cuda_position_rows = nullptr;  // set by the CUDA build (set_cuda_position_rows)
+ImplicitPatchGemmFn cuda_implicit_gemm = nullptr;  // set_cuda_implicit_patch_gemm
 
 // pixels -> (B*gh*gw, kp) rows in `dtype`: K features in (C, ph, pw) order, or (ph, pw, C)
 // channels-last, then kp - K zero columns. One kernel on CUDA, else ATen's strided copy.
@@ -235,6 +236,8 @@ void set_cuda_addend_gemm(AddendGemmFn fn) { cuda_addend_gemm = fn; }
 
 void set_cuda_position_rows(PositionRowsFn fn) { cuda_position_rows = fn; }
 
+void set_cuda_implicit_patch_gemm(ImplicitPatchGemmFn fn) { cuda_implicit_gemm = fn; }
+
 namespace patch_embed_detail {
 
 PositionRowsFn cuda_position_rows_hook() { return cuda_position_rows; }
@@ -278,13 +281,18 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
   if (g.l == 0) return;
   const int64_t kp = gemm_width(weight, g.c * g.p * g.p);
   const auto [w2, b2] = folded_weight(weight, bias, norm, g, kp);
-  const at::Tensor x = patch_matrix(pixels, g, weight.scalar_type(), kp);  // (B*L, kp)
   at::Tensor addend = b2;  // (D,) or (L, D): bias and positions, added by the GEMM itself
   if (pos_embed) {
     const at::Tensor pos =
         grid_positions(pos_embed->narrow(0, first, pos_embed->size(0) - first), g);
     addend = b2.defined() ? pos.add(b2) : pos;
   }
+  at::Tensor blocks = out.narrow(1, first, g.l);  // (B, L, D) view: the token rows
+  if (pixels.is_cuda() && cuda_implicit_gemm != nullptr &&
+      cuda_implicit_gemm(pixels, g.channels_last, g.p, g.gh, g.gw, w2, addend, blocks)) {
+    return;
+  }
+  const at::Tensor x = patch_matrix(pixels, g, weight.scalar_type(), kp);  // (B*L, kp)
   const at::Tensor wt = w2.t();
   if (!g.cls && !pos_embed) {  // one GEMM over the whole batch
     at::Tensor flat = out.view({g.b * g.l, g.d});
@@ -293,7 +301,6 @@ void patch_embed_forward_into(const at::Tensor& out, const at::Tensor& pixels,
   }
   // One batched GEMM writes every image's (L, D) token block in place (batch stride (first + L)
   // * D skips the CLS rows); the per-token addend is broadcast over the batch, not copied.
-  at::Tensor blocks = out.narrow(1, first, g.l);        // (B, L, D) view
   const at::Tensor xb = x.view({g.b, g.l, x.size(1)});  // (B, L, K)
   if (addend.defined()) {
     addend_gemm(blocks, xb, w2, addend.dim() == 1 ? addend.expand({g.l, g.d}) : addend);

@@ -57,6 +57,16 @@ using AddendGemmFn = bool (*)(const at::Tensor& blocks, const at::Tensor& rows,
                               const at::Tensor& w, const at::Tensor& addend);
 void set_cuda_addend_gemm(AddendGemmFn fn);
 
+// The CUDA build's implicit-GEMM patch embedding (cuda/patch_embed.cpp, cuda/patch_gemm.h):
+// blocks (B, L, D) = patches(pixels) @ w (D, kp)^T + addend, the patch rows gathered from pixels
+// inside the GEMM (no patch matrix in global memory); addend (L, D), (D,) or undefined. false:
+// not handled (not selected, or the kernel does not take the inputs; the caller builds the patch
+// matrix and calls the AddendGemmFn).
+using ImplicitPatchGemmFn = bool (*)(const at::Tensor& pixels, bool channels_last, int64_t patch,
+                                     int64_t gh, int64_t gw, const at::Tensor& w,
+                                     const at::Tensor& addend, const at::Tensor& blocks);
+void set_cuda_implicit_patch_gemm(ImplicitPatchGemmFn fn);
+
 // The CUDA build's position-rows kernel (cuda/position_rows.h) for packed mode's bilinear table:
 // out (N, D) = dtype(dtype(sum_k table[index[k, r]] * weight[k, r]) + bias) per token r, table
 // (S*S, D) and out in weight's dtype, index (4, N) int64, weight (4, N) fp32, bias (D,) or

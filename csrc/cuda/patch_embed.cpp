@@ -2,16 +2,23 @@
 // common/patch_embed*.cpp under a device guard, with image mode's patch matrix built by one
 // kernel (cuda/patchify.h: dtype conversion and aligned zero-padded rows) and its per-token
 // addend (bias + positions) read in a cuBLASLt GEMM's epilogue (cuda/lt_matmul.h), packed
-// mode's bilinear positions + bias written by one kernel (cuda/position_rows.h) as that addend,
-// until the implicit-GEMM kernel lands. No host syncs: grid_thw is never read back (its values are
-// validated on the CPU path only).
+// mode's bilinear positions + bias written by one kernel (cuda/position_rows.h) as that addend;
+// or, with VLMKERN_PATCH_EMBED_GEMM=implicit, image mode as one implicit-GEMM kernel that reads
+// the pixels itself (cuda/patch_gemm.h, sm_90a). No host syncs: grid_thw is never read back (its
+// values are validated on the CPU path only).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "common/checks.h"
 #include "common/patch_embed.h"
 #include "cuda/lt_matmul.h"
+#include "cuda/patch_gemm.h"
 #include "cuda/patchify.h"
 #include "cuda/position_rows.h"
 #include "ops.h"
@@ -29,6 +36,25 @@ bool patchify_dtype(at::ScalarType t, PatchifyDtype* out) {
   }
 }
 
+// The pixel fields PatchifyParams and PatchGemmParams share: pixels (B, C, H, W) or, channels
+// last, (B, H, W, C) at any strides, a (gh, gw) grid of P-sized patches.
+template <class Params>
+void set_pixels(Params& p, const at::Tensor& pixels, bool channels_last, int64_t patch,
+                int64_t gh, int64_t gw) {
+  const int cdim = channels_last ? 3 : 1, hdim = channels_last ? 1 : 2, wdim = channels_last ? 2 : 3;
+  p.pixels = pixels.const_data_ptr();
+  p.batch = pixels.size(0);
+  p.gh = gh;
+  p.gw = gw;
+  p.channels = static_cast<int>(pixels.size(cdim));
+  p.patch = static_cast<int>(patch);
+  p.channels_last = channels_last ? 1 : 0;
+  p.stride_b = pixels.stride(0);
+  p.stride_c = pixels.stride(cdim);
+  p.stride_h = pixels.stride(hdim);
+  p.stride_w = pixels.stride(wdim);
+}
+
 // The PatchMatrixFn of the composite: pixels (B, C, H, W) / (B, H, W, C) at any strides -> out
 // (B*gh*gw, kp) on the current stream; false (ATen's copy instead) for dtypes it does not take.
 bool cuda_patch_matrix(const at::Tensor& pixels, bool channels_last, int64_t patch, int64_t gh,
@@ -38,20 +64,9 @@ bool cuda_patch_matrix(const at::Tensor& pixels, bool channels_last, int64_t pat
       !patchify_dtype(out.scalar_type(), &p.out_dtype)) {
     return false;
   }
-  const int cdim = channels_last ? 3 : 1, hdim = channels_last ? 1 : 2, wdim = channels_last ? 2 : 3;
-  p.pixels = pixels.const_data_ptr();
+  set_pixels(p, pixels, channels_last, patch, gh, gw);
   p.out = out.mutable_data_ptr();
-  p.batch = pixels.size(0);
-  p.gh = gh;
-  p.gw = gw;
-  p.channels = static_cast<int>(pixels.size(cdim));
-  p.patch = static_cast<int>(patch);
   p.kp = static_cast<int>(out.size(1));
-  p.channels_last = channels_last ? 1 : 0;
-  p.stride_b = pixels.stride(0);
-  p.stride_c = pixels.stride(cdim);
-  p.stride_h = pixels.stride(hdim);
-  p.stride_w = pixels.stride(wdim);
   if (patchify_unsupported(p) != nullptr) return false;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pixels.device().index()).stream();
   C10_CUDA_CHECK(cuda_patchify(p, stream));
@@ -75,6 +90,53 @@ bool cuda_addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at
 }
 
 [[maybe_unused]] const bool kAddendGemmInstalled = (set_cuda_addend_gemm(&cuda_addend_gemm), true);
+
+// VLMKERN_PATCH_EMBED_GEMM, read per call: "lt" (or unset) builds the patch matrix and runs the
+// cuBLASLt GEMM above; "implicit" runs the implicit-GEMM kernel (cuda/patch_gemm.h) where it takes
+// the inputs (sm_90a, fp16 / bf16 weights, pixels uint8 or that dtype), else the same fallback.
+bool implicit_selected() {
+  const char* env = std::getenv("VLMKERN_PATCH_EMBED_GEMM");
+  const std::string_view v = env ? env : "";
+  VLMKERN_CHECK(v.empty() || v == "lt" || v == "implicit", "patch_embed",
+                "VLMKERN_PATCH_EMBED_GEMM must be 'lt' or 'implicit', got '", std::string(v),
+                "'");
+  return v == "implicit";
+}
+
+// The ImplicitPatchGemmFn: blocks (B, L, D) = patches(pixels) @ w (D, kp)^T + addend in one
+// kernel, the patch rows gathered from pixels into shared memory.
+bool cuda_implicit_patch_gemm(const at::Tensor& pixels, bool channels_last, int64_t patch,
+                              int64_t gh, int64_t gw, const at::Tensor& w,
+                              const at::Tensor& addend, const at::Tensor& blocks) {
+  if (!implicit_selected() || blocks.stride(2) != 1) return false;
+  PatchGemmParams p;
+  if (!patchify_dtype(pixels.scalar_type(), &p.in_dtype) ||
+      !patchify_dtype(w.scalar_type(), &p.dtype)) {
+    return false;
+  }
+  const at::Tensor wc = w.contiguous();  // (D, kp): already contiguous from the fold / pad
+  at::Tensor add;                        // (L, D) or (D,) with unit column stride
+  if (addend.defined()) {
+    add = addend.stride(-1) == 1 ? addend : addend.contiguous();
+    p.addend = add.const_data_ptr();
+    p.addend_row_stride = add.dim() == 2 ? add.stride(0) : 0;
+  }
+  set_pixels(p, pixels, channels_last, patch, gh, gw);
+  p.w = wc.const_data_ptr();
+  p.d = wc.size(0);
+  p.kp = static_cast<int>(wc.size(1));
+  p.out = blocks.mutable_data_ptr();
+  p.out_batch_stride = blocks.stride(0);
+  p.out_row_stride = blocks.stride(1);
+  p.device = pixels.device().index();
+  if (patch_gemm_unsupported(p) != nullptr) return false;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  C10_CUDA_CHECK(cuda_patch_gemm(p, stream));
+  return true;
+}
+
+[[maybe_unused]] const bool kImplicitGemmInstalled =
+    (set_cuda_implicit_patch_gemm(&cuda_implicit_patch_gemm), true);
 
 // The PositionRowsFn: one kernel (cuda/position_rows.h) writes packed mode's (N, D) addend; false
 // (ATen's gathers) for fp64.

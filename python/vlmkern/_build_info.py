@@ -54,9 +54,9 @@ def format_info(d: dict | None = None) -> str:
         "CUDA kernels: "
         + (f"compiled for {', '.join(d['cuda_archs'])} (nvcc {d['nvcc']})" if d["cuda_kernels"]
            else "not compiled (CPU-only build)"),
-        "CUTLASS GEMM (sm_90a): "
-        + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass selects it)" if d["cutlass_gemm"]
-           else "not compiled"),
+        "CUTLASS / CuTe kernels (sm_90a): "
+        + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass, VLMKERN_PATCH_EMBED_GEMM=implicit select "
+           "them)" if d["cutlass_gemm"] else "not compiled"),
         "cuBLASLt (gated_linear's fused epilogue): "
         + ("linked" if d["cublaslt"] else "not linked (ATen composite)"),
         f"GPU: {d['gpu'] or 'none visible'}",

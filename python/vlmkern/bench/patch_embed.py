@@ -1,6 +1,8 @@
 """Patch-embedding bench: vlmkern vs the HF module (Conv2d / Conv3d, TF32 off), the peers'
 unfold + F.linear + add recipe, and torch.mm on the pre-unfolded matrix (the GEMM roofline), on
-CLIP-L/14-336, SigLIP-so400m/14-384, InternViT-448, Qwen2-VL and Qwen3-VL shapes."""
+CLIP-L/14-336, SigLIP-so400m/14-384, InternViT-448, Qwen2-VL and Qwen3-VL shapes.
+``vlmkern.implicit`` (CUDA, image mode) is the implicit-GEMM kernel, for the A/B against the
+default patchify + cuBLASLt path."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmkern.bench.harness import MM, Case, Config
+from vlmkern.bench.harness import MM, Case, Config, env_var
 
 NAME = "patch_embed"
 BASELINE = "unfold+linear"
@@ -56,6 +58,17 @@ def vlmkern_image(pixels, weight, bias, pos, cls, pre):
     import vlmkern.ops
 
     return vlmkern.ops.patch_embed(pixels, weight, bias, pos_embed=pos, cls_token=cls, crop=True)
+
+
+def vlmkern_implicit_image(pixels, weight, bias, pos, cls, pre):
+    """vlmkern with ``VLMKERN_PATCH_EMBED_GEMM=implicit``: one wgmma kernel gathers the patch rows
+    from the pixels itself (sm_90a; elsewhere the op falls back to the default path)."""
+    with env_var("VLMKERN_PATCH_EMBED_GEMM", "implicit"):
+        return vlmkern_image(pixels, weight, bias, pos, cls, pre)
+
+
+def _image_only(*args, **kwargs):
+    raise ValueError("image mode only (packed rows are already the GEMM's A operand)")
 
 
 def unfold_linear_image(pixels, weight, bias, pos, cls, pre):
@@ -187,13 +200,16 @@ def providers(cfg: Config) -> dict[str, Callable]:
     if cfg.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return {
+    out = {
         "vlmkern": _Dispatch(vlmkern_image, vlmkern_packed),
         "HF conv": _Dispatch(hf_image, hf_packed),
         "unfold+linear": _Dispatch(unfold_linear_image, unfold_linear_packed),
         MM: mm_roofline,
         MM_UNPADDED: mm_unpadded,
     }
+    if cfg.device == "cuda":
+        out["vlmkern.implicit"] = _Dispatch(vlmkern_implicit_image, _image_only)
+    return out
 
 
 def reference() -> Callable:

@@ -1,0 +1,131 @@
+"""The implicit-GEMM patch embedding on CUDA (VLMKERN_PATCH_EMBED_GEMM=implicit; all `gpu`-marked,
+skipped without a GPU; sm_90a only, the rest skip): the kernel runs (profiler: patch_gemm_kernel,
+no patchify_kernel, no patch matrix), and its tokens are within 2x the error of the default
+patchify + cuBLASLt path against a float64 reference, for every pixel layout / dtype, tails in
+M, D and K, odd D (no paired stores), CLS rows, bias-only and no-addend calls; CUDA-graph capture
+and bit-identical repeats (G8, G11); a bad VLMKERN_PATCH_EMBED_GEMM value raises."""
+
+import pytest
+import torch
+from test_patch_embed_cuda import LAYOUTS, _pixels
+from testing_utils import profiled_names
+
+import vlmkern
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _sm90_only():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the implicit-GEMM kernel is sm_90a code")
+
+
+def _run(gemm, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("VLMKERN_PATCH_EMBED_GEMM", gemm)
+    return vlmkern.ops.patch_embed(*args, **kwargs)
+
+
+def _check(monkeypatch, x, w, bias=None, x_cuda=None, **kwargs):
+    """Implicit vs default path on CUDA, both against float64 on the CPU; the kernel must run.
+    x_cuda: the pixels as the CUDA call sees them (a view taken on the device), default x.cuda()."""
+    dev = [x.cuda() if x_cuda is None else x_cuda] + [None if t is None else t.cuda()
+                                                      for t in (w, bias)]
+    extra = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    ours = _run("implicit", monkeypatch, *dev, **extra)
+    names = profiled_names(lambda: _run("implicit", monkeypatch, *dev, **extra))
+    assert any("patch_gemm_kernel" in n for n in names), "the implicit kernel did not run"
+    assert not any("patchify_kernel" in n for n in names), "a patch matrix was built"
+    base = _run("lt", monkeypatch, *dev, **extra)
+    f64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in kwargs.items()}
+    xd = x if x.dtype == torch.uint8 else x.double()
+    ref = vlmkern.ops.patch_embed(xd, w.double(), None if bias is None else bias.double(), **f64)
+    assert ours.shape == ref.shape and ours.dtype == w.dtype
+    err = (ours.cpu().double() - ref).abs().max().item()
+    base_err = (base.cpu().double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= 2 * base_err + 1e-3 * scale, (err, base_err, scale)
+    return ours
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("patch", [7, 14, 16])  # K = 147, 588 (kp 152, 592: a partial k tile), 768
+@pytest.mark.parametrize("d", [200, 37])  # a partial n tile; odd D: single-element stores
+def test_implicit_layouts(patch, layout, dtype, d, monkeypatch):
+    g = torch.Generator().manual_seed(patch + d)
+    b, gh, gw = 3, 5, 3  # M = 45 rows: one partial m tile; a non-square grid
+    base, view, channels_last = _pixels(layout, b, max(gh, gw) * patch, dtype, g)
+    hdim = 1 if channels_last else 2
+
+    def pixels(t):  # offsets, gaps and crops taken on each device, so the kernel sees them
+        return view(t).narrow(hdim, 0, gh * patch).narrow(hdim + 1, 0, gw * patch)
+
+    w = (torch.randn(d, 3, patch, patch, generator=g) * 0.05).to(dtype)
+    pos = torch.randn(1 + gh * gw, d, generator=g).to(dtype)
+    cls = torch.randn(d, generator=g).to(dtype)
+    bias = torch.randn(d, generator=g).to(dtype)
+    norm = {}
+    if layout.startswith("uint8"):
+        norm = {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28], "rescale": 1 / 255}
+    _check(monkeypatch, pixels(base), w, bias, x_cuda=pixels(base.cuda()), pos_embed=pos,
+           cls_token=cls, pos_interp="none", channels_last=channels_last, crop=True, **norm)
+
+
+@pytest.mark.parametrize("addend", ["none", "bias", "positions"])
+def test_implicit_addends(addend, monkeypatch):
+    """No addend (out written whole, one GEMM), a (D,) bias (row stride 0), resized positions."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 64, 48, generator=g).to(torch.bfloat16)
+    w = (torch.randn(136, 3, 16, 16, generator=g) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(136, generator=g).to(torch.bfloat16) if addend != "none" else None
+    pos = torch.randn(9, 136, generator=g).to(torch.bfloat16) if addend == "positions" else None
+    _check(monkeypatch, x, w, bias, pos_embed=pos)
+
+
+def test_implicit_clip_l_336(monkeypatch):
+    """CLIP-L/14-336 at B 3 (M = 1728: 14 m tiles, 8 n tiles, 10 k tiles), uint8 NHWC pixels with
+    the processor's normalization folded in, CLS, positions bicubic-resized from 16x16 to 24x24."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 256, (3, 336, 336, 3), generator=g, dtype=torch.uint8)
+    w = (torch.randn(1024, 3, 14, 14, generator=g) * 0.02).to(torch.bfloat16)
+    pos = torch.randn(1 + 256, 1024, generator=g).to(torch.bfloat16)
+    cls = torch.randn(1024, generator=g).to(torch.bfloat16)
+    _check(monkeypatch, x, w, None, pos_embed=pos, cls_token=cls, channels_last=True,
+           mean=[0.4815, 0.4578, 0.4082], std=[0.2686, 0.2613, 0.2758], rescale=1 / 255)
+
+
+def test_implicit_graph_capture_and_repeats(monkeypatch):
+    monkeypatch.setenv("VLMKERN_PATCH_EMBED_GEMM", "implicit")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 56, 56, generator=g).to(torch.bfloat16).cuda()
+    w = (torch.randn(256, 3, 14, 14, generator=g) * 0.05).to(torch.bfloat16).cuda()
+    pos = torch.randn(17, 256, generator=g).to(torch.bfloat16).cuda()
+    cls = torch.randn(256, generator=g).to(torch.bfloat16).cuda()
+
+    def step():
+        return vlmkern.ops.patch_embed(x, w, None, pos_embed=pos, cls_token=cls)
+
+    first = step()
+    for _ in range(20):
+        assert torch.equal(step(), first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up off the capture (first-call host work)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, first)
+
+
+def test_bad_env_value(monkeypatch):
+    monkeypatch.setenv("VLMKERN_PATCH_EMBED_GEMM", "cudnn")
+    x = torch.randn(1, 3, 14, 14, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8, 3, 14, 14, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="VLMKERN_PATCH_EMBED_GEMM must be 'lt' or 'implicit'"):
+        vlmkern.ops.patch_embed(x, w)
