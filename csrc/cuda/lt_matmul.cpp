@@ -2,8 +2,11 @@
 // honouring torch's TF32 and reduced-precision-reduction switches as its own matmuls do.
 #include "cuda/lt_matmul.h"
 
+#include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -96,6 +99,24 @@ uint32_t reduction_mask(Option option) {
   }
 }
 
+// What cuBLASLt's heuristic sees of one call: the device, types, reduction mask, pointer mode,
+// workspace, the (batch, m, n, k) shape and each operand's pitch, batch stride and alignment.
+using AlgoKey = std::array<int64_t, 22>;
+
+// Heuristic results by AlgoKey: cublasLtMatmulAlgoGetHeuristic costs host microseconds on every
+// eager call (decode steps run many small GEMMs); a repeated configuration reuses its algo.
+// Bounded (cleared when full); the mutex guards concurrent streams / threads.
+struct AlgoCache {
+  std::mutex mutex;
+  std::map<AlgoKey, cublasLtMatmulAlgo_t> algos;
+  static constexpr size_t kMaxEntries = 1024;
+};
+
+AlgoCache& algo_cache() {
+  static AlgoCache* cache = new AlgoCache();  // never destroyed: no exit-order issues
+  return *cache;
+}
+
 }  // namespace
 
 bool lt_matmul_linked() { return true; }
@@ -169,15 +190,40 @@ bool lt_matmul(const LtMatmul& p) {
   // ATen's handle and the workspace it keeps for (handle, current stream): run on that stream.
   const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t status =
-      cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), b_l.get(), a_l.get(), c_l.get(),
-                                     d_l.get(), pref.get(), 1, &heuristic, &found);
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  AlgoKey key{p.a.device().index(), static_cast<int64_t>(dt), static_cast<int64_t>(compute),
+              reduction, p.device_scalars ? 1 : 0, static_cast<int64_t>(workspace_bytes),
+              batch, m, n, k};
+  int slot = 10;
+  for (const at::Tensor* t : {&p.a, &p.b, &p.c, &p.d}) {
+    key[slot++] = pitch(*t);
+    key[slot++] = t->size(0) > 1 ? t->stride(0) : 0;
+    key[slot++] = alignment(*t);
+  }
+  AlgoCache& cache = algo_cache();
+  cublasLtMatmulAlgo_t algo = {};
+  bool cached = false;
+  {
+    const std::lock_guard<std::mutex> lock(cache.mutex);
+    if (const auto it = cache.algos.find(key); it != cache.algos.end()) {
+      algo = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    cublasLtMatmulHeuristicResult_t heuristic = {};
+    int found = 0;
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), b_l.get(), a_l.get(), c_l.get(),
+                                       d_l.get(), pref.get(), 1, &heuristic, &found);
+    if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+    algo = heuristic.algo;
+    const std::lock_guard<std::mutex> lock(cache.mutex);
+    if (cache.algos.size() >= AlgoCache::kMaxEntries) cache.algos.clear();
+    cache.algos.emplace(key, algo);
+  }
   VLMKERN_LT_CHECK(cublasLtMatmul(handle, desc.get(), p.alpha, p.b.const_data_ptr(), b_l.get(),
                                   p.a.const_data_ptr(), a_l.get(), p.beta, p.c.const_data_ptr(),
-                                  c_l.get(), p.d.data_ptr(), d_l.get(), &heuristic.algo,
+                                  c_l.get(), p.d.data_ptr(), d_l.get(), &algo,
                                   at::cuda::getCUDABlasLtWorkspace(), workspace_bytes, stream));
   return true;
 }

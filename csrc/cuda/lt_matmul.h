@@ -27,7 +27,9 @@ struct LtMatmul {
 bool lt_matmul_linked();
 
 // Enqueues the matmul on the current CUDA stream (ATen's cuBLASLt workspace belongs to it) and
-// returns true, or returns false having done nothing. Call it under a device guard.
+// returns true, or returns false having done nothing. Call it under a device guard. The
+// heuristic's algorithm is cached per configuration (shape, pitches, alignments, dtype, torch's
+// TF32 / reduction switches, device): a repeated call skips the host-side heuristic query.
 bool lt_matmul(const LtMatmul& p);
 
 }  // namespace vlmkern
