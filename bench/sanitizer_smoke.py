@@ -310,15 +310,17 @@ def smoke_cross_attention(device: str) -> int:
                 out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
                 _close(out, ref, f"cross_attention split-KV {sorted(kw)}")
                 n += 1
-        for rows in ("64", "128"):  # forced CTA heights (small cases default to 32 rows)
-            with env_var("VLMKERN_XATTN_BLOCK_M", rows):
+        shapes = (("VLMKERN_XATTN_BLOCK_M", "64"), ("VLMKERN_XATTN_BLOCK_M", "128"),
+                  ("VLMKERN_XATTN_WARP_ROWS", "32"))  # 4 warps x 32 rows
+        for var, rows in shapes:  # forced CTA shapes (small cases default to 32 rows)
+            with env_var(var, rows):
                 for q, k, v, kw in cases[:3]:  # head dim 64: every height has an instance
                     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
                     ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
                     kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t
                            for n, t in kw.items()}
                     out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
-                    _close(out, ref, f"cross_attention {rows}-row CTAs {sorted(kw)}")
+                    _close(out, ref, f"cross_attention {var}={rows} {sorted(kw)}")
                     n += 1
     return n
 

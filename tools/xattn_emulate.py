@@ -1,7 +1,7 @@
 """Dev aid, no GPU needed: a line-by-line numpy emulation of cross_attention_fwd_kernel
 (csrc/cuda/kernels/cross_attention_fwd.cuh) with lane-level ldmatrix / mma.m16n8k16 fragment
 semantics as the PTX ISA defines them, for every CTA shape (kWarps = 4: 64 rows, 2: 32 rows,
-8: 128 rows). It
+8: 128 rows; kWarps = 4 with kMT = 2 m16 tiles per warp: 128 rows). It
 checks the kernel's smem address formulas, the threads' 16-byte chunks of a tile copy, fragment
 reuse (S accumulators -> P A fragments), masking, segment passes and epilogue against
 vlmkern.reference; keep it in step with the kernel when the kernel changes.
@@ -144,11 +144,15 @@ def tile_bits(P, v, j0, lk):
 
 
 def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=None,
-            uniform=False, splits=1, warps=4):
+            uniform=False, splits=1, warps=4, mtiles=1):
     """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) float tensors (values already in dt). splits > 1
     (not packed): split-KV, each run's partials (fp32) merged as cross_attention_combine_kernel
-    does. warps: the kernel's kWarps (CTAs of 16 * warps rows, 32 * warps threads)."""
-    BM, threads = 16 * warps, 32 * warps
+    does. warps: the kernel's kWarps (32 * warps threads); mtiles: its kMT (m16 tiles per warp:
+    CTAs of 16 * mtiles * warps rows). Warp w's tile mt behaves as a 16-row warp w * mtiles + mt
+    (its rows, Q fragments, state); with mtiles > 1 each row's tile bits come from the thread
+    that owns the row (s_bits), as the kernel does."""
+    BM, threads = 16 * warps * mtiles, 32 * warps
+    vwarps = warps * mtiles  # 16-row (warp, m16 tile) units
     B, Sq, Hq, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     DP = (D + 15) // 16 * 16
@@ -186,9 +190,9 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                         continue
                 lq, lk = qe - qb, ke - kb_
                 # per warp, per lane state
-                W = [dict() for _ in range(warps)]
+                W = [dict() for _ in range(vwarps)]
                 span_lo, span_hi = 1 << 62, 0
-                for w in range(warps):
+                for w in range(vwarps):
                     st = W[w]
                     st["row"] = np.zeros((32, 2), np.int64)
                     st["valid"] = np.zeros((32, 2), bool)
@@ -201,8 +205,16 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                             st["row"][L, r], st["valid"][L, r] = row, val
                             vv = row_vis(P, val, b, row, row - qb, lq, lk, seg)
                             st["vis"][L][r] = vv
-                            if vv["lo"] < vv["hi"]:
+                            if mtiles == 1 and vv["lo"] < vv["hi"]:
                                 span_lo, span_hi = min(span_lo, vv["lo"]), max(span_hi, vv["hi"])
+                own_vis = []  # mtiles > 1: thread tid's row w0 + tid (the kernel's vis[0])
+                if mtiles > 1:
+                    for tid in range(threads):
+                        row = w0 + tid
+                        vv = row_vis(P, qb <= row < qe, b, row, row - qb, lq, lk, seg)
+                        own_vis.append(vv)
+                        if vv["lo"] < vv["hi"]:
+                            span_lo, span_hi = min(span_lo, vv["lo"]), max(span_hi, vv["hi"])
                 span_b = span_lo // BN if span_lo < span_hi else 0
                 span_e = (span_hi + BN - 1) // BN if span_lo < span_hi else 0
                 for z in range(splits):
@@ -212,7 +224,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                       lo_r = kbb + z * run_
                       kbe = min(lo_r + run_, kbe)
                       kbb = min(lo_r, kbe)
-                    for w in range(warps):
+                    for w in range(vwarps):
                       st = W[w]
                       st["o"] = np.zeros((32, DP // 8, 4), np.float32)
                       st["m"] = np.full((32, 2), -np.inf, np.float32)
@@ -222,7 +234,8 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                         n = min(lk - j0, BN)
                         sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
                         sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
-                        for w in range(warps):
+                        s_bits = [tile_bits(P, vv, j0, lk) for vv in own_vis]
+                        for w in range(vwarps):
                             st = W[w]
                             lanes = np.arange(32)
                             s = np.zeros((32, 8, 4), np.float32)
@@ -235,8 +248,12 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                                     mma(s[:, 2 * n2], qf, bk[:, 0], bk[:, 1])
                                     mma(s[:, 2 * n2 + 1], qf, bk[:, 2], bk[:, 3])
                             assert not np.isnan(s).any()
-                            bits = [[tile_bits(P, st["vis"][L][r], j0, lk) for r in range(2)]
-                                    for L in range(32)]
+                            if mtiles == 1:
+                                bits = [[tile_bits(P, st["vis"][L][r], j0, lk) for r in range(2)]
+                                        for L in range(32)]
+                            else:  # s_bits[warp * kWarpRows + mt * 16 + g + 8 r]
+                                bits = [[s_bits[w * 16 + L // 4 + 8 * r] for r in range(2)]
+                                        for L in range(32)]
                             # softmax (quad = lanes 4g..4g+3)
                             for r in range(2):
                                 x = np.full((32, 8, 2), -np.inf, np.float32)
@@ -267,7 +284,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                                     mma(st["o"][:, 2 * n2], a, bv[:, 0], bv[:, 1])
                                     mma(st["o"][:, 2 * n2 + 1], a, bv[:, 2], bv[:, 3])
                     # epilogue
-                    for w in range(warps):
+                    for w in range(vwarps):
                         st = W[w]
                         for r in range(2):
                             ssum = st["l"][:, r].reshape(8, 4).sum(1).repeat(4)
@@ -429,7 +446,20 @@ def _main() -> None:
     run("8 warps prefix-LM Sq=130", q, k, v, {"mode": "prefix_lm", "prefix_len": pl130},
         {"prefix": pl130, "warps": 8})
 
-    def packed(name, cq, ck, warps_list):
+    # 128-row CTAs of 4 warps x 32 rows (kMT = 2; only forced, VLMKERN_XATTN_WARP_ROWS=32; every
+    # head-dim pad): each row's tile bits from the thread that owns the row.
+    for d, sq in ((64, 130), (72, 40), (80, 130), (96, 40), (128, 130)):
+        run(f"4x32 D={d} GQA Sq={sq}", r(1, sq, 4, d), r(1, 100, 2, d), r(1, 100, 2, d), {},
+            {"mtiles": 2})
+    q, k, v = r(2, 130, 4, 64), r(2, 80, 2, 64), r(2, 80, 2, 64)
+    run_ranges("4x32 ranges", q, k, v, rg, 3, mtiles=2)
+    run("4x32 D=128 splits=3", r(1, 130, 2, 128), r(1, 300, 1, 128), r(1, 300, 1, 128), {},
+        {"splits": 3, "mtiles": 2})
+    q, k, v = r(2, 130, 1, 64), r(2, 200, 1, 64), r(2, 200, 1, 64)
+    run("4x32 prefix-LM Sq=130", q, k, v, {"mode": "prefix_lm", "prefix_len": pl130},
+        {"prefix": pl130, "mtiles": 2})
+
+    def packed(name, cq, ck, shapes):
         """Packed segments on each CTA shape; without splits a row's result does not depend on
         its CTA's other rows (tiles loaded only for them are fully masked for it): every shape
         gives the same bits (a GPU test too)."""
@@ -441,20 +471,22 @@ def _main() -> None:
         pt = reference.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck,
                                        compute_dtype=None)
         outs = []
-        for warps in warps_list:
-            outs.append(emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck, warps=warps))
+        for shape in shapes:  # kWarps, or (kWarps, kMT)
+            warps, mtiles = shape if isinstance(shape, tuple) else (shape, 1)
+            outs.append(emulate(q[None], k[None], v[None], dt, cu_q=cq, cu_k=ck, warps=warps,
+                                mtiles=mtiles))
             check(outs[-1][0][0].to(dt), ref, pt)
-            print(f"ok {name} warps={warps}", flush=True)
+            print(f"ok {name} warps={warps} mtiles={mtiles}", flush=True)
         assert all(torch.equal(a[0], outs[0][0]) and torch.equal(a[1], outs[0][1])
                    for a in outs[1:])
-        print(f"ok {name} warps={warps_list} bit-identical", flush=True)
+        print(f"ok {name} shapes={shapes} bit-identical", flush=True)
 
     # 2: forced, segments crossing 32-row windows; an empty segment and one without keys
     packed("packed", torch.tensor([0, 3, 3, 70, 75, 100], dtype=torch.int32),
            torch.tensor([0, 10, 15, 15, 80, 90], dtype=torch.int32), (4, 2))
     # segments crossing the 128-row windows (rows 100..140, 200..262) and the 64-row ones
     packed("8 warps packed", torch.tensor([0, 3, 3, 100, 140, 200, 262], dtype=torch.int32),
-           torch.tensor([0, 10, 15, 15, 80, 90, 150], dtype=torch.int32), (8, 4))
+           torch.tensor([0, 10, 15, 15, 80, 90, 150], dtype=torch.int32), (8, 4, (4, 2)))
 
 
 if __name__ == "__main__":

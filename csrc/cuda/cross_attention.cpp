@@ -74,35 +74,56 @@ int optin_smem(int device) {
   return optin;
 }
 
-// Query rows per forward CTA (16 per warp): VLMKERN_XATTN_BLOCK_M=32 / 64 / 128 forces one (for
-// tests and benches; 128 only at head dims 64, 96, 128, whose K / V tile copy divides over 8
-// warps), else 32 (2 warps) when a window holds at most 32 rows, 64 (4 warps) otherwise.
-// Sq <= 32 covers Q-Former / Perceiver learned queries and decode steps; a decode step with GQA
-// arrives here (xattn_decode_gqa_as_rows) with Sq = the group size, the rows the kernel runs.
-// Packed input counts all its rows (Sq = total tokens). A 64-row CTA over <= 32 rows would run
-// two of its four warps on zero rows and fit fewer (image, head) pairs per SM. The 128-row CTA
-// (8 warps) is an experiment, never picked automatically: not yet measured on a GPU.
-int xattn_block_m(const char* op, const XattnParams& p) {
-  if (const char* env = std::getenv("VLMKERN_XATTN_BLOCK_M"); env != nullptr && *env != '\0') {
-    const std::string s(env);
-    VLMKERN_CHECK(s == "32" || s == "64" || s == "128", op,
-                  "VLMKERN_XATTN_BLOCK_M must be 32, 64 or 128, got '", s, "'");
-    VLMKERN_CHECK(s != "128" || p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128, op,
-                  "VLMKERN_XATTN_BLOCK_M=128 takes head dims 64, 96 and 128 only, got head dim ",
-                  p.head_dim, " (use 32 or 64)");
-    return std::stoi(s);
+// The forward CTA's shape: query rows per CTA (block_m) and per warp (warp_rows).
+struct CtaShape {
+  int block_m, warp_rows;
+};
+
+// VLMKERN_XATTN_BLOCK_M=32 / 64 / 128 forces the rows per CTA (for tests and benches; 128 on 8
+// warps only at head dims 64, 96, 128, whose K / V tile copy divides over 8 warps), else 32 (2
+// warps) when a window holds at most 32 rows, 64 (4 warps) otherwise. Sq <= 32 covers Q-Former /
+// Perceiver learned queries and decode steps; a decode step with GQA arrives here
+// (xattn_decode_gqa_as_rows) with Sq = the group size, the rows the kernel runs. Packed input
+// counts all its rows (Sq = total tokens). A 64-row CTA over <= 32 rows would run two of its
+// four warps on zero rows and fit fewer (image, head) pairs per SM. VLMKERN_XATTN_WARP_ROWS=32
+// forces 128-row CTAs of 4 warps x 32 rows (flash-attention 2's long-sequence shape; every head
+// dim). The 128-row CTAs are experiments, never picked automatically: not yet measured on a GPU.
+CtaShape xattn_cta_shape(const char* op, const XattnParams& p) {
+  const char* wr_env = std::getenv("VLMKERN_XATTN_WARP_ROWS");
+  const std::string wr = wr_env != nullptr ? wr_env : "";
+  VLMKERN_CHECK(wr.empty() || wr == "16" || wr == "32", op,
+                "VLMKERN_XATTN_WARP_ROWS must be 16 or 32, got '", wr, "'");
+  const char* bm_env = std::getenv("VLMKERN_XATTN_BLOCK_M");
+  const std::string bm = bm_env != nullptr ? bm_env : "";
+  VLMKERN_CHECK(bm.empty() || bm == "32" || bm == "64" || bm == "128", op,
+                "VLMKERN_XATTN_BLOCK_M must be 32, 64 or 128, got '", bm, "'");
+  if (wr == "32") {
+    VLMKERN_CHECK(bm.empty() || bm == "128", op,
+                  "VLMKERN_XATTN_WARP_ROWS=32 runs 128-row CTAs; VLMKERN_XATTN_BLOCK_M is '", bm,
+                  "' (unset it or use 128)");
+    return {128, 32};
   }
-  return p.seq_q <= 32 ? 32 : 64;
+  if (!bm.empty()) {
+    VLMKERN_CHECK(bm != "128" || p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128, op,
+                  "VLMKERN_XATTN_BLOCK_M=128 takes head dims 64, 96 and 128 only, got head dim ",
+                  p.head_dim, " (use 32 or 64, or VLMKERN_XATTN_WARP_ROWS=32)");
+    return {std::stoi(bm), 16};
+  }
+  return {p.seq_q <= 32 ? 32 : 64, 16};
 }
 
 // Split-KV runs for the forward: VLMKERN_XATTN_SPLITS=n forces n (1 = off; for tests and
 // benches), else more than one only when the (window, head) CTAs (windows of block_m rows) fill
 // less than half of the GPU's resident CTA slots (2 per SM at D >= 96, 3 below: registers and
 // smem of the 64-row CTA, kept for the 32-row one, which fits as many or more; 1 for the 128-row
-// CTA at every D: 182-207 registers x 256 threads, ptxas sm_90a) and the keys are long:
+// CTA of 8 warps at every D: 182-207 registers x 256 threads, ptxas sm_90a; for 4 warps x 32
+// rows 2 where the GPU's opt-in smem holds two (255 registers x 128 threads fill half the
+// register file; 54-102 KiB of smem at D 64-128: one per SM at D 128 on an A100), else 1) and
+// the keys are long:
 // floor(slots / CTAs) runs (no tail wave), each of >= 4 key tiles, at most 16, trimmed so no run
 // is empty. Packed input never splits.
-int xattn_num_splits(const char* op, const XattnParams& p, int block_m, int device) {
+int xattn_num_splits(const char* op, const XattnParams& p, CtaShape cta, int device) {
+  const int block_m = cta.block_m;
   if (p.packed) return 1;
   if (const char* env = std::getenv("VLMKERN_XATTN_SPLITS"); env != nullptr && *env != '\0') {
     char* end = nullptr;
@@ -113,7 +134,11 @@ int xattn_num_splits(const char* op, const XattnParams& p, int block_m, int devi
     return static_cast<int>(n);
   }
   const int64_t ctas = p.batch * ((p.seq_q + block_m - 1) / block_m) * p.heads_q;
-  const int per_sm = block_m == 128 ? 1 : (p.head_dim >= 96 ? 2 : 3);
+  int per_sm = block_m == 128 ? 1 : (p.head_dim >= 96 ? 2 : 3);
+  if (cta.warp_rows == 32) {
+    const size_t need = cuda_cross_attention_fwd_smem_bytes(static_cast<int>(p.head_dim), 128);
+    per_sm = static_cast<size_t>(optin_smem(device)) >= 2 * need + 2048 ? 2 : 1;
+  }
   const int64_t slots = int64_t{sm_count(device)} * per_sm;
   if (ctas == 0 || 2 * ctas > slots) return 1;
   const int64_t tiles = (p.seq_k + 63) / 64;
@@ -184,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
     return *rows;
   }
   // grid.x holds the block_m-row q windows (packed: B = 1, Sq = total tokens).
-  const int block_m = xattn_block_m(op, p);
+  const CtaShape cta = xattn_cta_shape(op, p);
+  const int block_m = cta.block_m;
   const int64_t windows = p.batch * ((p.seq_q + block_m - 1) / block_m);
   VLMKERN_CHECK(windows <= INT32_MAX, op, "B * ceil(Sq / ", block_m, ") = ", windows,
                 " query windows exceed the CUDA grid (2^31 - 1)");
@@ -198,14 +224,16 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   c.out = out.mutable_data_ptr();
   c.lse = lse.mutable_data_ptr<float>();
   c.block_m = block_m;
+  c.warp_rows = cta.warp_rows;
   if (block_m == 128) {  // the 32- / 64-row CTAs fit every sm_80+ part (<= 85 KiB)
     const size_t need = cuda_cross_attention_fwd_smem_bytes(static_cast<int>(p.head_dim), 128);
     const int optin = optin_smem(q.device().index());
     VLMKERN_CHECK(optin <= 0 || need <= static_cast<size_t>(optin), op,
-                  "VLMKERN_XATTN_BLOCK_M=128 at head dim ", p.head_dim, " needs ", need,
-                  " bytes of shared memory per block; this GPU allows ", optin, " (use 32 or 64)");
+                  "128-row CTAs at head dim ", p.head_dim, " need ", need,
+                  " bytes of shared memory per block; this GPU allows ", optin,
+                  " (VLMKERN_XATTN_BLOCK_M=32 or 64)");
   }
-  c.num_splits = xattn_num_splits(op, p, block_m, q.device().index());
+  c.num_splits = xattn_num_splits(op, p, cta, q.device().index());
   at::Tensor o_part, lse_part;  // split-KV partials, fp32
   if (c.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);

@@ -1,7 +1,7 @@
 // Launches the CUDA cross-attention forward / backward: picks the instantiation (element type,
 // head dim padded to a multiple of 16: 72 runs the 80 kernel with zero-filled smem columns; the
-// forward's rows per CTA, p.block_m = 16 x warps, as the glue chose). The instantiations are
-// compiled one per file in cuda/instantiations/cross_attention_{fwd,bwd}_*.cu.
+// forward's rows per CTA, p.block_m = warps x p.warp_rows, as the glue chose). The
+// instantiations are compiled one per file in cuda/instantiations/cross_attention_{fwd,bwd}_*.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -13,23 +13,23 @@ namespace {
 
 // The instance for head-dim pad kHeadDimPad, or an error where its tile copy does not divide over
 // kWarps warps (8 warps at pad 80: not instantiated, the glue rejects it first).
-template <typename T, int kHeadDimPad, int kWarps>
+template <typename T, int kHeadDimPad, int kWarps, int kMT>
 cudaError_t launch_pad(const XattnCudaParams& p, cudaStream_t stream) {
   if constexpr (xattn_cuda::fwd_tiles_divide<kHeadDimPad, kWarps>()) {
-    return launch_xattn_fwd<T, kHeadDimPad, kWarps>(p, stream);
+    return launch_xattn_fwd<T, kHeadDimPad, kWarps, kMT>(p, stream);
   } else {
     return cudaErrorInvalidValue;
   }
 }
 
-template <typename T, int kWarps>
+template <typename T, int kWarps, int kMT = 1>
 cudaError_t launch_warps(const XattnCudaParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch_pad<T, 64, kWarps>(p, stream);
+    case 64: return launch_pad<T, 64, kWarps, kMT>(p, stream);
     case 72:
-    case 80: return launch_pad<T, 80, kWarps>(p, stream);
-    case 96: return launch_pad<T, 96, kWarps>(p, stream);
-    case 128: return launch_pad<T, 128, kWarps>(p, stream);
+    case 80: return launch_pad<T, 80, kWarps, kMT>(p, stream);
+    case 96: return launch_pad<T, 96, kWarps, kMT>(p, stream);
+    case 128: return launch_pad<T, 128, kWarps, kMT>(p, stream);
     default: return cudaErrorInvalidValue;  // the glue rejects other head dims first
   }
 }
@@ -39,7 +39,8 @@ cudaError_t launch_type(const XattnCudaParams& p, cudaStream_t stream) {
   switch (p.block_m) {
     case 64: return launch_warps<T, 4>(p, stream);
     case 32: return launch_warps<T, 2>(p, stream);
-    case 128: return launch_warps<T, 8>(p, stream);
+    case 128: return p.warp_rows == 32 ? launch_warps<T, 4, 2>(p, stream)
+                                       : launch_warps<T, 8>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -40,8 +40,10 @@ struct XattnCudaParams {
   int prefix_lm = 0;  // prefix (B or N,)
   XattnDevIndex prefix;
   // Forward CTA: block_m query rows (64: 4 warps; 32: 2 warps, for windows of <= 32 rows;
-  // 128: 8 warps, head-dim pads 64 / 96 / 128, only when forced).
+  // 128: 8 warps, head-dim pads 64 / 96 / 128, only when forced), warp_rows per warp (16; 32:
+  // block_m 128 on 4 warps, only when forced).
   int block_m = 64;
+  int warp_rows = 16;
   // Split-KV (not packed): num_splits > 1 runs grid.z = num_splits CTAs per window over disjoint
   // runs of the key tiles, writing partials that cuda_cross_attention_combine merges into out
   // and lse.
@@ -90,9 +92,9 @@ size_t cuda_cross_attention_bwd_smem_bytes(int head_dim);
 // Enqueues the backward (delta, dK / dV, dQ kernels) on `stream`; no sync, no atomics.
 cudaError_t cuda_cross_attention_bwd(const XattnBwdParams& p, cudaStream_t stream);
 
-// One instantiation per (element type, head dim padded to 16[, forward warps per CTA]) in
-// cuda/instantiations/.
-template <typename T, int kHeadDimPad, int kWarps>
+// One instantiation per (element type, head dim padded to 16[, forward warps per CTA, m16 tiles
+// per warp]) in cuda/instantiations/.
+template <typename T, int kHeadDimPad, int kWarps, int kMT = 1>
 cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream);
 template <typename T, int kHeadDimPad>
 cudaError_t launch_xattn_bwd(const XattnBwdParams& p, cudaStream_t stream);

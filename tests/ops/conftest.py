@@ -5,8 +5,9 @@ import pytest
 
 @pytest.fixture
 def env(monkeypatch):
-    """env(name=value, ...) sets VLMKERN_XATTN_<NAME>; BLOCK_M and SPLITS start unset."""
-    for name in ("BLOCK_M", "SPLITS"):
+    """env(name=value, ...) sets VLMKERN_XATTN_<NAME>; BLOCK_M, WARP_ROWS and SPLITS start
+    unset."""
+    for name in ("BLOCK_M", "WARP_ROWS", "SPLITS"):
         monkeypatch.delenv(f"VLMKERN_XATTN_{name}", raising=False)
 
     def set_(**kw):

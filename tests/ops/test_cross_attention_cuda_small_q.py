@@ -25,20 +25,26 @@ import vlmkern
 pytestmark = pytest.mark.gpu
 
 
-def fwd_warps(fn) -> set[int]:
-    """kWarps of every cross_attention_fwd_kernel<T, kHeadDimPad, kWarps> launched by fn(), from
-    the profiler's kernel names (demangled, or mangled: ...ILi64ELi2EEEv...)."""
-    warps = set()
+def fwd_warps(fn) -> set:
+    """The CTA shape of every cross_attention_fwd_kernel<T, kHeadDimPad, kWarps, kMT> launched by
+    fn(), from the profiler's kernel names (demangled, or mangled: ...ILi64ELi2ELi1EEEv...):
+    kWarps for 16 rows per warp (kMT = 1), "4x32" for 4 warps of 32 rows (kMT = 2)."""
+    shapes = set()
     for name in profiled_names(fn):
-        if m := re.search(r"cross_attention_fwd_kernel<([^>]*)>", name):
-            warps.add(int(re.findall(r"\d+", m[1])[-1]))
-        elif m := re.search(r"cross_attention_fwd_kernelI\w*?Li\d+ELi(\d+)E", name):
-            warps.add(int(m[1]))
-    assert warps, "no forward kernel in the profile"
-    return warps
+        if m := re.search(r"cross_attention_fwd_kernel<[^,>]*,([^>]*)>", name):
+            nums = [int(x) for x in re.findall(r"\d+", m[1])]  # pad, warps[, m tiles]
+        elif m := re.search(r"cross_attention_fwd_kernelI\w*?Li(\d+)ELi(\d+)E(?:Li(\d+)E)?",
+                            name):
+            nums = [int(x) for x in m.groups() if x is not None]
+        else:
+            continue
+        warps, mt = nums[1], nums[2] if len(nums) > 2 else 1
+        shapes.add(warps if mt == 1 else f"{warps}x{16 * mt}")
+    assert shapes, "no forward kernel in the profile"
+    return shapes
 
 
-def ran_warps(q, k, v, **kw) -> set[int]:
+def ran_warps(q, k, v, **kw) -> set:
     qc, kc, vc = (_same_view_on_cuda(t) for t in (q, k, v))
     kwc = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     return fwd_warps(lambda: vlmkern.ops.cross_attention(qc, kc, vc, **kwc))

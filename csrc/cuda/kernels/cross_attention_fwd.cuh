@@ -1,14 +1,17 @@
 // CUDA cross-attention forward, flash-attention 2 style (sm_80+ mma.sync, fp32 accumulation).
 //
-// One CTA = one q head x one window of kRows = 16 * kWarps rows of q's S dim; kWarps warps, each
-// owning 16 rows: 4 warps / 64 rows by default, 2 warps / 32 rows when the glue sees <= 32 rows
-// per (batch, head) (Q-Former / Perceiver learned queries, decode, decode GQA rows): then no warp
-// runs on zero rows and, with less smem and fewer registers per CTA, an SM can hold more
-// (image, head) CTAs. 8 warps / 128 rows (head-dim pads 64, 96, 128; only when
-// VLMKERN_XATTN_BLOCK_M=128 forces it, an unmeasured experiment) stream each K / V tile once for
-// twice the rows of the 64-row CTA. The Q tile is loaded once into smem (its A fragments re-read
-// by ldmatrix); K / V tiles of kBlockN = 64 keys stream through a 2-stage cp.async smem
-// pipeline; S = Q Kᵀ and O += P V run on m16n8k16 tensor cores, the online softmax in fp32
+// One CTA = one q head x one window of kRows = 16 * kMT * kWarps rows of q's S dim; kWarps warps,
+// each owning kMT m16 tiles (16 kMT rows): 4 warps / 64 rows by default, 2 warps / 32 rows when
+// the glue sees <= 32 rows per (batch, head) (Q-Former / Perceiver learned queries, decode,
+// decode GQA rows): then no warp runs on zero rows and, with less smem and fewer registers per
+// CTA, an SM can hold more (image, head) CTAs. 8 warps / 128 rows (head-dim pads 64, 96, 128;
+// only when VLMKERN_XATTN_BLOCK_M=128 forces it, an unmeasured experiment) stream each K / V
+// tile once for twice the rows of the 64-row CTA. 4 warps x 32 rows (kMT = 2, flash-attention
+// 2's shape for long sequences; VLMKERN_XATTN_WARP_ROWS=32, unmeasured) also halve the K / V
+// fragment loads from smem per mma: each K / V fragment feeds both of the warp's m16 tiles, and
+// each row's tile visibility is computed once, by one thread, into smem. The Q tile is loaded
+// once into smem (its A fragments re-read by ldmatrix); K / V tiles of kBlockN = 64 keys stream
+// through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run on m16n8k16 tensor cores, the online softmax in fp32
 // registers in the log2 domain (scores pre-multiplied by scale * log2(e), exp2f), masked keys
 // -inf. Head dims not a multiple of 16 (72) are zero-padded to kHeadDimPad (80) in smem only.
 //
@@ -126,14 +129,17 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], const uint64_t (&
   }
 }
 
-template <typename T, int kHeadDimPad, int kWarps>
+template <typename T, int kHeadDimPad, int kWarps, int kMT = 1>
 __global__ void __launch_bounds__(32 * kWarps)
     cross_attention_fwd_kernel(const XattnCudaParams p) {
   static_assert(kHeadDimPad % 16 == 0, "mma k-chunks of 16");
   static_assert(kWarps == 2 || kWarps == 4 || kWarps == 8, "32-, 64- or 128-row CTAs");
+  static_assert(kMT == 1 || (kMT == 2 && kWarps == 4), "32 rows per warp: 4 warps only");
   static_assert(fwd_tiles_divide<kHeadDimPad, kWarps>(), "whole tile-copy chunks per thread");
-  constexpr int kRows = 16 * kWarps;         // query rows per CTA
+  constexpr int kWarpRows = 16 * kMT;         // query rows per warp: kMT m16 tiles
+  constexpr int kRows = kWarpRows * kWarps;   // query rows per CTA
   constexpr int kCtaThreads = 32 * kWarps;
+  static_assert(kMT == 1 || kCtaThreads == kRows, "kMT > 1: thread i owns row i's tile bits");
   constexpr int kPitch = smem_pitch<kHeadDimPad>();
   constexpr int kKChunks = kHeadDimPad / 16;  // mma k steps of S = Q Kᵀ
   constexpr int kDBlocks = kHeadDimPad / 8;   // 8-column blocks of O
@@ -142,6 +148,9 @@ __global__ void __launch_bounds__(32 * kWarps)
   T* s_k = s_q + kRows * kPitch;             // 2 stages x (kBlockN, kPitch) T, smem
   T* s_v = s_k + 2 * kBlockN * kPitch;       // 2 stages x (kBlockN, kPitch) T, smem
   __shared__ int64_t s_lo[kWarps], s_hi[kWarps];  // (kWarps,) per-warp key span
+  // kMT = 2: thread i computes row i's visibility bits of each tile here, for the 4 lanes that
+  // hold the row (one per row instead of four, and one RowVis of registers per thread).
+  __shared__ uint64_t s_bits[kMT > 1 ? kRows : 1];  // (kRows,) when kMT > 1
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int d = p.head_dim;
@@ -157,8 +166,9 @@ __global__ void __launch_bounds__(32 * kWarps)
   cp_async_wait<0>();
   __syncthreads();
   // The warp's A fragments are re-read from s_q (ldmatrix) at every k step: keeping the whole
-  // (16, kHeadDimPad) Q in registers would spill at kHeadDimPad = 128.
-  const uint32_t q_frag_addr = smem_addr(s_q + (warp * 16 + (lane & 15)) * kPitch +
+  // (16, kHeadDimPad) Q in registers would spill at kHeadDimPad = 128. m16 tile mt of the warp
+  // starts 16 mt rows further.
+  const uint32_t q_frag_addr = smem_addr(s_q + (warp * kWarpRows + (lane & 15)) * kPitch +
                                          (lane >> 4) * 8);
 
   int64_t seg = b, seg_end = b + 1;
@@ -174,15 +184,29 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
     const int64_t lq = q_end - q_begin, lk = k_end - k_begin;
 
-    // The thread's rows g and g + 8 of the warp's 16.
-    int64_t row[2];
-    bool valid[2];
-    RowVis vis[2];
+    // The thread's rows g and g + 8 of each of the warp's kMT m16 tiles.
+    int64_t row[kMT][2];
+    bool valid[kMT][2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row[r] = w0 + warp * 16 + g + 8 * r;
-      valid[r] = row[r] >= q_begin && row[r] < q_end;
-      vis[r] = row_visibility(p, valid[r], b, row[r], row[r] - q_begin, lq, lk, seg);
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row[mt][r] = w0 + warp * kWarpRows + mt * 16 + g + 8 * r;
+        valid[mt][r] = row[mt][r] >= q_begin && row[mt][r] < q_end;
+      }
+    }
+    // kMT = 1: the visibility of the thread's two rows; kMT = 2: of row w0 + threadIdx.x (whose
+    // tile bits go to s_bits), vis[1] empty.
+    RowVis vis[2];
+    if constexpr (kMT == 1) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        vis[r] = row_visibility(p, valid[0][r], b, row[0][r], row[0][r] - q_begin, lq, lk, seg);
+      }
+    } else {
+      const int64_t own = w0 + threadIdx.x;
+      vis[0] = row_visibility(p, own >= q_begin && own < q_end, b, own, own - q_begin, lq, lk,
+                              seg);
     }
     int64_t span_lo, span_hi;
     cta_key_span<kWarps>(vis, s_lo, s_hi, span_lo, span_hi);
@@ -195,10 +219,17 @@ __global__ void __launch_bounds__(32 * kWarps)
       kb_begin = lo < kb_end ? lo : kb_end;  // an empty run: partial 0, lse -inf
     }
 
-    float o[kDBlocks][4];  // (16, kHeadDimPad) fp32 output accumulator, registers
+    float o[kMT][kDBlocks][4];  // (kWarpRows, kHeadDimPad) fp32 output accumulator, registers
+    float m[kMT][2], l[kMT][2];  // log2-domain max, partial sums
 #pragma unroll
-    for (int nb = 0; nb < kDBlocks; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // log2-domain max, partial sums
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int nb = 0; nb < kDBlocks; ++nb) {
+        o[mt][nb][0] = o[mt][nb][1] = o[mt][nb][2] = o[mt][nb][3] = 0.f;
+      }
+      m[mt][0] = m[mt][1] = -INFINITY;
+      l[mt][0] = l[mt][1] = 0.f;
+    }
 
     const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + k_begin * p.k_stride[1] +
                  hk * p.k_stride[2];
@@ -217,8 +248,14 @@ __global__ void __launch_bounds__(32 * kWarps)
 
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
       const int stage = static_cast<int>((kb - kb_begin) & 1);
-      if (kb + 1 < kb_end) {  // prefetch the next tile into the other stage (freed by the
-        load_kv(kb + 1, stage ^ 1);  // __syncthreads at the end of the previous iteration)
+      const int64_t j0 = kb * kBlockN;
+      // Prefetch the next tile into the other stage (freed by the __syncthreads at the end of
+      // the previous iteration).
+      if (kb + 1 < kb_end) load_kv(kb + 1, stage ^ 1);
+      if constexpr (kMT > 1) {  // read after the __syncthreads below; the last reads of the
+        s_bits[threadIdx.x] = tile_bits(p, vis[0], j0, lk);  // previous tile are behind the
+      }                                                      // loop's trailing __syncthreads
+      if (kb + 1 < kb_end) {
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
@@ -227,44 +264,71 @@ __global__ void __launch_bounds__(32 * kWarps)
       const T* sk = s_k + stage * kBlockN * kPitch;  // (kBlockN, kPitch) T, smem
       const T* sv = s_v + stage * kBlockN * kPitch;  // (kBlockN, kPitch) T, smem
 
-      // S = Q Kᵀ: (16, kBlockN) fp32 per warp, 8 C fragments of 8 keys.
-      float s[8][4];
+      // S = Q Kᵀ: (16, kBlockN) fp32 per m16 tile, 8 C fragments of 8 keys; each K fragment
+      // serves the warp's kMT tiles.
+      float s[kMT][8][4];
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+      }
 #pragma unroll
       for (int kc = 0; kc < kKChunks; ++kc) {
-        uint32_t qf[4];  // (16, 16) T A fragment of Q, registers
-        ldmatrix_x4(qf, q_frag_addr + kc * 16 * static_cast<uint32_t>(sizeof(T)));
+        uint32_t qf[kMT][4];  // (16, 16) T A fragments of Q, registers
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          ldmatrix_x4(qf[mt], q_frag_addr + (mt * 16 * kPitch + kc * 16) *
+                                                static_cast<uint32_t>(sizeof(T)));
+        }
 #pragma unroll
         for (int n2 = 0; n2 < 4; ++n2) {  // keys 16 n2 .. 16 n2 + 15
           uint32_t bk[4];
           ldmatrix_x4(bk, smem_addr(sk + (n2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * kPitch +
                                     kc * 16 + ((lane >> 3) & 1) * 8));
-          mma_16816<T>(s[2 * n2], qf, bk[0], bk[1]);
-          mma_16816<T>(s[2 * n2 + 1], qf, bk[2], bk[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma_16816<T>(s[mt][2 * n2], qf[mt], bk[0], bk[1]);
+            mma_16816<T>(s[mt][2 * n2 + 1], qf[mt], bk[2], bk[3]);
+          }
         }
       }
 
-      const int64_t j0 = kb * kBlockN;
-      uint64_t bits[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) bits[r] = tile_bits(p, vis[r], j0, lk);
-      softmax_tile<kDBlocks>(s, bits, p.scale_log2, m, l, o);
+      for (int mt = 0; mt < kMT; ++mt) {
+        uint64_t bits[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if constexpr (kMT == 1) {
+            bits[r] = tile_bits(p, vis[r], j0, lk);
+          } else {
+            bits[r] = s_bits[warp * kWarpRows + mt * 16 + g + 8 * r];
+          }
+        }
+        softmax_tile<kDBlocks>(s[mt], bits, p.scale_log2, m[mt], l[mt], o[mt]);
+      }
 
-      // O += P V: P (16, kBlockN) as 4 A fragments of 16 keys, V (kBlockN, kHeadDimPad).
+      // O += P V: P (16, kBlockN) per m16 tile as 4 A fragments of 16 keys, V (kBlockN,
+      // kHeadDimPad); each V fragment serves the warp's kMT tiles.
 #pragma unroll
       for (int kc = 0; kc < kBlockN / 16; ++kc) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]),
-                               pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                               pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                               pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          a[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+          a[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+          a[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+          a[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
 #pragma unroll
         for (int n2 = 0; n2 < kDBlocks / 2; ++n2) {  // head-dim columns 16 n2 .. 16 n2 + 15
           uint32_t bv[4];
           ldmatrix_x4_trans(bv, smem_addr(sv + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) *
                                               kPitch + n2 * 16 + (lane >> 4) * 8));
-          mma_16816<T>(o[2 * n2], a, bv[0], bv[1]);
-          mma_16816<T>(o[2 * n2 + 1], a, bv[2], bv[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma_16816<T>(o[mt][2 * n2], a[mt], bv[0], bv[1]);
+            mma_16816<T>(o[mt][2 * n2 + 1], a[mt], bv[2], bv[3]);
+          }
         }
       }
       __syncthreads();  // both stages free for the next prefetch / pass
@@ -272,38 +336,42 @@ __global__ void __launch_bounds__(32 * kWarps)
 
     // Epilogue: out (B, Sq, Hq, D) dense in T, lse (B, Hq, Sq) fp32 natural log.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = l[r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (!valid[r]) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      // -inf only for a row that saw nothing: a NaN sum (NaN input) stays NaN, so the split-KV
-      // combine cannot drop it as an empty run.
-      const float row_lse =
-          sum == 0.f ? -INFINITY : (m[r] + log2f(sum)) * 0.69314718055994531f;
-      if (gridDim.z > 1) {  // partials: o_part (splits, B, Sq, Hq, D), lse_part (splits, B, Hq, Sq)
-        const int64_t z = blockIdx.z;
-        float* po = p.o_part + (((z * p.batch + b) * p.seq_q + row[r]) * p.heads_q + h) * d;
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float sum = l[mt][r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (!valid[mt][r]) continue;
+        const int64_t rw = row[mt][r];
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        // -inf only for a row that saw nothing: a NaN sum (NaN input) stays NaN, so the
+        // split-KV combine cannot drop it as an empty run.
+        const float row_lse =
+            sum == 0.f ? -INFINITY : (m[mt][r] + log2f(sum)) * 0.69314718055994531f;
+        if (gridDim.z > 1) {  // partials: o_part (splits, B, Sq, Hq, D), lse_part (splits, B,
+          const int64_t z = blockIdx.z;  // Hq, Sq)
+          float* po = p.o_part + (((z * p.batch + b) * p.seq_q + rw) * p.heads_q + h) * d;
+#pragma unroll
+          for (int nb = 0; nb < kDBlocks; ++nb) {
+            if (nb * 8 < d) {
+              *reinterpret_cast<float2*>(po + nb * 8 + 2 * t) =
+                  make_float2(o[mt][nb][2 * r] * inv, o[mt][nb][2 * r + 1] * inv);
+            }
+          }
+          if (t == 0) p.lse_part[((z * p.batch + b) * p.heads_q + h) * p.seq_q + rw] = row_lse;
+          continue;
+        }
+        T* out = static_cast<T*>(p.out) + ((b * p.seq_q + rw) * p.heads_q + h) * d;
 #pragma unroll
         for (int nb = 0; nb < kDBlocks; ++nb) {
           if (nb * 8 < d) {
-            *reinterpret_cast<float2*>(po + nb * 8 + 2 * t) =
-                make_float2(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
+            *reinterpret_cast<uint32_t*>(out + nb * 8 + 2 * t) =
+                pack2<T>(o[mt][nb][2 * r] * inv, o[mt][nb][2 * r + 1] * inv);
           }
         }
-        if (t == 0) p.lse_part[((z * p.batch + b) * p.heads_q + h) * p.seq_q + row[r]] = row_lse;
-        continue;
+        if (t == 0) p.lse[(b * p.heads_q + h) * p.seq_q + rw] = row_lse;
       }
-      T* out = static_cast<T*>(p.out) + ((b * p.seq_q + row[r]) * p.heads_q + h) * d;
-#pragma unroll
-      for (int nb = 0; nb < kDBlocks; ++nb) {
-        if (nb * 8 < d) {
-          *reinterpret_cast<uint32_t*>(out + nb * 8 + 2 * t) =
-              pack2<T>(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
-        }
-      }
-      if (t == 0) p.lse[(b * p.heads_q + h) * p.seq_q + row[r]] = row_lse;
     }
     __syncthreads();  // s_lo / s_hi are rewritten by the next pass
   }

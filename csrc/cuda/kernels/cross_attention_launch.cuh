@@ -1,6 +1,6 @@
-// launch_xattn_fwd<T, kHeadDimPad, kWarps>: the grid / smem set-up of cross_attention_fwd_kernel
-// (kWarps warps = 16 kWarps query rows per CTA), included by the one-instantiation-per-file
-// sources in cuda/instantiations/. No ATen/torch includes.
+// launch_xattn_fwd<T, kHeadDimPad, kWarps, kMT>: the grid / smem set-up of
+// cross_attention_fwd_kernel (kWarps warps of 16 kMT query rows each), included by the
+// one-instantiation-per-file sources in cuda/instantiations/. No ATen/torch includes.
 #pragma once
 
 #include "cuda/cross_attention.h"
@@ -8,11 +8,12 @@
 
 namespace vlmkern {
 
-template <typename T, int kHeadDimPad, int kWarps>
+template <typename T, int kHeadDimPad, int kWarps, int kMT>
 cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   using namespace xattn_cuda;
-  constexpr int kRows = 16 * kWarps;
-  if (p.block_m != kRows) return cudaErrorInvalidValue;  // the glue's choice is this instance
+  constexpr int kRows = 16 * kMT * kWarps;
+  // the glue's choice is this instance
+  if (p.block_m != kRows || p.warp_rows != 16 * kMT) return cudaErrorInvalidValue;
   // grid.x: kRows-row windows (B * ceil(Sq / kRows), or ceil(total_q / kRows) packed), grid.y: q
   // heads (<= 65535, checked by the glue), grid.z: split-KV runs.
   const int64_t m_tiles = (p.seq_q + kRows - 1) / kRows;
@@ -21,7 +22,7 @@ cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   if (windows > INT32_MAX) return cudaErrorInvalidConfiguration;
   constexpr int kSmem = smem_bytes<T, kHeadDimPad, kRows>();
   static_assert(kSmem <= 227 * 1024, "over the sm_90 opt-in smem per block");
-  auto* kernel = &cross_attention_fwd_kernel<T, kHeadDimPad, kWarps>;
+  auto* kernel = &cross_attention_fwd_kernel<T, kHeadDimPad, kWarps, kMT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kSmem);
   if (err != cudaSuccess) return err;

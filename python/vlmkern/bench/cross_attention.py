@@ -11,7 +11,10 @@ visible (query, key) pairs: 4·D·Hq·pairs. On CUDA the vlmkern provider runs t
 forward kernel (bf16 / fp16; with ``--dtype fp32`` it reports that the CUDA kernel takes bf16 /
 fp16 only); ``vlmkern.m128`` (CUDA only) forces its experimental 128-row / 8-warp CTAs
 (``VLMKERN_XATTN_BLOCK_M=128``) on the cases with more than 64 query rows per sequence at head
-dims 64 / 96 / 128 (the Mllama prefill; not Qwen2-VL's hd 80 nor PaliGemma's hd 256).
+dims 64 / 96 / 128 (the Mllama prefill; not Qwen2-VL's hd 80 nor PaliGemma's hd 256);
+``vlmkern.4x32`` (CUDA only) forces 128-row CTAs of 4 warps x 32 rows
+(``VLMKERN_XATTN_WARP_ROWS=32``, flash-attention 2's long-sequence shape) on the cases with more
+than 64 query rows at every CUDA head dim.
 """
 
 from __future__ import annotations
@@ -303,12 +306,24 @@ class _Flex:
         return out[0].transpose(0, 1) if packed else out
 
 
+def vlmkern_4x32(q, k, v, aux, spec: Spec) -> torch.Tensor:
+    """vlmkern with ``VLMKERN_XATTN_WARP_ROWS=32`` (128-row CTAs of 4 warps x 32 rows). Raises
+    ValueError (the harness skips the provider) where a sequence has <= 64 query rows (decode,
+    Q-Former: the 64-row CTA already holds them)."""
+    rows = q.shape[0] if spec.kind == "packed" else q.shape[-2]
+    if rows <= 64:
+        raise ValueError(f"{rows} query rows fit one 64-row CTA")
+    with env_var("VLMKERN_XATTN_WARP_ROWS", "32"):
+        return vlmkern_xattn(q, k, v, aux, spec)
+
+
 def providers(cfg: Config) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend
 
     out: dict[str, Callable] = {"vlmkern": vlmkern_xattn, "SDPA": _sdpa}
     if cfg.device == "cuda":
         out["vlmkern.m128"] = vlmkern_m128
+        out["vlmkern.4x32"] = vlmkern_4x32
     names = {"MATH": "SDPA math", "FLASH_ATTENTION": "SDPA flash", "EFFICIENT_ATTENTION":
              "SDPA mem-eff", "CUDNN_ATTENTION": "SDPA cudnn"}
     for attr, name in names.items():
