@@ -217,7 +217,33 @@ def smoke_mlp_projector(device: str) -> int:
             for name, r, g in zip(names, ref_leaves, dev_leaves, strict=True):
                 _close(g.grad, r.grad, f"{what} grad {name}")
             n += 1
-    return n + _smoke_projector_cutlass(device)
+    return n + _smoke_projector_cutlass(device) + _smoke_projector_shuffle_gemm(device)
+
+
+def _smoke_projector_shuffle_gemm(device: str) -> int:
+    """The pixel-shuffle GEMM (VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused; sm_90a only): Idefics3-style
+    r = 3 on a CLS-dropped grid (C = 24: K = 216, a partial k tile; N = 136: a partial n tile),
+    and r = 2 with bias, GELU and a second Linear."""
+    if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
+        return 0
+    n = 0
+    with env_var("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "fused"):
+        for r, second in ((3, False), (2, True)):
+            c, n1, d, side = 24, 136, 40, 6
+            base = torch.randn(2, 1 + side * side, c).to(torch.bfloat16)
+            k = r * r * c
+            w1 = (torch.randn(n1, k) * k**-0.5).to(torch.bfloat16)
+            b1, w2, b2 = ((torch.randn(n1), torch.randn(d, n1) * n1**-0.5, torch.randn(d))
+                          if second else (None, None, None))
+            args = [t.to(torch.bfloat16) if t is not None else None for t in (w1, b1, w2, b2)]
+            kw = {"activation": "gelu" if second else "none", "shuffle": r, "grid": (side, side)}
+            ref = vlmkern.reference.mlp_projector(base[:, 1:], *args, **kw)
+            out = vlmkern.ops.mlp_projector(
+                base.to(device)[:, 1:], *[t.to(device) if t is not None else None for t in args],
+                **kw)  # fmt: skip
+            _close(out, ref, f"mlp_projector shuffle GEMM r={r} second={second}")
+            n += 1
+    return n
 
 
 def _smoke_projector_cutlass(device: str) -> int:

@@ -167,11 +167,21 @@ DenseAct dense_act(const at::Tensor& a, const at::Tensor& w, const OptTensor& b,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const OptTensor& norm_weight, const OptTensor& norm_bias,
-    const ProjectorOptions& opt, FusedDenseFn fused_dense, ShuffleNormFn shuffle_norm) {
+    const ProjectorOptions& opt, FusedDenseFn fused_dense, ShuffleNormFn shuffle_norm,
+    ShuffleGemmFn shuffle_gemm) {
   const auto s = check_mlp_projector(x, w1, b1, w2, b2, norm_weight, norm_bias, opt);
+  // GEMM1 + b1 read through the shuffle's index map where the device can (no norm to apply).
+  at::Tensor shuffled_pre;
+  if (shuffle_gemm != nullptr && opt.shuffle > 1 && opt.norm == ProjectorNorm::kNone && s.m > 0) {
+    shuffled_pre = shuffle_gemm(x, opt.shuffle, w1, b1);  // (M, N1) or undefined
+  }
   NormOut normed;
   bool fused_norm = false;
-  if (shuffle_norm != nullptr && opt.shuffle > 1 && opt.norm == ProjectorNorm::kLayerNorm &&
+  if (shuffled_pre.defined()) {  // no rows, no statistics (distinct empty outputs)
+    const auto stats = x.options().dtype(stat_type(x.scalar_type()));
+    normed = {at::Tensor(), at::empty({0}, stats), at::empty({0}, stats)};
+    fused_norm = true;
+  } else if (shuffle_norm != nullptr && opt.shuffle > 1 && opt.norm == ProjectorNorm::kLayerNorm &&
       opt.norm_post && s.groups == 1 && s.m > 0) {
     const auto stats = x.options().dtype(stat_type(x.scalar_type()));
     normed = {at::empty({s.m, s.k}, x.options()), at::empty({s.m, 1}, stats),
@@ -184,7 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
   // h (the pre-activation) is an output whenever there is a second Linear, or an activation to
   // differentiate; a single identity Linear returns its output alone.
   const bool keep_h = w2.has_value() || opt.activation != ProjectorActivation::kNone;
-  auto [a, h] = dense_act(xn, w1, b1, opt.activation, keep_h, fused_dense);
+  auto [a, h] = shuffled_pre.defined()
+                    ? DenseAct{activation_forward(shuffled_pre, opt.activation), shuffled_pre}
+                    : dense_act(xn, w1, b1, opt.activation, keep_h, fused_dense);
   const auto none = [&] { return at::empty({0}, x.options()); };
   if (w2) {
     auto out = dense_act(a, *w2, b2, ProjectorActivation::kNone, false, fused_dense).out;

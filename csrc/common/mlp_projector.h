@@ -71,16 +71,24 @@ using ShuffleNormFn = bool (*)(const at::Tensor& x, int64_t r,
                                const at::Tensor& xn, const at::Tensor& mean,
                                const at::Tensor& rstd);
 
+// A device's pixel shuffle + first Linear as one GEMM whose A rows are read through the shuffle's
+// index map (no shuffled copy; Idefics3 / SmolVLM, or any shuffled projector without a norm):
+// x (B, H, W, C) -> (M, N) = shuffle(x) @ w^T + b in x's dtype. Undefined: not handled (the
+// composite shuffles, then runs the Linear); nothing is allocated then.
+using ShuffleGemmFn = at::Tensor (*)(const at::Tensor& x, int64_t r, const at::Tensor& w,
+                                     const std::optional<at::Tensor>& b);
+
 // Forward: (out, hidden = GEMM1 + b1 before the activation, act = GEMM2's input (or (0,)), mean,
 // rstd). See torch_bindings.cpp.
 // `fused_dense` (optional) runs both Linears where it can, `shuffle_norm` (optional) the shuffle
-// and a post-shuffle LayerNorm; the rest of the chain stays ATen's.
+// and a post-shuffle LayerNorm, `shuffle_gemm` (optional) the shuffle and GEMM1 when there is no
+// norm; the rest of the chain stays ATen's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const ProjectorOptions& opt, FusedDenseFn fused_dense = nullptr,
-    ShuffleNormFn shuffle_norm = nullptr);
+    ShuffleNormFn shuffle_norm = nullptr, ShuffleGemmFn shuffle_gemm = nullptr);
 
 // Backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); undefined where output_mask is off.
 using ProjectorGrads =

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "cuda/gemm_bias_act.h"
+#include "cuda/sm90.h"
 
 namespace vlmkern {
 namespace {
@@ -53,17 +54,6 @@ const VariantOps* find_variant(GemmDtype dtype, GemmActivation act, bool aux,
   (void)dtype, (void)act, (void)aux, (void)sched;
 #endif
   return nullptr;
-}
-
-// Compute capability 9.0 exactly: sm_90a code runs on H100 / H200 and on nothing else.
-bool is_sm90(int device) {
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    cudaGetLastError();  // leave no sticky error for the ATen fallback to trip on
-    return false;
-  }
-  return major == 9 && minor == 0;
 }
 
 }  // namespace

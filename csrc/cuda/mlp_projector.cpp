@@ -1,6 +1,8 @@
 // CUDA registration of mlp_projector and its backward: the shared ATen composite (cuBLAS GEMMs,
 // ATen elementwise kernels, no host syncs) under a guard for x's device, InternVL's pixel
 // shuffle + LayerNorm as one kernel (cuda/shuffle_layer_norm.h); with
+// VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused, a norm-free shuffled projector's first Linear reads its
+// rows through the shuffle's index map (cuda/shuffle_gemm.h); with
 // VLMKERN_PROJECTOR_GEMM=cutlass, its two Linears run on the fused CUTLASS GEMM + bias + GELU
 // kernel (cuda/gemm_bias_act.h) where the device and the inputs allow, else on ATen as before.
 #include <ATen/ops/empty.h>
@@ -16,6 +18,7 @@
 #include "common/checks.h"
 #include "common/mlp_projector.h"
 #include "cuda/gemm_bias_act.h"
+#include "cuda/shuffle_gemm.h"
 #include "cuda/shuffle_layer_norm.h"
 #include "ops.h"
 
@@ -145,6 +148,55 @@ bool cuda_shuffle_norm(const at::Tensor& x, int64_t r, const std::optional<at::T
   return true;
 }
 
+// VLMKERN_PROJECTOR_SHUFFLE_GEMM, read per call: "aten" (or unset) shuffles into a copy and runs
+// cuBLAS; "fused" runs the first Linear of a shuffled projector without a norm (Idefics3 /
+// SmolVLM) as one sm_90a GEMM reading its rows through the shuffle's index map
+// (cuda/shuffle_gemm.h). Off by default until a GPU run shows it beats copy + cuBLAS.
+bool shuffle_gemm_fused() {
+  const char* env = std::getenv("VLMKERN_PROJECTOR_SHUFFLE_GEMM");
+  const std::string_view v = env ? env : "";
+  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", "mlp_projector",
+                "VLMKERN_PROJECTOR_SHUFFLE_GEMM must be 'fused' or 'aten', got '", std::string(v),
+                "'");
+  return v == "fused";
+}
+
+// The ShuffleGemmFn of the CUDA composite: fp16 / bf16 x (B, H, W, C) with unit channel stride,
+// w (N, r*r*C) and b of x's dtype, contiguous; the kernel's alignment rules; else undefined.
+at::Tensor cuda_shuffle_gemm_fn(const at::Tensor& x, int64_t r, const at::Tensor& w,
+                                const std::optional<at::Tensor>& b) {
+  const auto dt = x.scalar_type();
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || x.dim() != 4 || x.stride(3) != 1 ||
+      x.size(3) > INT32_MAX || r > INT32_MAX || w.scalar_type() != dt || !w.is_contiguous() ||
+      (b && (b->scalar_type() != dt || !b->is_contiguous()))) {
+    return {};
+  }
+  ShuffleGemmParams p;
+  p.dtype = dt == at::kBFloat16 ? GemmDtype::kBFloat16 : GemmDtype::kFloat16;
+  p.x = x.const_data_ptr();
+  p.batch = x.size(0);
+  p.h = x.size(1);
+  p.w = x.size(2);
+  p.c = static_cast<int>(x.size(3));
+  p.r = static_cast<int>(r);
+  p.stride_b = x.size(0) == 1 ? 0 : x.stride(0);  // a size-1 dim's stride is never used
+  p.stride_h = x.stride(1);
+  p.stride_w = x.stride(2);
+  p.weight = w.const_data_ptr();
+  p.n = w.size(0);
+  p.bias = b ? b->const_data_ptr() : nullptr;
+  p.device = x.device().index();
+  // Eligibility first, so a fallback allocates nothing: the (M, N) output comes from the caching
+  // allocator (aligned blocks), so W's address stands in for it in the check.
+  p.out = const_cast<void*>(p.weight);
+  if (shuffle_gemm_unsupported(p) != nullptr) return {};
+  at::Tensor out = at::empty({x.size(0) * (x.size(1) / r) * (x.size(2) / r), w.size(0)},
+                             x.options());
+  p.out = out.mutable_data_ptr();
+  C10_CUDA_CHECK(cuda_shuffle_gemm(p, c10::cuda::getCurrentCUDAStream(p.device).stream()));
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_cuda(
@@ -160,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
                                gemm == ProjectorGemm::kCutlass           ? &cutlass_dense
                                : gemm == ProjectorGemm::kCutlassPingpong ? &cutlass_pingpong_dense
                                                                          : nullptr,
-                               shuffle_norm_fused() ? &cuda_shuffle_norm : nullptr);
+                               shuffle_norm_fused() ? &cuda_shuffle_norm : nullptr,
+                               shuffle_gemm_fused() ? &cuda_shuffle_gemm_fn : nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda/patch_gemm.h"
+#include "cuda/sm90.h"
 
 namespace vlmkern {
 namespace {
@@ -26,16 +27,6 @@ RunFn find_variant(PatchifyDtype in, PatchifyDtype out) {
   (void)in, (void)out;
 #endif
   return nullptr;
-}
-
-bool is_sm90(int device) {  // sm_90a code runs on compute capability 9.0 only
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    cudaGetLastError();  // no sticky error for the fallback path to trip on
-    return false;
-  }
-  return major == 9 && minor == 0;
 }
 
 }  // namespace

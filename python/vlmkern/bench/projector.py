@@ -2,7 +2,8 @@
 shuffle, Qwen's view merge, F.layer_norm / Qwen2RMSNorm, F.linear, erf GELU), torch.compile of it,
 ``torch._addmm_activation`` (cuBLASLt bias + *tanh* GELU epilogue: a different function, GPU only),
 ``vlmkern.cutlass`` / ``vlmkern.cutlass_pingpong`` (the op on its fused CUTLASS GEMM paths:
-cooperative for both Linears / pingpong for GEMM1 + GELU; sm_90a builds with CUTLASS only)
+cooperative for both Linears / pingpong for GEMM1 + GELU; sm_90a builds with CUTLASS only),
+``vlmkern.shuffle_gemm`` (Idefics3: GEMM1 reading through the pixel shuffle, sm_90a)
 and a plain ``torch.mm`` of the same GEMM shapes (the roofline row, not checked), on LLaVA-1.5,
 InternVL2.5-8B, Qwen2-VL-7B and Idefics3 shapes.
 
@@ -117,6 +118,16 @@ def vlmkern_unfused_norm(*inputs, spec: Spec):
         return vlmkern_projector(*inputs, spec=spec)
 
 
+def vlmkern_shuffle_gemm(*inputs, spec: Spec):
+    """vlmkern with ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused``: GEMM1 reads its rows through the
+    pixel shuffle's index map (sm_90a; no shuffled copy), on shuffled connectors without a norm
+    (Idefics3 / SmolVLM)."""
+    if not spec.shuffle or spec.norm:
+        raise ValueError("no norm-free pixel shuffle in this connector")
+    with env_var("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "fused"):
+        return vlmkern_projector(*inputs, spec=spec)
+
+
 def _has_cutlass_gemm() -> bool:
     from vlmkern import _C
 
@@ -225,6 +236,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
         if _has_cutlass_gemm():
             out["vlmkern.cutlass"] = vlmkern_cutlass
             out["vlmkern.cutlass_pingpong"] = partial(vlmkern_cutlass, mode="cutlass_pingpong")
+            out["vlmkern.shuffle_gemm"] = vlmkern_shuffle_gemm
         out["torch._addmm_activation"] = _only_erf_gelu_cases(addmm_activation_chain)
         out["vlmkern.unfused_norm"] = vlmkern_unfused_norm
     out[MM] = mm_roofline

@@ -1,0 +1,66 @@
+// Torch-free launcher of the pixel-shuffle GEMM (Hopper sm_90a, wgmma): out = shuffle(x) @ W^T +
+// bias, the projector's first Linear reading its A rows straight from the (B, H, W, C) token grid
+// through the shuffle's index map (Idefics3 / SmolVLM, or any shuffled projector without a norm):
+// the shuffled (M, r*r*C) matrix is never written. Kernel: cuda/kernels/shuffle_gemm.cuh.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "cuda/gemm_bias_act.h"
+
+namespace vlmkern {
+
+// out[m, n] = sum_f X2[m, f] * w[n, f] + bias[n], X2 the pixel shuffle of x (vlmkern's
+// pixel_shuffle, InternVL / Idefics3 order):
+// row m = (b, i, j) over (B, H/r, W/r), feature f = (dy*r + dx)*C + c holds x[b, r*i + dy,
+// r*j + dx, c]; fp32 accumulation, bias added in fp32, one rounding.
+struct ShuffleGemmParams {
+  GemmDtype dtype = GemmDtype::kBFloat16;  // x, w, bias, out
+  const void* x = nullptr;                 // (B, H, W, C), unit channel stride
+  int64_t batch = 0, h = 0, w = 0;
+  int c = 0, r = 0;                        // channels, shuffle factor (divides H and W)
+  int64_t stride_b = 0, stride_h = 0, stride_w = 0;  // x strides (elements)
+  const void* weight = nullptr;            // (N, r*r*C) contiguous
+  int64_t n = 0;
+  const void* bias = nullptr;              // (N,) contiguous, or nullptr
+  void* out = nullptr;                     // (M, N) contiguous, M = B * (H/r) * (W/r)
+  int device = 0;                          // CUDA device of every pointer (and of the stream)
+};
+
+// True when this build has the kernel (CuTe headers found, sm_90a targeted).
+bool shuffle_gemm_compiled();
+
+// nullptr when `p` can run on the kernel, else why not: not compiled, a device that is not
+// compute capability 9.0, C not a multiple of 8 or x / strides not 16-byte aligned (16-byte
+// cp.async chunks), weight / bias / out misaligned, sizes past the kernel's int ranges.
+const char* shuffle_gemm_unsupported(const ShuffleGemmParams& p);
+
+// Enqueues the kernel on `stream` (no host synchronization; CUDA-graph capturable). `p` must have
+// passed shuffle_gemm_unsupported.
+cudaError_t cuda_shuffle_gemm(const ShuffleGemmParams& p, cudaStream_t stream);
+
+// The kernel's arguments, as the launcher derives them from ShuffleGemmParams.
+struct ShuffleGemmArgs {
+  const void* x;
+  const void* weight;
+  const void* bias;
+  void* out;
+  int64_t m;                          // B * (H/r) * (W/r) rows
+  int64_t grid_rows, grid_cols;       // H/r, W/r
+  int64_t stride_b, stride_h, stride_w;
+  int c, r, k;                        // C, r, K = r*r*C
+  int n;                              // N output features
+  int k_tiles, n_tiles;               // ceil(K / 64), ceil(N / 128)
+  int pair_stores;                    // N even and out 4-byte aligned: two-element stores
+};
+
+// One compiled kernel (kernels/shuffle_gemm.cuh), instantiated per GEMM dtype by one file under
+// cuda/instantiations/.
+template <GemmDtype kDtype>
+struct ShuffleGemmVariant {
+  static cudaError_t run(const ShuffleGemmArgs& a, cudaStream_t stream);
+};
+
+}  // namespace vlmkern
