@@ -249,6 +249,15 @@ void addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at::Ten
   }
   const int64_t b = rows.size(0);
   const at::Tensor wt = w.t();  // (K, D)
+  if (blocks.is_cpu() && (rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf)) {
+    // CPU, 16-bit: one 2-D addmm per image (oneDNN's GEMM; the batched baddbmm with a broadcast
+    // weight measured ~1.2x slower on CLIP-L / SigLIP shapes, on par in fp32).
+    for (int64_t i = 0; i < b; ++i) {
+      at::Tensor block = blocks.select(0, i);  // (L, D) view: addmm_out writes through it
+      at::addmm_out(block, addend, rows.select(0, i), wt);
+    }
+    return;
+  }
   at::Tensor out = blocks;      // a view: baddbmm_out writes through it
   at::baddbmm_out(out, addend.expand({b, addend.size(0), addend.size(1)}), rows,
                   wt.unsqueeze(0).expand({b, wt.size(0), wt.size(1)}));  // w at batch stride 0

@@ -43,7 +43,22 @@ const VariantOps* find_variant(GemmDtype dtype, GemmActivation act, bool aux,
       ops_of<GemmBiasActVariant<D::kBFloat16, A::kGelu, true, GemmSchedule::kPingpong>>();
   static constexpr VariantOps kFp16GeluAuxPingpong =
       ops_of<GemmBiasActVariant<D::kFloat16, A::kGelu, true, GemmSchedule::kPingpong>>();
+  static constexpr VariantOps kBf16IdentityWide =
+      ops_of<GemmBiasActVariant<D::kBFloat16, A::kIdentity, false,
+                                GemmSchedule::kCooperativeWide>>();
+  static constexpr VariantOps kBf16GeluAuxWide =
+      ops_of<GemmBiasActVariant<D::kBFloat16, A::kGelu, true, GemmSchedule::kCooperativeWide>>();
+  static constexpr VariantOps kFp16IdentityWide =
+      ops_of<GemmBiasActVariant<D::kFloat16, A::kIdentity, false,
+                                GemmSchedule::kCooperativeWide>>();
+  static constexpr VariantOps kFp16GeluAuxWide =
+      ops_of<GemmBiasActVariant<D::kFloat16, A::kGelu, true, GemmSchedule::kCooperativeWide>>();
   const bool bf16 = dtype == D::kBFloat16;
+  if (sched == GemmSchedule::kCooperativeWide) {
+    if (act == A::kIdentity && !aux) return bf16 ? &kBf16IdentityWide : &kFp16IdentityWide;
+    if (act == A::kGelu && aux) return bf16 ? &kBf16GeluAuxWide : &kFp16GeluAuxWide;
+    return nullptr;
+  }
   if (sched == GemmSchedule::kPingpong) {
     if (act == A::kGelu && aux) return bf16 ? &kBf16GeluAuxPingpong : &kFp16GeluAuxPingpong;
     return nullptr;

@@ -12,15 +12,17 @@ namespace vlmkern {
 enum class GemmDtype { kBFloat16, kFloat16 };
 // Epilogue activations, all in fp32 on the fp32 accumulator + bias: kGelu = 0.5x(1 + erff(x/√2));
 // kGeluTanh = 0.5x(1 + tanhf(√(2/π)(x + 0.044715x³))); kQuickGelu = x / (1 + expf(-1.702x)).
-// Compiled variants (instantiations/): {bf16, fp16} x {identity, gelu + aux} cooperative, and
-// {bf16, fp16} x gelu + aux pingpong. The kGeluTanh and
+// Compiled variants (instantiations/): {bf16, fp16} x {identity, gelu + aux} cooperative and
+// cooperative wide, and {bf16, fp16} x gelu + aux pingpong. The kGeluTanh and
 // kQuickGelu functors exist but no variant instantiates them: never compiled in, never validated.
 enum class GemmActivation { kIdentity, kGelu, kGeluTanh, kQuickGelu };
 // Kernel schedule: kCooperative (two consumer warpgroups share one 128 x 128 tile; the epilogue
-// runs after the mainloop) or kPingpong (each warpgroup owns a tile, so one's epilogue overlaps
+// runs after the mainloop), kCooperativeWide (the same on 128 x 256 tiles with a 2 x 1 cluster
+// multicasting W: twice the reuse of each A tile, cuBLAS's usual shape for large bf16 GEMMs on
+// H100; for the GPU sweep) or kPingpong (each warpgroup owns a tile, so one's epilogue overlaps
 // the other's mainloop: meant for the heavy GELU + aux epilogue). Pingpong is compiled for
 // gelu + aux only.
-enum class GemmSchedule { kCooperative, kPingpong };
+enum class GemmSchedule { kCooperative, kPingpong, kCooperativeWide };
 
 struct GemmBiasActParams {
   GemmDtype dtype;

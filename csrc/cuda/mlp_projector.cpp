@@ -26,19 +26,22 @@ namespace vlmkern {
 namespace {
 
 // VLMKERN_PROJECTOR_GEMM, read on every call (a getenv): "aten" (or unset) keeps cuBLAS;
-// "cutlass" takes the fused cooperative kernel for both Linears where it can; "cutlass_pingpong"
-// the pingpong kernel for GEMM1 + GELU (+ aux) and cuBLAS for the rest. The default stays "aten":
-// on the first H100 run the cooperative kernel was correct but 0.57-1.13x the ATen path
-// (bench/results/2026-11-22-h100-6f8743a); pingpong has not run yet.
-enum class ProjectorGemm { kAten, kCutlass, kCutlassPingpong };
+// "cutlass" takes the fused cooperative kernel for both Linears where it can, "cutlass_wide" the
+// same on 128 x 256 tiles; "cutlass_pingpong" the pingpong kernel for GEMM1 + GELU (+ aux) and
+// cuBLAS for the rest. The default stays "aten": on the first H100 run the cooperative kernel
+// was correct but 0.57-1.13x the ATen path (bench/results/2026-11-22-h100-6f8743a); pingpong and
+// wide have not run yet.
+enum class ProjectorGemm { kAten, kCutlass, kCutlassPingpong, kCutlassWide };
 
 ProjectorGemm projector_gemm() {
   const char* env = std::getenv("VLMKERN_PROJECTOR_GEMM");
   const std::string_view v = env ? env : "";
-  VLMKERN_CHECK(v.empty() || v == "aten" || v == "cutlass" || v == "cutlass_pingpong",
-                "mlp_projector", "VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass' or "
-                "'cutlass_pingpong', got '", std::string(v), "'");
+  VLMKERN_CHECK(v.empty() || v == "aten" || v == "cutlass" || v == "cutlass_pingpong" ||
+                    v == "cutlass_wide",
+                "mlp_projector", "VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass', "
+                "'cutlass_pingpong' or 'cutlass_wide', got '", std::string(v), "'");
   if (v == "cutlass") return ProjectorGemm::kCutlass;
+  if (v == "cutlass_wide") return ProjectorGemm::kCutlassWide;
   return v == "cutlass_pingpong" ? ProjectorGemm::kCutlassPingpong : ProjectorGemm::kAten;
 }
 
@@ -92,6 +95,12 @@ DenseAct cutlass_dense_with(GemmSchedule sched, const at::Tensor& a, const at::T
 DenseAct cutlass_dense(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b,
                        ProjectorActivation act, bool keep_pre) {
   return cutlass_dense_with(GemmSchedule::kCooperative, a, w, b, act, keep_pre);
+}
+
+DenseAct cutlass_wide_dense(const at::Tensor& a, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, ProjectorActivation act,
+                            bool keep_pre) {
+  return cutlass_dense_with(GemmSchedule::kCooperativeWide, a, w, b, act, keep_pre);
 }
 
 // Pingpong is compiled for GELU + aux only: anything else (GEMM2, other activations) returns
@@ -210,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
   const ProjectorGemm gemm = projector_gemm();
   return mlp_projector_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, opt,
                                gemm == ProjectorGemm::kCutlass           ? &cutlass_dense
+                               : gemm == ProjectorGemm::kCutlassWide     ? &cutlass_wide_dense
                                : gemm == ProjectorGemm::kCutlassPingpong ? &cutlass_pingpong_dense
                                                                          : nullptr,
                                shuffle_norm_fused() ? &cuda_shuffle_norm : nullptr,

@@ -85,13 +85,14 @@ def test_build_info_reports_the_cutlass_path():
 # --- GPU -----------------------------------------------------------------------------------------
 
 
-GEMMS = ["cutlass", "cutlass_pingpong"]
+GEMMS = ["cutlass", "cutlass_pingpong", "cutlass_wide"]
 
 
 def _launches(gemm: str, act: str, second: bool) -> int:
-    """CUTLASS launches of one projector call: "cutlass" runs GEMM1 (+ bias, + GELU epilogue for
-    "gelu") and GEMM2; "cutlass_pingpong" only a GELU GEMM1, everything else on cuBLAS."""
-    if gemm == "cutlass":
+    """CUTLASS launches of one projector call: "cutlass" / "cutlass_wide" run GEMM1 (+ bias, +
+    GELU epilogue for "gelu") and GEMM2; "cutlass_pingpong" only a GELU GEMM1, everything else on
+    cuBLAS."""
+    if gemm in ("cutlass", "cutlass_wide"):
         return 2 if second else 1
     return 1 if act == "gelu" else 0
 
@@ -241,8 +242,8 @@ def test_cutlass_graph_capture_streams_and_repeats(cutlass):
 def test_bad_switch_value_is_rejected(monkeypatch):
     monkeypatch.setenv(ENV, "cublas")
     x, weights, opts = _plain(8, "gelu", True, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass' or "
-                       "'cutlass_pingpong'"):
+    with pytest.raises(RuntimeError, match="VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass', "
+                       "'cutlass_pingpong' or 'cutlass_wide'"):
         run(OURS, x, weights, opts)
 
 

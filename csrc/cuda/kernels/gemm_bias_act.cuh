@@ -119,15 +119,30 @@ struct FusionOf {
 // thread: 128 x 128 spilled with the GELU + aux epilogue) and the two alternate, so one tile's
 // epilogue runs under the other's mainloop; same 1 x 2 cluster. 64-row tiles also halve the wave
 // quantization at small M (LLaVA M = 576: 288 tiles for 132 SMs).
+// Cooperative wide: 128 (M) x 256 (N) x 64 (K), two consumer warpgroups of 64 x 256 (128 fp32
+// accumulators per thread), a 2 x 1 cluster along M so the W tile is TMA-multicast to both CTAs:
+// twice the A reuse of the 128 x 128 tile, half the tiles (LLaVA B 16, M = 9216, N = 4096: 1152
+// tiles on 132 SMs); an unmeasured candidate for the GPU sweep.
 template <GemmSchedule kSched>
 struct ScheduleOf {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
 };
 template <>
 struct ScheduleOf<GemmSchedule::kPingpong> {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+  using TileShape = cute::Shape<cute::_64, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+};
+template <>
+struct ScheduleOf<GemmSchedule::kCooperativeWide> {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
 };
 
 template <GemmDtype kDtype, GemmActivation kAct, bool kAux,
@@ -136,10 +151,8 @@ struct GemmOf {
   static_assert(!(kAux && kAct == GemmActivation::kIdentity), "identity: aux would equal out");
   using T = ElementOf<kDtype>;
   static constexpr int kAlign = 16 / sizeof(T);  // 8 elements: TMA's 16-byte rule
-  using TileShape = std::conditional_t<kSched == GemmSchedule::kPingpong,
-                                       cute::Shape<cute::_64, cute::_128, cute::_64>,
-                                       cute::Shape<cute::_128, cute::_128, cute::_64>>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+  using TileShape = typename ScheduleOf<kSched>::TileShape;
+  using ClusterShape = typename ScheduleOf<kSched>::ClusterShape;
   using Fusion = typename FusionOf<T, kAct, kAux>::type;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<

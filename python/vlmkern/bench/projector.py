@@ -1,8 +1,9 @@
 """MLP projector bench: vlmkern's op vs the HF-style PyTorch eager chain (InternVL's two-copy pixel
 shuffle, Qwen's view merge, F.layer_norm / Qwen2RMSNorm, F.linear, erf GELU), torch.compile of it,
 ``torch._addmm_activation`` (cuBLASLt bias + *tanh* GELU epilogue: a different function, GPU only),
-``vlmkern.cutlass`` / ``vlmkern.cutlass_pingpong`` (the op on its fused CUTLASS GEMM paths:
-cooperative for both Linears / pingpong for GEMM1 + GELU; sm_90a builds with CUTLASS only),
+``vlmkern.cutlass`` / ``vlmkern.cutlass_wide`` / ``vlmkern.cutlass_pingpong`` (the op on its
+fused CUTLASS GEMM paths: cooperative 128 x 128 / 128 x 256 tiles for both Linears, pingpong for
+GEMM1 + GELU; sm_90a builds with CUTLASS only),
 ``vlmkern.shuffle_gemm`` (Idefics3: GEMM1 reading through the pixel shuffle, sm_90a)
 and a plain ``torch.mm`` of the same GEMM shapes (the roofline row, not checked), on LLaVA-1.5,
 InternVL2.5-8B, Qwen2-VL-7B and Idefics3 shapes.
@@ -236,6 +237,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
         if _has_cutlass_gemm():
             out["vlmkern.cutlass"] = vlmkern_cutlass
             out["vlmkern.cutlass_pingpong"] = partial(vlmkern_cutlass, mode="cutlass_pingpong")
+            out["vlmkern.cutlass_wide"] = partial(vlmkern_cutlass, mode="cutlass_wide")
             out["vlmkern.shuffle_gemm"] = vlmkern_shuffle_gemm
         out["torch._addmm_activation"] = _only_erf_gelu_cases(addmm_activation_chain)
         out["vlmkern.unfused_norm"] = vlmkern_unfused_norm

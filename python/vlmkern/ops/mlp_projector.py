@@ -81,7 +81,13 @@ def mlp_projector(
     returned pre-activation ``hidden``, GEMM2 + b2 likewise (other activations: GEMM + bias fused,
     then ATen's activation). Inputs it cannot take fall back to the ATen path per GEMM: fp32 /
     fp64, another GPU, K or N not a multiple of 8, rows not 16-byte aligned or a non-unit column
-    stride, non-contiguous weights. The backward is ATen's in both cases.
+    stride, non-contiguous weights. ``"cutlass_wide"`` does the same on 128 x 256 tiles,
+    ``"cutlass_pingpong"`` runs only GEMM1 + GELU on a pingpong-scheduled kernel (both unmeasured
+    candidates for a GPU sweep). The backward is ATen's in every case.
+    ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused`` runs a norm-free shuffled projector's GEMM1 (Idefics3 /
+    SmolVLM) as one sm_90a kernel that reads its rows through the shuffle's index map (no
+    shuffled copy); ``VLMKERN_PROJECTOR_SHUFFLE_NORM=aten`` turns InternVL's one-kernel shuffle +
+    LayerNorm off (for comparison).
     """
     for name, value, allowed in (
         ("activation", activation, _ACTIVATIONS),

@@ -60,7 +60,10 @@ def patch_embed(
     ``Qwen3VLVisionModel`` does. Returns ``(tokens (N, D), cu_seqlens (n + 1,) int32)``, the
     token offsets of each ``grid_thw`` entry (all its frames), computed on the device without a
     host sync. On the CPU, grid_thw's values are validated (positive, sum of t·h·w == N); CUDA
-    never reads them back.
+    never reads them back. Qwen's ViT attention runs per *frame*: for video entries (t > 1) its
+    segments are ``F.pad(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    .cumsum(0, dtype=torch.int32), (1, 0))`` (Σt + 1 offsets, a data-dependent size, so not an
+    output of this op); for images (t = 1) the two are the same.
 
     **Normalization** (both modes): ``x = (p · rescale − mean[c]) / std[c]`` per channel, e.g.
     ``uint8`` pixels with ``rescale=1/255`` and the processor's mean/std, is folded into the

@@ -1,0 +1,8 @@
+// One variant of the fused CUTLASS GEMM, bf16, cooperative wide (128 x 256 tiles, 2 x 1 cluster):
+// out = A W^T + bias (VLMKERN_PROJECTOR_GEMM=cutlass_wide).
+#include "cuda/kernels/gemm_bias_act.cuh"
+
+namespace vlmkern {
+template struct GemmBiasActVariant<GemmDtype::kBFloat16, GemmActivation::kIdentity, false,
+                                   GemmSchedule::kCooperativeWide>;
+}  // namespace vlmkern
