@@ -412,14 +412,19 @@ def smoke_patch_embed(device: str) -> int:
         norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "rescale": 1 / 255}
         cases = ((x, {"pos_embed": pos, "cls_token": c}),
                  (u8, {"pos_embed": pos[1:], "channels_last": True, **norm}))
-        with env_var("VLMKERN_PATCH_EMBED_GEMM", "implicit"):
+        with env_var("VLMKERN_PATCH_EMBED_GEMM", "implicit"):  # forward and dW kernels
             for px, kw in cases:
-                ref = vlmkern.reference.patch_embed(px, w, b, pos_interp="none", **kw)
+                w_ref = w.clone().requires_grad_()
+                ref = vlmkern.reference.patch_embed(px, w_ref, b, pos_interp="none", **kw)
+                ref.float().square().sum().backward()
                 kwd = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                        for k, v in kw.items()}
-                out = vlmkern.ops.patch_embed(px.to(device), w.to(device), b.to(device),
+                wd = w.to(device).requires_grad_()
+                out = vlmkern.ops.patch_embed(px.to(device), wd, b.to(device),
                                               pos_interp="none", **kwd)
-                _close(out, ref, f"patch_embed implicit {px.dtype}")
+                out.float().square().sum().backward()
+                _close(out.detach(), ref.detach(), f"patch_embed implicit {px.dtype}")
+                _close(wd.grad, w_ref.grad, f"patch_embed implicit dW {px.dtype}")
                 n += 1
     return n
 

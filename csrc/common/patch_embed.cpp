@@ -181,6 +181,7 @@ PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_p
 AddendGemmFn cuda_addend_gemm = nullptr;    // set by the CUDA build (set_cuda_addend_gemm)
 PositionRowsFn cuda_position_rows = nullptr;  // set by the CUDA build (set_cuda_position_rows)
 ImplicitPatchGemmFn cuda_implicit_gemm = nullptr;  // set_cuda_implicit_patch_gemm
+ImplicitPatchWgradFn cuda_implicit_wgrad = nullptr;  // set_cuda_implicit_patch_wgrad
 
 // pixels -> (B*gh*gw, kp) rows in `dtype`: K features in (C, ph, pw) order, or (ph, pw, C)
 // channels-last, then kp - K zero columns. One kernel on CUDA, else ATen's strided copy.
@@ -237,6 +238,8 @@ void set_cuda_addend_gemm(AddendGemmFn fn) { cuda_addend_gemm = fn; }
 void set_cuda_position_rows(PositionRowsFn fn) { cuda_position_rows = fn; }
 
 void set_cuda_implicit_patch_gemm(ImplicitPatchGemmFn fn) { cuda_implicit_gemm = fn; }
+
+void set_cuda_implicit_patch_wgrad(ImplicitPatchWgradFn fn) { cuda_implicit_wgrad = fn; }
 
 namespace patch_embed_detail {
 
@@ -368,15 +371,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
     }
   }
   if (output_mask[1]) {  // dW = G^T @ normalize(X), in the weight's (D, C, P, P) layout
-    at::Tensor x = patch_matrix(pixels, g, weight.scalar_type(), kp);  // (M, kp)
-    if (norm.active()) {
-      const at::Tensor xk = x.narrow(1, 0, k);
-      x = channels_last ? normalize_rows(xk.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
-                        : normalize_rows(xk.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
-      x = x.view({g.b * g.l, k});
-      if (kp > k) x = at::constant_pad_nd(x, {0, kp - k});
+    at::Tensor dw_full;  // (D, kp)
+    if (pixels.is_cuda() && cuda_implicit_wgrad != nullptr) {
+      dw_full = cuda_implicit_wgrad(pixels, channels_last, g.p, g.gh, g.gw, tokens, kp, norm);
     }
-    const at::Tensor dw = at::mm(rows.t(), x).narrow(1, 0, k);  // (D, K) view of (D, kp)
+    if (!dw_full.defined()) {
+      at::Tensor x = patch_matrix(pixels, g, weight.scalar_type(), kp);  // (M, kp)
+      if (norm.active()) {
+        const at::Tensor xk = x.narrow(1, 0, k);
+        x = channels_last ? normalize_rows(xk.view({g.b * g.l, g.p * g.p, g.c}), norm, 2)
+                          : normalize_rows(xk.view({g.b * g.l, g.c, g.p * g.p}), norm, 1);
+        x = x.view({g.b * g.l, k});
+        if (kp > k) x = at::constant_pad_nd(x, {0, kp - k});
+      }
+      dw_full = at::mm(rows.t(), x);
+    }
+    const at::Tensor dw = dw_full.narrow(1, 0, k);  // (D, K) view of (D, kp)
     d_weight = channels_last
                    ? dw.view({g.d, g.p, g.p, g.c}).permute({0, 3, 1, 2}).contiguous()
                    : dw.view({g.d, g.c, g.p, g.p}).contiguous();  // a copy only when padded

@@ -67,6 +67,16 @@ using ImplicitPatchGemmFn = bool (*)(const at::Tensor& pixels, bool channels_las
                                      const at::Tensor& addend, const at::Tensor& blocks);
 void set_cuda_implicit_patch_gemm(ImplicitPatchGemmFn fn);
 
+// The CUDA build's implicit-GEMM weight gradient (cuda/patch_embed.cpp, cuda/patch_wgrad.h):
+// (D, kp) = tokens (B, L, D)^T-contracted with the (normalized, zero-padded to kp) patch rows of
+// pixels, gathered inside the GEMM (no patch matrix in global memory), in tokens' dtype,
+// contiguous. Undefined: not handled (the caller builds the patch matrix and runs mm).
+using ImplicitPatchWgradFn = at::Tensor (*)(const at::Tensor& pixels, bool channels_last,
+                                            int64_t patch, int64_t gh, int64_t gw,
+                                            const at::Tensor& tokens, int64_t kp,
+                                            const PixelNorm& norm);
+void set_cuda_implicit_patch_wgrad(ImplicitPatchWgradFn fn);
+
 // The CUDA build's position-rows kernel (cuda/position_rows.h) for packed mode's bilinear table:
 // out (N, D) = dtype(dtype(sum_k table[index[k, r]] * weight[k, r]) + bias) per token r, table
 // (S*S, D) and out in weight's dtype, index (4, N) int64, weight (4, N) fp32, bias (D,) or

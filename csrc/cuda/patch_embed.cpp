@@ -4,8 +4,10 @@
 // addend (bias + positions) read in a cuBLASLt GEMM's epilogue (cuda/lt_matmul.h), packed
 // mode's bilinear positions + bias written by one kernel (cuda/position_rows.h) as that addend;
 // or, with VLMKERN_PATCH_EMBED_GEMM=implicit, image mode as one implicit-GEMM kernel that reads
-// the pixels itself (cuda/patch_gemm.h, sm_90a). No host syncs: grid_thw is never read back (its
+// the pixels itself (cuda/patch_gemm.h, sm_90a), and its weight gradient likewise
+// (cuda/patch_wgrad.h). No host syncs: grid_thw is never read back (its
 // values are validated on the CPU path only).
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,6 +21,7 @@
 #include "common/patch_embed.h"
 #include "cuda/lt_matmul.h"
 #include "cuda/patch_gemm.h"
+#include "cuda/patch_wgrad.h"
 #include "cuda/patchify.h"
 #include "cuda/position_rows.h"
 #include "ops.h"
@@ -92,8 +95,9 @@ bool cuda_addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at
 [[maybe_unused]] const bool kAddendGemmInstalled = (set_cuda_addend_gemm(&cuda_addend_gemm), true);
 
 // VLMKERN_PATCH_EMBED_GEMM, read per call: "lt" (or unset) builds the patch matrix and runs the
-// cuBLASLt GEMM above; "implicit" runs the implicit-GEMM kernel (cuda/patch_gemm.h) where it takes
-// the inputs (sm_90a, fp16 / bf16 weights, pixels uint8 or that dtype), else the same fallback.
+// cuBLASLt GEMM above (the backward's dW: patch matrix + mm); "implicit" runs the implicit-GEMM
+// kernels (cuda/patch_gemm.h forward, cuda/patch_wgrad.h dW) where they take the inputs (sm_90a,
+// fp16 / bf16 weights, pixels uint8 or that dtype), else the same fallbacks.
 bool implicit_selected() {
   const char* env = std::getenv("VLMKERN_PATCH_EMBED_GEMM");
   const std::string_view v = env ? env : "";
@@ -137,6 +141,45 @@ bool cuda_implicit_patch_gemm(const at::Tensor& pixels, bool channels_last, int6
 
 [[maybe_unused]] const bool kImplicitGemmInstalled =
     (set_cuda_implicit_patch_gemm(&cuda_implicit_patch_gemm), true);
+
+// The ImplicitPatchWgradFn (VLMKERN_PATCH_EMBED_GEMM=implicit): dW^T = X^T G over splits of the
+// token rows into fp32 partials (cuda/patch_wgrad.h), summed here and returned as (D, kp) in the
+// gradient's dtype; undefined where the kernel does not take the inputs.
+at::Tensor cuda_implicit_patch_wgrad(const at::Tensor& pixels, bool channels_last, int64_t patch,
+                                     int64_t gh, int64_t gw, const at::Tensor& tokens, int64_t kp,
+                                     const PixelNorm& norm) {
+  if (!implicit_selected() || tokens.stride(2) != 1) return {};
+  PatchWgradParams p;
+  if (!patchify_dtype(pixels.scalar_type(), &p.in_dtype) ||
+      !patchify_dtype(tokens.scalar_type(), &p.dtype)) {
+    return {};
+  }
+  set_pixels(p, pixels, channels_last, patch, gh, gw);
+  p.grad = tokens.const_data_ptr();
+  p.g_batch_stride = tokens.size(0) == 1 ? 0 : tokens.stride(0);
+  p.g_row_stride = tokens.size(1) == 1 ? 0 : tokens.stride(1);
+  p.d = tokens.size(2);
+  p.kp = static_cast<int>(kp);
+  p.normalize = norm.active();
+  if (p.normalize && p.channels <= kPatchWgradMaxChannels) {
+    for (int c = 0; c < p.channels; ++c) {
+      p.scale[c] = static_cast<float>(norm.scale(c));
+      p.offset[c] = static_cast<float>(norm.offset(c));
+    }
+  }
+  p.device = pixels.device().index();
+  if (patch_wgrad_unsupported(p) != nullptr) return {};
+  p.splits = patch_wgrad_splits(p);
+  at::Tensor ws = at::empty({p.splits, kp, p.d}, tokens.options().dtype(at::kFloat));
+  p.ws = ws.mutable_data_ptr<float>();
+  C10_CUDA_CHECK(cuda_patch_wgrad(p, c10::cuda::getCurrentCUDAStream(p.device).stream()));
+  // (D, kp) in the gradient's dtype, one rounding: the transpose and the cast are one copy.
+  return ws.sum(0).t().to(tokens.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
+                          at::MemoryFormat::Contiguous);
+}
+
+[[maybe_unused]] const bool kImplicitWgradInstalled =
+    (set_cuda_implicit_patch_wgrad(&cuda_implicit_patch_wgrad), true);
 
 // The PositionRowsFn: one kernel (cuda/position_rows.h) writes packed mode's (N, D) addend; false
 // (ATen's gathers) for fp64.

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "cuda/kernels/patchify.cuh"
+#include "cuda/patch_variants.h"
 #include "cuda/patchify.h"
 
 namespace vlmkern {
@@ -34,17 +35,8 @@ const char* patchify_unsupported(const PatchifyParams& p) {
     return "pixels must be uint8 or the GEMM dtype";
   }
   if (p.out_dtype == PatchifyDtype::kUInt8) return "the GEMM dtype cannot be uint8";
-  const int64_t k = int64_t{p.channels} * p.patch * p.patch;
-  if (p.channels < 1 || p.patch < 1 || p.kp < k || p.kp % 8 != 0) {
-    return "C, P >= 1 and kp >= C*P*P, a multiple of 8";
-  }
-  // Largest in-patch offset must fit the int table (strides are non-negative: checked here).
-  if (p.stride_c < 0 || p.stride_h < 0 || p.stride_w < 0 || p.stride_b < 0) {
-    return "negative pixel strides";
-  }
-  const int64_t max_off =
-      (p.channels - 1) * p.stride_c + (p.patch - 1) * (p.stride_h + p.stride_w);
-  if (max_off >= (int64_t{1} << 31)) return "in-patch offsets past 2^31";
+  // Largest in-patch offset must fit the int table (strides are non-negative: checked there).
+  if (const char* why = pixel_geometry_unsupported(p)) return why;
   if (size_t{4} * p.kp > 48 * 1024) return "kp too large for the shared offset table";
   return nullptr;
 }

@@ -1,9 +1,11 @@
 """The implicit-GEMM patch embedding on CUDA (VLMKERN_PATCH_EMBED_GEMM=implicit; all `gpu`-marked,
-skipped without a GPU; sm_90a only, the rest skip): the kernel runs (profiler: patch_gemm_kernel,
-no patchify_kernel, no patch matrix), and its tokens are within 2x the error of the default
-patchify + cuBLASLt path against a float64 reference, for every pixel layout / dtype, tails in
-M, D and K, odd D (no paired stores), CLS rows, bias-only and no-addend calls; CUDA-graph capture
-and bit-identical repeats (G8, G11); a bad VLMKERN_PATCH_EMBED_GEMM value raises."""
+skipped without a GPU; sm_90a only, the rest skip): the kernels run (profiler: patch_gemm_kernel
+forward, patch_wgrad_kernel for dW, no patchify_kernel: no patch matrix), its tokens are within
+2x and its dW within 3x the error of the default patchify + cuBLAS path against a float64
+reference, for every pixel layout / dtype (uint8 with the normalization, whose dW needs the
+normalized rows), tails in M, D and K, odd D (no paired stores; dW falls back), CLS rows,
+bias-only and no-addend calls; CUDA-graph capture and bit-identical repeats (G8, G11); a bad
+VLMKERN_PATCH_EMBED_GEMM value raises."""
 
 import pytest
 import torch
@@ -46,7 +48,36 @@ def _check(monkeypatch, x, w, bias=None, x_cuda=None, **kwargs):
     base_err = (base.cpu().double() - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert err <= 2 * base_err + 1e-3 * scale, (err, base_err, scale)
+    _check_wgrad(monkeypatch, dev, xd, w, bias, extra, f64)
     return ours
+
+
+def _check_wgrad(monkeypatch, dev, xd, w, bias, extra, f64):
+    """dW from the implicit weight-gradient kernel (no patch matrix) within 3x the default path's
+    error against float64 (G3's gradient rule); the kernel ran, the patchify kernel did not."""
+    g = torch.randn(vlmkern.ops.patch_embed(*dev, **extra).shape,
+                    generator=torch.Generator().manual_seed(9)).to(w.dtype)
+
+    def dw(mode):
+        monkeypatch.setenv("VLMKERN_PATCH_EMBED_GEMM", mode)
+        wd = dev[1].detach().requires_grad_()
+        out = vlmkern.ops.patch_embed(dev[0], wd, dev[2], **extra)
+        return torch.autograd.grad(out, wd, g.cuda())[0]
+
+    names = profiled_names(lambda: dw("implicit"))
+    ours, base = dw("implicit"), dw("lt")
+    if w.shape[0] % 8:  # D not a multiple of 8: 16-byte rows of G are not there, dW falls back
+        assert not any("patch_wgrad_kernel" in n for n in names)
+        assert torch.equal(ours, base)
+        return
+    assert any("patch_wgrad_kernel" in n for n in names), "the implicit dW kernel did not run"
+    assert not any("patchify_kernel" in n for n in names), "a patch matrix was built"
+    w64 = w.double().requires_grad_()
+    out64 = vlmkern.ops.patch_embed(xd, w64, None if bias is None else bias.double(), **f64)
+    ref = torch.autograd.grad(out64, w64, g.double())[0]
+    err = (ours.cpu().double() - ref).abs().max().item()
+    base_err = (base.cpu().double() - ref).abs().max().item()
+    assert err <= 3 * base_err + 1e-3 * ref.abs().max().item(), (err, base_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -96,6 +127,18 @@ def test_implicit_clip_l_336(monkeypatch):
            mean=[0.4815, 0.4578, 0.4082], std=[0.2686, 0.2613, 0.2758], rescale=1 / 255)
 
 
+@pytest.mark.parametrize(("b", "size", "patch", "d"), [
+    (4, 256, 16, 4096),  # 192 output tiles: one split of 16 row tiles (tables reused in-loop)
+    (3, 336, 14, 1024),  # CLIP-L: 40 tiles, several splits of 5 row tiles each
+])
+def test_implicit_wgrad_many_row_tiles(b, size, patch, d, monkeypatch):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, 3, size, size, generator=g).to(torch.bfloat16)
+    w = (torch.randn(d, 3, patch, patch, generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(d, generator=g).to(torch.bfloat16)
+    _check(monkeypatch, x, w, bias)
+
+
 def test_implicit_graph_capture_and_repeats(monkeypatch):
     monkeypatch.setenv("VLMKERN_PATCH_EMBED_GEMM", "implicit")
     g = torch.Generator().manual_seed(2)
@@ -121,6 +164,24 @@ def test_implicit_graph_capture_and_repeats(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, first)
+
+    # the backward's dW kernel (workspace, split count, attributes) inside a capture too
+    wg = w.detach().requires_grad_()
+
+    def dw():
+        out = vlmkern.ops.patch_embed(x, wg, None, pos_embed=pos, cls_token=cls)
+        return torch.autograd.grad(out, wg, torch.ones_like(out))[0]
+
+    eager = dw()
+    with torch.cuda.stream(side):
+        dw()
+    torch.cuda.current_stream().wait_stream(side)
+    graph_bw = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph_bw):
+        static_dw = dw()
+    graph_bw.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_dw, eager)
 
 
 def test_bad_env_value(monkeypatch):

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/kernels/patchify.cuh"
 #include "cuda/kernels/wgmma_gemm.cuh"
 #include "cuda/patch_gemm.h"
 
@@ -75,21 +76,9 @@ __global__ void __launch_bounds__(kThreads, 2) patch_gemm_kernel(PatchGemmArgs a
   // ---- tables: in-patch offsets per k, patch origin per tile row -------------------------------
   const int kt_cols = a.k_tiles * kBlockK;
   for (int k = tid; k < kt_cols; k += kThreads) {
-    int off = -1;
-    if (k < a.k) {
-      int ch, i, j;
-      if (a.channels_last) {  // k = (i*P + j)*C + ch
-        ch = k % a.channels;
-        j = (k / a.channels) % a.patch;
-        i = k / (a.channels * a.patch);
-      } else {  // k = (ch*P + i)*P + j
-        j = k % a.patch;
-        i = (k / a.patch) % a.patch;
-        ch = k / (a.patch * a.patch);
-      }
-      off = static_cast<int>(ch * a.stride_c + i * a.stride_h + j * a.stride_w);
-    }
-    s.k_offset[k] = off;
+    s.k_offset[k] = k < a.k ? patch_feature_offset(k, a.channels, a.patch, a.channels_last,
+                                                   a.stride_c, a.stride_h, a.stride_w)
+                            : -1;
   }
   if (tid < kBlockM) {
     const int64_t m = m0 + tid;  // row m = (b, ph, pw)

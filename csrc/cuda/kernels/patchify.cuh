@@ -37,6 +37,27 @@ struct PatchifyArgs {
   int64_t stride_b, stride_c, stride_h, stride_w;
 };
 
+// The channel and in-patch source offset of patch feature k < C*P*P: NCHW k = (ch*P + i)*P + j,
+// NHWC (channels_last) k = (i*P + j)*C + ch; offset ch*stride_c + i*stride_h + j*stride_w
+// (the launchers check it fits an int). Shared by the patchify and implicit-GEMM kernels.
+__device__ __forceinline__ int patch_feature_offset(int k, int channels, int patch,
+                                                    int channels_last, int64_t stride_c,
+                                                    int64_t stride_h, int64_t stride_w,
+                                                    int* channel = nullptr) {
+  int ch, i, j;
+  if (channels_last) {
+    ch = k % channels;
+    j = (k / channels) % patch;
+    i = k / (channels * patch);
+  } else {
+    j = k % patch;
+    i = (k / patch) % patch;
+    ch = k / (patch * patch);
+  }
+  if (channel != nullptr) *channel = ch;
+  return static_cast<int>(ch * stride_c + i * stride_h + j * stride_w);
+}
+
 // Eight Out values to 16-byte aligned dst: one 16-byte store (fp16 / bf16) or two (fp32).
 template <typename Out>
 __device__ __forceinline__ void store8(Out* dst, const Out (&v)[8]) {
@@ -60,21 +81,9 @@ __global__ void __launch_bounds__(kPatchifyThreads)
   __shared__ int64_t row_base[kPatchifyRows];  // source offset of each row's patch origin
   const int p = a.patch, c = a.channels;
   for (int k = threadIdx.x; k < a.kp; k += blockDim.x) {
-    int off = -1;
-    if (k < a.k) {
-      int ch, i, j;
-      if (a.channels_last) {  // k = (i*P + j)*C + ch
-        ch = k % c;
-        j = (k / c) % p;
-        i = k / (c * p);
-      } else {  // k = (ch*P + i)*P + j
-        j = k % p;
-        i = (k / p) % p;
-        ch = k / (p * p);
-      }
-      off = static_cast<int>(ch * a.stride_c + i * a.stride_h + j * a.stride_w);
-    }
-    patch_offset[k] = off;
+    patch_offset[k] = k < a.k ? patch_feature_offset(k, c, p, a.channels_last, a.stride_c,
+                                                     a.stride_h, a.stride_w)
+                              : -1;
   }
   const int groups = a.kp / 8, items = kPatchifyRows * groups;
   const int64_t per_image = a.gh * a.gw;

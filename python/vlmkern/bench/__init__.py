@@ -12,6 +12,7 @@ from types import ModuleType
 REGISTRY: dict[str, str] = {
     "cross_attention": "vlmkern.bench.cross_attention",
     "patch_embed": "vlmkern.bench.patch_embed",
+    "patch_embed_train": "vlmkern.bench.patch_embed_train",
     "gated_linear": "vlmkern.bench.gated_linear",
     "projector": "vlmkern.bench.projector",
     "projector_train": "vlmkern.bench.projector_train",
