@@ -21,6 +21,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+# Run-time switches of the CUDA paths (README's table): cleared for every test, so an exported
+# one cannot change which kernel a test exercises; tests that want one set it with monkeypatch.
+RUNTIME_SWITCHES = (
+    "VLMKERN_XATTN_BLOCK_M", "VLMKERN_XATTN_WARP_ROWS", "VLMKERN_XATTN_SPLITS",
+    "VLMKERN_PROJECTOR_GEMM", "VLMKERN_PROJECTOR_SHUFFLE_NORM", "VLMKERN_PROJECTOR_SHUFFLE_GEMM",
+    "VLMKERN_GATED_LINEAR", "VLMKERN_PATCH_EMBED_GEMM",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clear_runtime_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in RUNTIME_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Seed Python and torch (CPU and every CUDA device) so each test sees the same data."""

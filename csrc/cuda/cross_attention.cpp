@@ -231,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
     VLMKERN_CHECK(optin <= 0 || need <= static_cast<size_t>(optin), op,
                   "128-row CTAs at head dim ", p.head_dim, " need ", need,
                   " bytes of shared memory per block; this GPU allows ", optin,
-                  " (VLMKERN_XATTN_BLOCK_M=32 or 64)");
+                  cta.warp_rows == 32 ? " (unset VLMKERN_XATTN_WARP_ROWS)"
+                                      : " (VLMKERN_XATTN_BLOCK_M=32 or 64)");
   }
   c.num_splits = xattn_num_splits(op, p, cta, q.device().index());
   at::Tensor o_part, lse_part;  // split-KV partials, fp32

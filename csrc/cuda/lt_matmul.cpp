@@ -15,6 +15,7 @@
 #if VLMKERN_WITH_CUBLASLT
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContextLight.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cublasLt.h>
 #endif
@@ -101,6 +102,7 @@ uint32_t reduction_mask(Option option) {
 
 // What cuBLASLt's heuristic sees of one call: the device, types, reduction mask, pointer mode,
 // workspace, the (batch, m, n, k) shape and each operand's pitch, batch stride and alignment.
+// A new descriptor or preference attribute (an epilogue, a bias pointer) must join the key.
 using AlgoKey = std::array<int64_t, 22>;
 
 // Heuristic results by AlgoKey: cublasLtMatmulAlgoGetHeuristic costs host microseconds on every
@@ -190,7 +192,7 @@ bool lt_matmul(const LtMatmul& p) {
   // ATen's handle and the workspace it keeps for (handle, current stream): run on that stream.
   const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  AlgoKey key{p.a.device().index(), static_cast<int64_t>(dt), static_cast<int64_t>(compute),
+  AlgoKey key{c10::cuda::current_device(), static_cast<int64_t>(dt), static_cast<int64_t>(compute),
               reduction, p.device_scalars ? 1 : 0, static_cast<int64_t>(workspace_bytes),
               batch, m, n, k};
   int slot = 10;

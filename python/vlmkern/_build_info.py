@@ -55,8 +55,9 @@ def format_info(d: dict | None = None) -> str:
         + (f"compiled for {', '.join(d['cuda_archs'])} (nvcc {d['nvcc']})" if d["cuda_kernels"]
            else "not compiled (CPU-only build)"),
         "CUTLASS / CuTe kernels (sm_90a): "
-        + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass, VLMKERN_PATCH_EMBED_GEMM=implicit select "
-           "them)" if d["cutlass_gemm"] else "not compiled"),
+        + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass*, VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused, "
+           "VLMKERN_PATCH_EMBED_GEMM=implicit select them)" if d["cutlass_gemm"]
+           else "not compiled"),
         "cuBLASLt (gated_linear's fused epilogue): "
         + ("linked" if d["cublaslt"] else "not linked (ATen composite)"),
         f"GPU: {d['gpu'] or 'none visible'}",

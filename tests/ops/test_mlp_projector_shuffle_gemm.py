@@ -30,6 +30,8 @@ pytestmark = pytest.mark.gpu
 def _sm90_only():
     if torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the pixel-shuffle GEMM is sm_90a code")
+    if not vlmkern.info()["cutlass_gemm"]:
+        pytest.skip("built without the sm_90a CuTe kernels (gpu_check's info stage flags this)")
 
 
 def _x(layout, b, h, w, c, dtype):

@@ -67,6 +67,14 @@ def vlmkern_implicit_image(pixels, weight, bias, pos, cls, pre):
         return vlmkern_image(pixels, weight, bias, pos, cls, pre)
 
 
+def has_sm90_kernels() -> bool:
+    """The build has the sm_90a CuTe kernels and GPU 0 runs them (elsewhere an implicit provider
+    would time the default path under its name)."""
+    from vlmkern import _C
+
+    return bool(getattr(_C, "cutlass_gemm", 0)) and torch.cuda.get_device_capability() == (9, 0)
+
+
 def _image_only(*args, **kwargs):
     raise ValueError("image mode only (packed rows are already the GEMM's A operand)")
 
@@ -207,7 +215,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
         MM: mm_roofline,
         MM_UNPADDED: mm_unpadded,
     }
-    if cfg.device == "cuda":
+    if cfg.device == "cuda" and has_sm90_kernels():
         out["vlmkern.implicit"] = _Dispatch(vlmkern_implicit_image, _image_only)
     return out
 

@@ -65,6 +65,7 @@ def cases(cfg: Config) -> list[Case]:
         if c.kwargs:  # packed (Qwen) cases: not this bench
             continue
         c.flops = 2 * c.flops if c.flops else c.flops
+        c.bytes_moved = 2 * c.bytes_moved  # at least: read the pixels and the gradient again
         out.append(c)
     return out
 
@@ -75,7 +76,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
         torch.backends.cudnn.allow_tf32 = False
     out: dict[str, Callable] = {"vlmkern": vlmkern_train, "HF conv": hf_train,
                                 "unfold+linear": unfold_train}
-    if cfg.device == "cuda":
+    if cfg.device == "cuda" and fwd.has_sm90_kernels():
         out["vlmkern.implicit"] = vlmkern_implicit_train
     out[MM] = mm_roofline_train
     return out

@@ -84,10 +84,13 @@ def mlp_projector(
     stride, non-contiguous weights. ``"cutlass_wide"`` does the same on 128 x 256 tiles,
     ``"cutlass_pingpong"`` runs only GEMM1 + GELU on a pingpong-scheduled kernel (both unmeasured
     candidates for a GPU sweep). The backward is ATen's in every case.
-    ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused`` runs a norm-free shuffled projector's GEMM1 (Idefics3 /
-    SmolVLM) as one sm_90a kernel that reads its rows through the shuffle's index map (no
-    shuffled copy); ``VLMKERN_PROJECTOR_SHUFFLE_NORM=aten`` turns InternVL's one-kernel shuffle +
-    LayerNorm off (for comparison).
+    ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused`` (off by default, not yet run on a GPU) runs a
+    norm-free shuffled projector's GEMM1 (Idefics3 / SmolVLM) as one sm_90a kernel that reads its
+    rows through the shuffle's index map (no shuffled copy): fp16 / bf16, C a multiple of 8,
+    16-byte aligned token rows, else the copy + cuBLAS path; it takes GEMM1 over from
+    ``VLMKERN_PROJECTOR_GEMM=cutlass*`` (the activation then runs in ATen).
+    ``VLMKERN_PROJECTOR_SHUFFLE_NORM=aten`` turns InternVL's one-kernel shuffle + LayerNorm off
+    (for comparison).
     """
     for name, value, allowed in (
         ("activation", activation, _ACTIVATIONS),

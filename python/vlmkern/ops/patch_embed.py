@@ -71,6 +71,11 @@ def patch_embed(
 
     Differentiable in ``weight``, ``bias``, ``pos_embed`` (through the resize), ``cls_token`` and
     float ``pixels``. ``patch_size`` / ``temporal_patch_size``, when given, must match ``weight``.
+
+    CUDA: image mode (also each image of a list) builds the patch matrix with one kernel and
+    runs one cuBLASLt GEMM with bias + positions in its epilogue; with
+    ``VLMKERN_PATCH_EMBED_GEMM=implicit`` (off by default, not yet run on a GPU) an sm_90a
+    implicit-GEMM kernel reads the pixels itself (no patch matrix), and dW likewise.
     """
     if isinstance(pixels, (list, tuple)):
         return _varlen(list(pixels), weight, bias, patch_size, pos_embed, cls_token, mean, std,
