@@ -44,7 +44,8 @@ bool patchify_dtype(at::ScalarType t, PatchifyDtype* out) {
 template <class Params>
 void set_pixels(Params& p, const at::Tensor& pixels, bool channels_last, int64_t patch,
                 int64_t gh, int64_t gw) {
-  const int cdim = channels_last ? 3 : 1, hdim = channels_last ? 1 : 2, wdim = channels_last ? 2 : 3;
+  const int cdim = channels_last ? 3 : 1, hdim = channels_last ? 1 : 2;
+  const int wdim = channels_last ? 2 : 3;
   p.pixels = pixels.const_data_ptr();
   p.batch = pixels.size(0);
   p.gh = gh;

@@ -11,9 +11,10 @@
 // fragment loads from smem per mma: each K / V fragment feeds both of the warp's m16 tiles, and
 // each row's tile visibility is computed once, by one thread, into smem. The Q tile is loaded
 // once into smem (its A fragments re-read by ldmatrix); K / V tiles of kBlockN = 64 keys stream
-// through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run on m16n8k16 tensor cores, the online softmax in fp32
-// registers in the log2 domain (scores pre-multiplied by scale * log2(e), exp2f), masked keys
-// -inf. Head dims not a multiple of 16 (72) are zero-padded to kHeadDimPad (80) in smem only.
+// through a 2-stage cp.async smem pipeline; S = Q Kᵀ and O += P V run on m16n8k16 tensor
+// cores, the online softmax in fp32 registers in the log2 domain (scores pre-multiplied by
+// scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16 (72) are
+// zero-padded to kHeadDimPad (80) in smem only.
 //
 // Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / kRows)), or with cu_seqlens the
 // packed rows of the window: grid.x = ceil(total_q / kRows) and the CTA runs one pass per
@@ -270,7 +271,9 @@ __global__ void __launch_bounds__(32 * kWarps)
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+        for (int nb = 0; nb < 8; ++nb) {
+          s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+        }
       }
 #pragma unroll
       for (int kc = 0; kc < kKChunks; ++kc) {

@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kThreads, 2) patch_gemm_kernel(PatchGemmArgs a
   // when every row base is even (a.pair_loads: even strides and base, checked by the launcher).
   using Pair = std::conditional_t<sizeof(In) == 1, uint16_t, uint32_t>;
   auto load_a = [&](int kt) {
-    const int o0 = s.k_offset[kt * kBlockK + 2 * lane], o1 = s.k_offset[kt * kBlockK + 2 * lane + 1];
+    const int o0 = s.k_offset[kt * kBlockK + 2 * lane];
+    const int o1 = s.k_offset[kt * kBlockK + 2 * lane + 1];
     const bool pair = a.pair_loads && o0 >= 0 && o1 == o0 + 1 && (o0 & 1) == 0;
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) {

@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads, 2) shuffle_gemm_kernel(ShuffleGemmAr
   const uint32_t a_smem = static_cast<uint32_t>(__cvta_generic_to_shared(s.a));
   auto issue_a = [&](int kt, int stage) {
     const int chunk = tid & 7, f = kt * kBlockK + chunk * 8;
-    const int q = f / a.c, cc = f - q * a.c, dy = q / a.r, dx = q - dy * a.r;  // f = (dy r + dx) C + cc
+    // f = (dy r + dx) C + cc
+    const int q = f / a.c, cc = f - q * a.c, dy = q / a.r, dx = q - dy * a.r;
     const int64_t k_off = dy * a.stride_h + dx * a.stride_w + cc;
 #pragma unroll
     for (int j = 0; j < kBlockM / 32; ++j) {
