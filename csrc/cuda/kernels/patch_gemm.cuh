@@ -82,13 +82,9 @@ __global__ void __launch_bounds__(kThreads, 2) patch_gemm_kernel(PatchGemmArgs a
   }
   if (tid < kBlockM) {
     const int64_t m = m0 + tid;  // row m = (b, ph, pw)
-    int64_t base = -1;
-    if (m < a.m) {
-      const int64_t b = m / a.l, rem = m - b * a.l;
-      const int64_t ph = rem / a.gw, pw = rem - ph * a.gw;
-      base = b * a.stride_b + ph * a.patch * a.stride_h + pw * a.patch * a.stride_w;
-    }
-    s.row_base[tid] = base;
+    s.row_base[tid] = m < a.m ? patch_row(m, a.l, a.gw, a.patch, a.stride_b, a.stride_h,
+                                          a.stride_w).base
+                              : -1;
   }
   __syncthreads();
 

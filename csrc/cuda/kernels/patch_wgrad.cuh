@@ -112,10 +112,9 @@ __global__ void __launch_bounds__(kThreads, 2) patch_wgrad_kernel(PatchWgradArgs
       const int64_t m = m_begin + static_cast<int64_t>(t) * kBlockK + tid;
       int64_t pix = -1, grd = -1;
       if (m < m_end) {
-        const int64_t b = m / a.l, l = m - b * a.l;
-        const int64_t ph = l / a.gw, pw = l - ph * a.gw;
-        pix = b * a.stride_b + ph * a.patch * a.stride_h + pw * a.patch * a.stride_w;
-        grd = b * a.g_batch_stride + l * a.g_row_stride;
+        const PatchRow r = patch_row(m, a.l, a.gw, a.patch, a.stride_b, a.stride_h, a.stride_w);
+        pix = r.base;
+        grd = r.b * a.g_batch_stride + r.l * a.g_row_stride;
       }
       s.pix_row[t % kTabs][tid] = pix;
       s.grad_row[t % kTabs][tid] = grd;

@@ -58,6 +58,20 @@ __device__ __forceinline__ int patch_feature_offset(int k, int channels, int pat
   return static_cast<int>(ch * stride_c + i * stride_h + j * stride_w);
 }
 
+// Patch row m = b * L + l (token l = ph * gw + pw of image b): b, l and the pixel offset of the
+// patch's origin, b*stride_b + ph*P*stride_h + pw*P*stride_w. Shared by the patchify and
+// implicit-GEMM kernels.
+struct PatchRow {
+  int64_t b, l, base;
+};
+__device__ __forceinline__ PatchRow patch_row(int64_t m, int64_t per_image, int64_t gw, int patch,
+                                              int64_t stride_b, int64_t stride_h,
+                                              int64_t stride_w) {
+  const int64_t b = m / per_image, l = m - b * per_image;
+  const int64_t ph = l / gw, pw = l - ph * gw;
+  return {b, l, b * stride_b + ph * patch * stride_h + pw * patch * stride_w};
+}
+
 // Eight Out values to 16-byte aligned dst: one 16-byte store (fp16 / bf16) or two (fp32).
 template <typename Out>
 __device__ __forceinline__ void store8(Out* dst, const Out (&v)[8]) {
@@ -90,10 +104,8 @@ __global__ void __launch_bounds__(kPatchifyThreads)
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kPatchifyRows; first < a.rows;
        first += static_cast<int64_t>(gridDim.x) * kPatchifyRows) {
     if (threadIdx.x < kPatchifyRows && first + threadIdx.x < a.rows) {
-      const int64_t m = first + threadIdx.x;  // row m = (b, ph, pw)
-      const int64_t b = m / per_image, rem = m - b * per_image;
-      const int64_t ph = rem / a.gw, pw = rem - ph * a.gw;
-      row_base[threadIdx.x] = b * a.stride_b + ph * p * a.stride_h + pw * p * a.stride_w;
+      row_base[threadIdx.x] = patch_row(first + threadIdx.x, per_image, a.gw, p, a.stride_b,
+                                        a.stride_h, a.stride_w).base;
     }
     __syncthreads();  // the table (first pass) and this group's row bases are ready
     for (int it = threadIdx.x; it < items; it += blockDim.x) {
