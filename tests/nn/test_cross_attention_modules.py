@@ -235,3 +235,20 @@ def test_mllama_decoder_layer_under_autocast_matches_hf(hf_mllama):
     assert got.dtype == theirs.dtype == torch.float32
     e_ours, e_hf = ((t.double() - ref).abs().max().item() for t in (got, theirs))
     assert e_ours <= 2 * e_hf + 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("masked_rows", ["uniform", "zero"])
+def test_sdpa_fallback_matches_the_op(masked_rows):
+    """The module's composite for CUDA inputs the kernels do not take (fp32, other head dims),
+    checked on the CPU against the op: ranges with dead rows, GQA, both masked-row rules."""
+    from vlmkern.nn.cross_attention import _sdpa_with_ranges
+
+    b, s, hq, hk, d, m, t, n = 2, 9, 4, 2, 24, 2, 2, 5
+    q = torch.randn(b, hq, s, d, dtype=torch.float64)
+    k, v = (torch.randn(b, hk, m * t * n, d, dtype=torch.float64) for _ in range(2))
+    ranges = vlmkern.ops.mllama_kv_ranges(mllama_mask(b, s, m, t), n)
+    assert (ranges[..., 1] <= ranges[..., 0]).all(-1).any()  # some rows see nothing
+    got = _sdpa_with_ranges(q, k, v, 0.3, ranges, masked_rows)
+    want = vlmkern.ops.cross_attention(q.float(), k.float(), v.float(), scale=0.3,
+                                       kv_ranges=ranges, masked_rows=masked_rows)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)

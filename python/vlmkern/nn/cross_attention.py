@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.cross_attention import cross_attention, mllama_kv_ranges
+from ..ops.cross_attention import CUDA_HEAD_DIMS, cross_attention, mllama_kv_ranges
 from ..ops.gated_linear import gated_linear
 from ._fusable import fusable
 
@@ -42,6 +42,28 @@ def _gated_residual(linear: nn.Module, x: torch.Tensor, gate: torch.Tensor,
     if fusable(linear) and not torch.is_autocast_enabled(x.device.type):
         return gated_linear(x, linear.weight, gate, residual, linear.bias)
     return residual + gate.tanh() * linear(x)
+
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _sdpa_with_ranges(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      kv_ranges: torch.Tensor | None, masked_rows: str) -> torch.Tensor:
+    """The op's function by torch SDPA with a boolean mask built from the ranges: what runs on
+    CUDA where the op's kernels do not (fp32, head dims outside CUDA_HEAD_DIMS).
+    q (B, Hq, S, D), k / v (B, Hk, L, D), kv_ranges (B, S, R, 2) -> (B, Hq, S, D)."""
+    mask = dead = None
+    if kv_ranges is not None:
+        keys = torch.arange(k.shape[2], device=k.device)
+        lo, hi = kv_ranges[..., 0, None], kv_ranges[..., 1, None]  # (B, S, R, 1)
+        vis = ((keys >= lo) & (keys < hi)).any(-2)  # (B, S, L)
+        dead = ~vis.any(-1, keepdim=True)  # (B, S, 1): rows that see no key
+        mask = (vis | dead).unsqueeze(1)  # a dead row attends uniformly, as HF's mask makes it
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                     enable_gqa=True)
+    if dead is not None and masked_rows == "zero":
+        out = out.masked_fill(dead.unsqueeze(1), 0)
+    return out
 
 
 class MllamaTextCrossAttention(nn.Module):
@@ -90,8 +112,11 @@ class MllamaTextCrossAttention(nn.Module):
         q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)
         k, v = self.project_kv(cross_attention_states) if kv is None else kv
-        out = cross_attention(q, k, v, scale=self.scaling, kv_ranges=kv_ranges,
-                              masked_rows=self.masked_rows)
+        if q.is_cuda and (q.dtype not in _CUDA_DTYPES or self.head_dim not in CUDA_HEAD_DIMS):
+            out = _sdpa_with_ranges(q, k, v, self.scaling, kv_ranges, self.masked_rows)
+        else:
+            out = cross_attention(q, k, v, scale=self.scaling, kv_ranges=kv_ranges,
+                                  masked_rows=self.masked_rows)
         return out.transpose(1, 2).reshape(b, s, -1)
 
     def forward(self, hidden_states: torch.Tensor,
@@ -151,6 +176,15 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 cross_attention_states: torch.Tensor | None = None, *,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+        # HF's full_text_row_masked_out_mask: the row sees an image.
+        row = None if kv_ranges is None else \
+            (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True)
+        return self._layer(hidden_states, cross_attention_states, kv, kv_ranges, row)
+
+    def _layer(self, hidden_states: torch.Tensor, cross_attention_states: torch.Tensor | None,
+               kv: tuple[torch.Tensor, torch.Tensor] | None, kv_ranges: torch.Tensor | None,
+               row: torch.Tensor | None) -> torch.Tensor:
+        """The layer, given which rows see an image: ``row`` (B, S, 1) (None: all of them)."""
         xattn, mlp = self.cross_attn, self.mlp
         normed = self.input_layernorm(hidden_states)
         gate = self.cross_attn_attn_gate
@@ -162,9 +196,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
             attn = xattn(normed, cross_attention_states, kv=kv, kv_ranges=kv_ranges)
             hidden_states = hidden_states + gate.tanh() * attn
         normed = self.post_attention_layernorm(hidden_states)
-        # HF's full_text_row_masked_out_mask: the row sees an image.
-        row = None if kv_ranges is None else \
-            (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True).to(normed.dtype)
+        row = None if row is None else row.to(normed.dtype)
         projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if (fusable(mlp, types=(MllamaTextMLP,)) and fusable(*projs)
                 and all(p.bias is None for p in projs)

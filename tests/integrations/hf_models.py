@@ -1,0 +1,153 @@
+"""Tiny HF transformers VLMs (random weights, seconds on a CPU) and inputs that exercise their
+image paths, for the drop-in tests: name -> (model in eval mode, forward kwargs)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+IMAGE_TOKEN = 151
+_LLAMA = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=160)
+_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _ids(images: int, batch: int = 1) -> torch.Tensor:
+    row = [1, 5] + [IMAGE_TOKEN] * images + [7, 8]
+    return torch.tensor([row] * batch)
+
+
+def llava():
+    vc = T.CLIPVisionConfig(**_VIT, image_size=28, patch_size=14)
+    cfg = T.LlavaConfig(vision_config=vc, text_config=T.LlamaConfig(**_LLAMA),
+                        image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+    return T.LlavaForConditionalGeneration(cfg), dict(input_ids=_ids(4, 2),
+                                                      pixel_values=torch.randn(2, 3, 28, 28))
+
+
+def _qwen(family: str):
+    txt = dict(_LLAMA, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
+                                        "rope_theta": 10000.0})
+    vis = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_vl":
+        vis.update(embed_dim=32, hidden_size=48, mlp_ratio=2, patch_size=14)
+        config, model = T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        vis.update(hidden_size=32, out_hidden_size=48, intermediate_size=64, patch_size=14,
+                   fullatt_block_indexes=[1], window_size=56)
+        config, model = T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration
+    else:
+        vis.update(hidden_size=32, out_hidden_size=48, intermediate_size=64, patch_size=16,
+                   num_position_embeddings=16, deepstack_visual_indexes=[0])
+        txt = dict(txt, head_dim=12)
+        txt["rope_parameters"] = dict(txt["rope_parameters"], mrope_interleaved=True)
+        config, model = T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration
+    cfg = config(vision_config=vis, text_config=txt, image_token_id=IMAGE_TOKEN,
+                 video_token_id=152, vision_start_token_id=150)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]])  # two images, 24 + 4 patches
+    p = cfg.vision_config.patch_size
+    ids = torch.tensor([[1, 150] + [IMAGE_TOKEN] * 6 + [7, 150] + [IMAGE_TOKEN] + [8]])
+    return model(cfg), dict(input_ids=ids, pixel_values=torch.randn(28, 3 * 2 * p * p),
+                            image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE_TOKEN).long())
+
+
+def internvl():
+    vc = dict(_VIT, image_size=[56, 56], patch_size=[14, 14])
+    cfg = T.InternVLConfig(vision_config=vc, text_config=dict(_LLAMA, model_type="qwen2"),
+                           image_token_id=IMAGE_TOKEN, downsample_ratio=0.5)
+    return T.InternVLForConditionalGeneration(cfg), dict(input_ids=_ids(4, 2),
+                                                         pixel_values=torch.randn(2, 3, 56, 56))
+
+
+def _idefics3(family: str):
+    config = T.Idefics3Config if family == "idefics3" else T.SmolVLMConfig
+    model = (T.Idefics3ForConditionalGeneration if family == "idefics3"
+             else T.SmolVLMForConditionalGeneration)
+    cfg = config(vision_config=dict(_VIT, image_size=56, patch_size=14),
+                 text_config=dict(_LLAMA, model_type="llama"), image_token_id=IMAGE_TOKEN,
+                 scale_factor=2)
+    return model(cfg), dict(input_ids=_ids(4), pixel_values=torch.randn(1, 1, 3, 56, 56))
+
+
+def paligemma():
+    vc = dict(_VIT, image_size=28, patch_size=14, projection_dim=48)
+    tc = dict(_LLAMA, model_type="gemma", num_key_value_heads=1, head_dim=12)
+    cfg = T.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                            projection_dim=48)
+    return T.PaliGemmaForConditionalGeneration(cfg), dict(input_ids=_ids(4),
+                                                          pixel_values=torch.randn(1, 3, 28, 28))
+
+
+MLLAMA_TILE_TOKENS = (28 // 14) ** 2 + 1
+
+
+def mllama():
+    """Text model with one cross-attention layer, fed image states directly (the vision tower is
+    HF's); the tile mask has rows that see no image, one tile, and both images."""
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+              attention_heads=4, image_size=28, patch_size=14, max_num_tiles=2,
+              intermediate_layers_indices=[0], vision_output_dim=64,
+              supported_aspect_ratios=[[1, 1], [1, 2]])
+    # head dim 64: on CUDA in bf16 / fp16 the cross-attention kernel itself runs
+    tc = dict(hidden_size=256, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=160, cross_attention_layers=[1], pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+    model = T.MllamaForConditionalGeneration(T.MllamaConfig(vision_config=vc, text_config=tc))
+    with torch.no_grad():  # HF initializes the gates to 0, which would hide the branches
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(0.7)
+    b, s, images, tiles = 2, 7, 2, 2
+    mask = torch.zeros(b, s, images, tiles, dtype=torch.long)
+    mask[0, 2:, 0, :1] = 1
+    mask[0, 4:, 1, :] = 1
+    mask[1, 1:5, 0, :] = 1
+    mask[1, 3:, 1, 1:] = 1
+    states = torch.randn(b, images * tiles * MLLAMA_TILE_TOKENS, 256)
+    return model, dict(input_ids=torch.randint(3, 150, (b, s)), cross_attention_states=states,
+                       cross_attention_mask=mask)
+
+
+MODELS = {
+    "llava": llava,
+    "qwen2_vl": lambda: _qwen("qwen2_vl"),
+    "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
+    "qwen3_vl": lambda: _qwen("qwen3_vl"),
+    "internvl": internvl,
+    "idefics3": lambda: _idefics3("idefics3"),
+    "smolvlm": lambda: _idefics3("smolvlm"),
+    "paligemma": paligemma,
+    "mllama": mllama,
+}
+
+# What patch_model must replace in each: module path -> HF class.
+EXPECTED = {
+    "llava": {"model.vision_tower.embeddings": "CLIPVisionEmbeddings",
+              "model.multi_modal_projector": "LlavaMultiModalProjector"},
+    "qwen2_vl": {"model.visual.patch_embed": "PatchEmbed", "model.visual.merger": "PatchMerger"},
+    "qwen2_5_vl": {"model.visual.patch_embed": "Qwen2_5_VisionPatchEmbed",
+                   "model.visual.merger": "Qwen2_5_VLPatchMerger"},
+    "qwen3_vl": {"model.visual.patch_embed": "Qwen3VLVisionPatchEmbed",
+                 "model.visual.merger": "Qwen3VLVisionPatchMerger",
+                 "model.visual.deepstack_merger_list.0": "Qwen3VLVisionPatchMerger"},
+    "internvl": {"model.vision_tower.embeddings": "InternVLVisionEmbeddings",
+                 "model.multi_modal_projector": "InternVLMultiModalProjector"},
+    "idefics3": {"model.connector": "Idefics3Connector"},
+    "smolvlm": {"model.connector": "SmolVLMConnector"},
+    "paligemma": {"model.vision_tower.embeddings": "SiglipVisionEmbeddings",
+                  "model.multi_modal_projector": "PaliGemmaMultiModalProjector"},
+    "mllama": {"model.language_model.layers.1": "MllamaCrossAttentionDecoderLayer"},
+}
+
+# vlmkern ops each patched model must run (profiler names, "vlmkern::<op>").
+OPS = {
+    "llava": {"patch_embed", "mlp_projector"},
+    "qwen2_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin"},
+    "qwen2_5_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin"},
+    "qwen3_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin"},
+    "internvl": {"patch_embed", "mlp_projector", "pixel_shuffle"},
+    "idefics3": {"mlp_projector"},
+    "smolvlm": {"mlp_projector"},
+    "paligemma": {"patch_embed", "mlp_projector"},
+    "mllama": {"cross_attention", "gated_linear", "mllama_kv_ranges"},
+}
