@@ -120,16 +120,25 @@ MODELS = {
     "mllama": mllama,
 }
 
+
+
+def _vit_attention(cls: str) -> dict[str, str]:
+    return {f"model.visual.blocks.{i}.attn": cls for i in range(2)}
+
+
 # What patch_model must replace in each: module path -> HF class.
 EXPECTED = {
     "llava": {"model.vision_tower.embeddings": "CLIPVisionEmbeddings",
               "model.multi_modal_projector": "LlavaMultiModalProjector"},
-    "qwen2_vl": {"model.visual.patch_embed": "PatchEmbed", "model.visual.merger": "PatchMerger"},
+    "qwen2_vl": {"model.visual.patch_embed": "PatchEmbed", "model.visual.merger": "PatchMerger",
+                 **_vit_attention("VisionAttention")},
     "qwen2_5_vl": {"model.visual.patch_embed": "Qwen2_5_VisionPatchEmbed",
-                   "model.visual.merger": "Qwen2_5_VLPatchMerger"},
+                   "model.visual.merger": "Qwen2_5_VLPatchMerger",
+                   **_vit_attention("Qwen2_5_VLVisionAttention")},
     "qwen3_vl": {"model.visual.patch_embed": "Qwen3VLVisionPatchEmbed",
                  "model.visual.merger": "Qwen3VLVisionPatchMerger",
-                 "model.visual.deepstack_merger_list.0": "Qwen3VLVisionPatchMerger"},
+                 "model.visual.deepstack_merger_list.0": "Qwen3VLVisionPatchMerger",
+                 **_vit_attention("Qwen3VLVisionAttention")},
     "internvl": {"model.vision_tower.embeddings": "InternVLVisionEmbeddings",
                  "model.multi_modal_projector": "InternVLMultiModalProjector"},
     "idefics3": {"model.connector": "Idefics3Connector"},
@@ -142,9 +151,9 @@ EXPECTED = {
 # vlmkern ops each patched model must run (profiler names, "vlmkern::<op>").
 OPS = {
     "llava": {"patch_embed", "mlp_projector"},
-    "qwen2_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin"},
-    "qwen2_5_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin"},
-    "qwen3_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin"},
+    "qwen2_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
+    "qwen2_5_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
+    "qwen3_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
     "internvl": {"patch_embed", "mlp_projector", "pixel_shuffle"},
     "idefics3": {"mlp_projector"},
     "smolvlm": {"mlp_projector"},

@@ -179,7 +179,7 @@ def test_hooked_or_adapted_modules_are_left_alone():
 
 def test_switches_choose_what_is_patched():
     model, _ = MODELS["qwen2_vl"]()
-    report = vhf.patch_model(model, embeddings=False, rope=False)
+    report = vhf.patch_model(model, embeddings=False, vision_attention=False, rope=False)
     assert [p for p, _, _ in report.replaced] == ["model.visual.merger"]
     assert not report.functions
     assert "1 modules replaced, 0 functions patched" in str(report)

@@ -58,7 +58,8 @@ def _hooked(module: nn.Module) -> str | None:
 
 
 def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool = True,
-                cross_attention: bool = True, rope: bool = True) -> PatchReport:
+                cross_attention: bool = True, vision_attention: bool = True,
+                rope: bool = True) -> PatchReport:
     """Swap the HF modules of ``model`` that vlmkern implements, in place; returns a report.
 
     Each replacement is a ``vlmkern.nn`` module (or an adapter with HF's ``forward`` signature)
@@ -73,6 +74,8 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
       patch embeds;
     - ``cross_attention``: Mllama's ``MllamaCrossAttentionDecoderLayer`` (cross-attention with
       visible key ranges instead of the dense mask, both tanh gates fused into their GEMMs);
+    - ``vision_attention``: the Qwen2-VL / 2.5-VL / 3-VL ViT attention (all image / window
+      segments in one packed cross_attention, no host sync; a single segment runs SDPA);
     - ``rope``: ``apply_rotary_pos_emb`` / ``apply_rotary_pos_emb_vision`` of the Qwen2-VL family's
       modeling modules used by ``model`` (a process-wide change, as any function patch; undo it
       with :func:`unpatch_functions`).
@@ -81,7 +84,8 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     vlmkern module lacks (a PEFT adapter), is left alone and listed in ``report.skipped``.
     """
     report = PatchReport()
-    kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention}
+    kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention,
+             "vision_attention": vision_attention}
     _swap(model, "", model, kinds, report)
     if connectors:
         _patch_internvl_shuffle(model, report)

@@ -21,7 +21,7 @@ class Skip(Exception):
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str  # "connector", "embedding" or "cross_attention": the patch_model switch
+    kind: str  # the patch_model switch: "connector", "embedding", "cross_attention", ...
     build: Callable[[nn.Module, nn.Module], nn.Module]  # (HF module, root model) -> vlmkern
 
 
@@ -135,6 +135,13 @@ def _qwen_patch_embed(hf: nn.Module, root: nn.Module) -> nn.Module:
     return new
 
 
+# ---- attention ---------------------------------------------------------------------------------
+
+
+def _qwen_vision_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
+    return vnn.QwenVisionAttention(hf.dim, hf.num_heads)
+
+
 # ---- cross-attention ---------------------------------------------------------------------------
 
 
@@ -146,6 +153,7 @@ def _mllama_layer(hf: nn.Module, root: nn.Module) -> nn.Module:
 
 
 _CONNECTOR, _EMBEDDING, _XATTN = "connector", "embedding", "cross_attention"
+_VIT_ATTN = "vision_attention"
 BUILDERS: dict[str, Entry] = {
     "modeling_llava.LlavaMultiModalProjector": Entry(_CONNECTOR, _llava),
     "modeling_llava_next.LlavaNextMultiModalProjector": Entry(_CONNECTOR, _llava),
@@ -165,6 +173,9 @@ BUILDERS: dict[str, Entry] = {
     "modeling_qwen2_5_vl.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen3_vl.Qwen3VLVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_mllama.MllamaCrossAttentionDecoderLayer": Entry(_XATTN, _mllama_layer),
+    "modeling_qwen2_vl.VisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
+    "modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
+    "modeling_qwen3_vl.Qwen3VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
 }
 
 

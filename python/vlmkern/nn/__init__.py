@@ -26,6 +26,7 @@ from .projector import (
     SmolVLMConnector,
 )
 from .rope import MRotary, VisionRotary
+from .vision_attention import QwenVisionAttention
 
 __all__ = [
     "MRotary",
@@ -44,6 +45,7 @@ __all__ = [
     "Blip2QFormerMultiHeadAttention",
     "MllamaCrossAttentionDecoderLayer",
     "MllamaTextCrossAttention",
+    "QwenVisionAttention",
     "CLIPVisionEmbeddings",
     "InternVLVisionEmbeddings",
     "Qwen2VLPatchEmbed",

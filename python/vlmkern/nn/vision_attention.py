@@ -1,0 +1,69 @@
+"""The Qwen2-VL / 2.5-VL / 3-VL ViT's attention over packed images (``qkv``, ``proj``: HF's names
+and call signature): every image or window segment in one vlmkern.ops.cross_attention launch,
+its 2D RoPE by vlmkern.ops.apply_rotary_pos_emb_vision; no host sync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops.cross_attention import CUDA_HEAD_DIMS, cross_attention
+from ..ops.rope import apply_rotary_pos_emb_vision
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Packed attention within segments by torch SDPA: one call without a mask for a single
+    segment, else a block-diagonal mask (no host sync). q, k, v (N, H, D) -> (N, H, D)."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, N, D)
+    mask = None
+    if cu_seqlens.numel() > 2:
+        tokens = torch.arange(q.shape[2], device=q.device)
+        segment = torch.searchsorted(cu_seqlens[1:].to(q.device), tokens, right=True)
+        mask = segment[:, None] == segment[None, :]
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+class QwenVisionAttention(nn.Module):
+    """HF's ``VisionAttention`` / ``Qwen2_5_VLVisionAttention`` / ``Qwen3VLVisionAttention``:
+    ``proj(attention within segments(rope(qkv(x))))``.
+
+    ``forward(hidden_states (N, dim), cu_seqlens (S + 1,) int, position_embeddings=(cos, sin)
+    (N, head_dim) fp32, max_seqlen=None) -> (N, dim)``. The segments (images, video frames,
+    Qwen2.5-VL's windows) run as one packed cross_attention. On CUDA that replaces HF's SDPA
+    call per segment, which ran torch's math backend on the last H100 run (bench/results,
+    ``qwen2vl-vit 8x1024``: 11.7× slower than the kernel); CUDA inputs the kernels do not take
+    (fp32, other head dims) run SDPA with a block-diagonal mask. On the CPU a single segment
+    runs SDPA, whose flash kernel is the faster one there.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                max_seqlen: int | None = None, **kwargs: Any) -> torch.Tensor:
+        n = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+        if position_embeddings is not None:
+            q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+        if q.is_cuda:
+            kernel = q.dtype in _CUDA_DTYPES and self.head_dim in CUDA_HEAD_DIMS
+        else:  # the CPU's SDPA is as fast on one segment (measured, see the docstring)
+            kernel = cu_seqlens.numel() > 2
+        if kernel:
+            out = cross_attention(q, k, v, scale=self.scaling, cu_seqlens_q=cu_seqlens,
+                                  cu_seqlens_k=cu_seqlens)
+        else:
+            out = _sdpa_segments(q, k, v, cu_seqlens, self.scaling)
+        return self.proj(out.reshape(n, -1))
