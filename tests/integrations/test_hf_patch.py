@@ -218,3 +218,29 @@ def test_llava_family_projectors(cls):
     x = torch.randn(3, 5, hf.linear_1.in_features)
     with torch.no_grad():
         assert _rel(root["proj"](x), hf(x)) <= 1e-6
+
+
+def test_patched_layers_compile_without_graph_breaks():
+    """The swapped-in Mllama layer (HF's dense mask read back as ranges) and Qwen ViT attention
+    under torch.compile(fullgraph=True)."""
+    _, patched, _, inputs = _pair("mllama")
+    layer = patched.model.language_model.layers[1]
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    mask, rows = _prepare_cross_attention_mask(inputs["cross_attention_mask"],
+                                               MLLAMA_TILE_TOKENS, torch.float32)
+    x, states = torch.randn(2, 7, 256), inputs["cross_attention_states"]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, states, mask, None, rows),
+                                   layer(x, states, mask, None, rows))
+
+    _, patched, _, _ = _pair("qwen2_vl")
+    attn = patched.model.visual.blocks[0].attn
+    x = torch.randn(28, 32)
+    cu = torch.tensor([0, 24, 28], dtype=torch.int32)
+    angles = torch.randn(28, 4)
+    pe = (torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin())
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, cu, pe), attn(x, cu, pe))

@@ -11,6 +11,7 @@ from types import ModuleType
 # the bandwidth-bound ops last were measured on 2026-11-22).
 REGISTRY: dict[str, str] = {
     "cross_attention": "vlmkern.bench.cross_attention",
+    "hf_models": "vlmkern.bench.hf_models",
     "patch_embed": "vlmkern.bench.patch_embed",
     "patch_embed_train": "vlmkern.bench.patch_embed_train",
     "gated_linear": "vlmkern.bench.gated_linear",

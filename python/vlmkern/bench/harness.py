@@ -47,6 +47,7 @@ class Case:
     bytes_moved: int
     kwargs: dict[str, Any] = field(default_factory=dict)
     flops: int | None = None
+    cuda_graph: bool = True  # False: time eager calls on CUDA too (model-level cases)
 
 
 @dataclass
@@ -126,11 +127,12 @@ def _run_all(fn: Callable, sets: Sequence[tuple], kwargs: dict) -> list:
 
 
 def time_cuda(
-    fn: Callable, sets: Sequence[tuple], kwargs: dict, reps: int, warmup: int = 3
+    fn: Callable, sets: Sequence[tuple], kwargs: dict, reps: int, warmup: int = 3,
+    graph: bool = True,
 ) -> Timing:
     """One pass over all sets captured in a CUDA graph, replayed ``reps`` times, each replay timed
-    with CUDA events; per-call time = replay time / len(sets). Falls back to event timing of
-    eager passes when capture fails (the note says why)."""
+    with CUDA events; per-call time = replay time / len(sets). Event timing of eager passes
+    instead when capture fails (the note says why) or ``graph`` is False."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up off the default stream, as graph capture wants
@@ -139,19 +141,22 @@ def time_cuda(
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
 
-    method, note = "cuda_graph", ""
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            outs = _run_all(fn, sets, kwargs)  # kept alive so outputs are not recycled in-pass
-        run = graph.replay
-    except Exception as e:  # noqa: BLE001 - any capture failure means: time eagerly instead
-        torch.cuda.synchronize()
-        graph, outs = None, None
-        method, note = "cuda_events", f"graph capture failed ({type(e).__name__}); eager timing"
+    def eager() -> None:
+        _run_all(fn, sets, kwargs)
 
-        def run() -> None:
-            _run_all(fn, sets, kwargs)
+    method, note, run = "cuda_events", "eager timing (by request)", eager
+    cuda_graph, outs = None, None
+    if graph:
+        method, note, cuda_graph = "cuda_graph", "", torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(cuda_graph):
+                outs = _run_all(fn, sets, kwargs)  # kept alive: outputs not recycled in-pass
+            run = cuda_graph.replay
+        except Exception as e:  # noqa: BLE001 - any capture failure means: time eagerly instead
+            torch.cuda.synchronize()
+            cuda_graph, outs = None, None
+            method = "cuda_events"
+            note = f"graph capture failed ({type(e).__name__}); eager timing"
 
     run()
     torch.cuda.synchronize()
@@ -163,7 +168,7 @@ def time_cuda(
         e.record()
     torch.cuda.synchronize()
     samples = [s.elapsed_time(e) * 1e3 / len(sets) for s, e in zip(starts, ends, strict=True)]
-    del graph, outs
+    del cuda_graph, outs
     return Timing(samples, method, len(sets), note)
 
 
@@ -194,11 +199,12 @@ def time_cpu(jobs: dict[str, Job], quick: bool = False, rounds: int = 8) -> dict
     return {name: Timing(samples[name], "perf_counter", len(jobs[name][1])) for name in jobs}
 
 
-def time_all(jobs: dict[str, Job], cfg: Config) -> dict[str, Timing]:
-    """Times every job: one CUDA graph per provider on GPU, interleaved calls on CPU."""
+def time_all(jobs: dict[str, Job], cfg: Config, graph: bool = True) -> dict[str, Timing]:
+    """Times every job: one CUDA graph per provider on GPU (eager passes without ``graph``),
+    interleaved calls on CPU."""
     if cfg.device == "cuda":
         reps, warmup = (20, 2) if cfg.quick else (100, 5)
-        return {name: time_cuda(*job, reps, warmup) for name, job in jobs.items()}
+        return {name: time_cuda(*job, reps, warmup, graph) for name, job in jobs.items()}
     return time_cpu(jobs, cfg.quick)
 
 
@@ -386,7 +392,7 @@ def run_op(
             jobs[name] = (fn, sets, case.kwargs)
         jobs[COPY] = (copy_fn, copy_case_sets(case.bytes_moved, n_sets, cfg), {})
         del probe, ref, sets
-        timings = time_all(jobs, cfg)
+        timings = time_all(jobs, cfg, case.cuda_graph)
         del jobs
         if cfg.device == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,192 @@
+"""Drop-in bench: pieces of HF transformers VLMs (random weights; real widths on the GPU, tiny
+ones on the CPU) as HF runs them and after ``vlmkern.integrations.hf.patch_model``:
+
+- Qwen2-VL's ViT (widths of Qwen2-VL-7B, 8 of its 32 blocks) on 8 images of 448² and on one
+  1344² image; Qwen2.5-VL-7B's ViT (8 blocks, window attention in 6) on one 896² image;
+- LLaVA-1.5's image features: CLIP-L/14-336 (all 24 layers) + the projector, 4 images;
+- Mllama-11B's gated cross-attention decoder layer, 1024 text tokens x one 4-tile image.
+
+Both sides are timed eagerly (HF's Qwen ViT syncs the host, so no CUDA graph for either): what a
+user of the model sees. "bytes" is the weights' size (read once per call at least); the
+correctness gate is HF's own output in the bench dtype."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmkern.bench.harness import Case, Config
+
+NAME = "hf_models"
+BASELINE = "HF"
+EXACT = False
+
+
+@dataclass
+class Spec:
+    hf: nn.Module
+    vk: nn.Module
+    call: Callable  # (model, *inputs) -> tensor
+
+
+def hf_model(*inputs, spec: Spec) -> torch.Tensor:
+    with torch.no_grad():
+        return spec.call(spec.hf, *inputs)
+
+
+def vlmkern_model(*inputs, spec: Spec) -> torch.Tensor:
+    with torch.no_grad():
+        return spec.call(spec.vk, *inputs)
+
+
+class _Holder(nn.Module):
+    """A root for patch_model: the modules under test plus the config builders read."""
+
+    def __init__(self, config, **modules: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        for name, m in modules.items():
+            self.add_module(name, m)
+
+
+def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Config) -> Case:
+    from vlmkern.integrations.hf import patch_model, unpatch_functions
+
+    root = root.to(cfg.device, cfg.dtype).eval()
+    patched = copy.deepcopy(root)
+    patch_model(patched, rope=False)  # the ViT attention calls vlmkern's rope itself
+    unpatch_functions()
+    weights = sum(p.numel() * p.element_size() for p in root.parameters())
+    return Case(label, make, weights, {"spec": Spec(root, patched, call)}, cuda_graph=False)
+
+
+def _randn(*shape: int, cfg: Config) -> torch.Tensor:
+    return torch.randn(*shape, device=cfg.device).to(cfg.dtype)
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ViT -----------------------------------------------------------------
+
+
+def _qwen_vit(label: str, family: str, images: int, side: int, cfg: Config) -> Case:
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as q25
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as q2
+
+    gpu = cfg.device == "cuda"
+    dims = dict(depth=8, num_heads=16) if gpu else dict(depth=2, num_heads=4)
+    width = 1280 if gpu else 256
+    if family == "qwen2_vl":
+        config = q2.Qwen2VLVisionConfig(**dims, embed_dim=width, hidden_size=3584 if gpu else 512)
+        with torch.device(cfg.device):
+            model = q2.Qwen2VisionTransformerPretrainedModel(config)
+    else:
+        config = q25.Qwen2_5_VLVisionConfig(
+            **dims, hidden_size=width, intermediate_size=3420 if gpu else 512,
+            out_hidden_size=3584 if gpu else 512, window_size=112,
+            fullatt_block_indexes=[3, 7] if gpu else [1])
+        with torch.device(cfg.device):
+            model = q25.Qwen2_5_VisionTransformerPretrainedModel(config)
+    grid_side = side // 14
+    tokens = images * grid_side**2
+
+    def make() -> tuple:
+        rows = _randn(tokens, 3 * 2 * 14 * 14, cfg=cfg)
+        grid = torch.tensor([[1, grid_side, grid_side]] * images, device=cfg.device)
+        return rows, grid
+
+    def call(m, rows, grid):
+        return m(rows, grid_thw=grid).pooler_output
+
+    return _case(label, model, call, make, cfg)
+
+
+# ---- LLaVA-1.5 image features ------------------------------------------------------------------
+
+
+def _llava(label: str, images: int, cfg: Config) -> Case:
+    import transformers as T
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    gpu = cfg.device == "cuda"
+    vision = T.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, image_size=336, patch_size=14) if gpu \
+        else T.CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=2, image_size=112, patch_size=14)
+    text = T.LlamaConfig(hidden_size=4096 if gpu else 256, num_attention_heads=32 if gpu else 4)
+    config = T.LlavaConfig(vision_config=vision, text_config=text)
+    with torch.device(cfg.device):
+        root = _Holder(config, vision_tower=T.CLIPVisionModel(vision),
+                       projector=LlavaMultiModalProjector(config))
+
+    def make() -> tuple:
+        return (_randn(images, 3, vision.image_size, vision.image_size, cfg=cfg),)
+
+    def call(m, pixels):  # HF LlavaModel.get_image_features: layer -2, CLS dropped
+        states = m.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+        return m.projector(states[:, 1:])
+
+    return _case(label, root, call, make, cfg)
+
+
+# ---- Mllama cross-attention decoder layer ------------------------------------------------------
+
+
+def _mllama(label: str, seq: int, tiles: int, cfg: Config) -> Case:
+    import transformers as T
+    from transformers.models.mllama import modeling_mllama as mm
+
+    gpu = cfg.device == "cuda"
+    text = T.MllamaTextConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                              intermediate_size=14336) if gpu else \
+        T.MllamaTextConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=512)
+    vision = dict(image_size=560, patch_size=14) if gpu else dict(image_size=56, patch_size=14)
+    config = T.MllamaConfig(vision_config=vision, text_config=text)
+    text._attn_implementation = "sdpa"  # what from_pretrained picks; a bare layer has none
+    with torch.device(cfg.device):
+        layer = mm.MllamaCrossAttentionDecoderLayer(text, layer_idx=0)
+    with torch.no_grad():
+        layer.cross_attn_attn_gate.fill_(0.5)
+        layer.cross_attn_mlp_gate.fill_(0.5)
+    n = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    tile_mask = torch.ones(1, seq, 1, tiles, dtype=torch.long)
+    tile_mask[:, : seq // 8] = 0  # the text before the image sees nothing
+    mask, rows = mm._prepare_cross_attention_mask(tile_mask, n, cfg.dtype)
+    mask, rows = mask.to(cfg.device), rows.to(cfg.device)
+
+    def make() -> tuple:
+        return (_randn(1, seq, text.hidden_size, cfg=cfg),
+                _randn(1, tiles * n, text.hidden_size, cfg=cfg))
+
+    def call(m, x, states):
+        return m.layer(x, states, mask, None, rows)
+
+    return _case(label, _Holder(config, layer=layer), call, make, cfg)
+
+
+def cases(cfg: Config) -> list[Case]:
+    if cfg.device == "cuda":
+        out = [_qwen_vit("qwen2-vl-7b vit x8 8x448²", "qwen2_vl", 8, 448, cfg),
+               _mllama("mllama-11b xattn layer S1024 4 tiles", 1024, 4, cfg)]
+        if not cfg.quick:
+            out += [_qwen_vit("qwen2-vl-7b vit x8 1x1344²", "qwen2_vl", 1, 1344, cfg),
+                    _qwen_vit("qwen2.5-vl-7b vit x8 1x896²", "qwen2_5_vl", 1, 896, cfg),
+                    _llava("llava-1.5 clip-l336+proj B4", 4, cfg)]
+        return out
+    out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
+           _mllama("tiny mllama xattn layer S128", 128, 4, cfg)]
+    if not cfg.quick:
+        out += [_qwen_vit("tiny qwen2.5-vl vit 1x224²", "qwen2_5_vl", 1, 224, cfg),
+                _llava("tiny llava clip+proj B4", 4, cfg)]
+    return out
+
+
+def providers(cfg: Config) -> dict[str, Callable]:
+    return {"vlmkern": vlmkern_model, "HF": hf_model}
+
+
+def reference() -> Callable:
+    return hf_model
