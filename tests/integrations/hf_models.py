@@ -36,12 +36,15 @@ def _qwen(family: str):
         vis.update(hidden_size=32, out_hidden_size=48, intermediate_size=64, patch_size=14,
                    fullatt_block_indexes=[1], window_size=56)
         config, model = T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration
-    else:
+    else:  # Qwen3-VL, Qwen3-VL-MoE
         vis.update(hidden_size=32, out_hidden_size=48, intermediate_size=64, patch_size=16,
                    num_position_embeddings=16, deepstack_visual_indexes=[0])
         txt = dict(txt, head_dim=12)
         txt["rope_parameters"] = dict(txt["rope_parameters"], mrope_interleaved=True)
         config, model = T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration
+        if family == "qwen3_vl_moe":
+            txt.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+            config, model = T.Qwen3VLMoeConfig, T.Qwen3VLMoeForConditionalGeneration
     cfg = config(vision_config=vis, text_config=txt, image_token_id=IMAGE_TOKEN,
                  video_token_id=152, vision_start_token_id=150)
     grid = torch.tensor([[1, 4, 6], [1, 2, 2]])  # two images, 24 + 4 patches
@@ -113,6 +116,7 @@ MODELS = {
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
     "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
     "qwen3_vl": lambda: _qwen("qwen3_vl"),
+    "qwen3_vl_moe": lambda: _qwen("qwen3_vl_moe"),
     "internvl": internvl,
     "idefics3": lambda: _idefics3("idefics3"),
     "smolvlm": lambda: _idefics3("smolvlm"),
@@ -139,6 +143,10 @@ EXPECTED = {
                  "model.visual.merger": "Qwen3VLVisionPatchMerger",
                  "model.visual.deepstack_merger_list.0": "Qwen3VLVisionPatchMerger",
                  **_vit_attention("Qwen3VLVisionAttention")},
+    "qwen3_vl_moe": {"model.visual.patch_embed": "Qwen3VLMoeVisionPatchEmbed",
+                     "model.visual.merger": "Qwen3VLMoeVisionPatchMerger",
+                     "model.visual.deepstack_merger_list.0": "Qwen3VLMoeVisionPatchMerger",
+                     **_vit_attention("Qwen3VLMoeVisionAttention")},
     "internvl": {"model.vision_tower.embeddings": "InternVLVisionEmbeddings",
                  "model.multi_modal_projector": "InternVLMultiModalProjector"},
     "idefics3": {"model.connector": "Idefics3Connector"},
@@ -154,6 +162,7 @@ OPS = {
     "qwen2_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
     "qwen2_5_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
     "qwen3_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
+    "qwen3_vl_moe": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
     "internvl": {"patch_embed", "mlp_projector", "pixel_shuffle"},
     "idefics3": {"mlp_projector"},
     "smolvlm": {"mlp_projector"},

@@ -100,13 +100,15 @@ def test_parameters_and_state_dict_are_hfs(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_lowprec_logits_within_twice_hfs_error(name, dtype, device):
-    """Against HF's model in float64 on the CPU: the patched model's error at most twice HF's
-    own (plus a hair for ties), in the model's dtype on each device."""
+    """Against HF's model in float64 (fp32 for the MoE) on the CPU: the patched model's error
+    at most twice HF's own (plus a hair for ties), in the model's dtype on each device."""
     ref_model, inputs = MODELS[name]()
-    ref_model = ref_model.double().eval()
+    # torch's grouped GEMM (the MoE experts) has no float64: fp32 is that model's reference
+    ref_dtype = torch.float32 if name.endswith("_moe") else torch.float64
+    ref_model = ref_model.to(ref_dtype).eval()
     with torch.no_grad():
-        ref = ref_model(**{k: v.double() if v.is_floating_point() else v
-                           for k, v in inputs.items()}).logits
+        ref = ref_model(**{k: v.to(ref_dtype) if v.is_floating_point() else v
+                           for k, v in inputs.items()}).logits.double()
     model, patched, _, inputs = _pair(name, device, dtype)
     with torch.no_grad():
         hf_err = (model(**inputs).logits.double().cpu() - ref).abs().max().item()
@@ -199,13 +201,15 @@ def test_rope_functions_are_restored():
 
 @pytest.mark.parametrize("cls", ["LlavaNextMultiModalProjector",
                                  "LlavaOnevisionMultiModalProjector",
-                                 "LlavaNextVideoMultiModalProjector"])
+                                 "LlavaNextVideoMultiModalProjector",
+                                 "VideoLlavaMultiModalProjector"])
 def test_llava_family_projectors(cls):
     import transformers as T
 
     family = {"LlavaNextMultiModalProjector": ("llava_next", T.LlavaNextConfig),
               "LlavaOnevisionMultiModalProjector": ("llava_onevision", T.LlavaOnevisionConfig),
-              "LlavaNextVideoMultiModalProjector": ("llava_next_video", T.LlavaNextVideoConfig)}
+              "LlavaNextVideoMultiModalProjector": ("llava_next_video", T.LlavaNextVideoConfig),
+              "VideoLlavaMultiModalProjector": ("video_llava", T.VideoLlavaConfig)}
     short, config = family[cls]
     module = __import__(f"transformers.models.{short}.modeling_{short}", fromlist=[cls])
     cfg = config(vision_config=dict(model_type="clip_vision_model", hidden_size=32,
@@ -244,3 +248,17 @@ def test_patched_layers_compile_without_graph_breaks():
     compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, cu, pe), attn(x, cu, pe))
+
+
+def test_llava_generate_gives_hfs_tokens():
+    model, patched, _, inputs = _pair("llava")
+    kw = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(patched.generate(**inputs, **kw), model.generate(**inputs, **kw))
+
+
+def test_mllama_attention_dropout_is_not_swapped():
+    model, _ = MODELS["mllama"]()
+    model.model.language_model.layers[1].cross_attn.dropout = 0.1
+    report = vhf.patch_model(model)
+    assert not report.replaced
+    assert "dropout" in report.skipped[0][2]

@@ -75,7 +75,7 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     - ``cross_attention``: Mllama's ``MllamaCrossAttentionDecoderLayer`` (cross-attention with
       visible key ranges instead of the dense mask, both tanh gates fused into their GEMMs);
     - ``vision_attention``: the Qwen2-VL / 2.5-VL / 3-VL ViT attention (all image / window
-      segments in one packed cross_attention, no host sync; a single segment runs SDPA);
+      segments in one packed cross_attention, no host sync; Qwen3-VL-MoE too);
     - ``rope``: ``apply_rotary_pos_emb`` / ``apply_rotary_pos_emb_vision`` of the Qwen2-VL family's
       modeling modules used by ``model`` (a process-wide change, as any function patch; undo it
       with :func:`unpatch_functions`).

@@ -146,6 +146,8 @@ def _qwen_vision_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
 
 
 def _mllama_layer(hf: nn.Module, root: nn.Module) -> nn.Module:
+    if hf.cross_attn.dropout:
+        raise Skip(f"attention dropout {hf.cross_attn.dropout} (vlmkern's has none)")
     image, patch = _config_attr(root, "image_size"), _config_attr(root, "patch_size")
     tokens = (int(image) // int(patch)) ** 2 + 1  # HF's vision_model.num_patches
     return HFMllamaCrossAttentionDecoderLayer(hf.cross_attn.config, hf.layer_idx,
@@ -159,10 +161,12 @@ BUILDERS: dict[str, Entry] = {
     "modeling_llava_next.LlavaNextMultiModalProjector": Entry(_CONNECTOR, _llava),
     "modeling_llava_next_video.LlavaNextVideoMultiModalProjector": Entry(_CONNECTOR, _llava),
     "modeling_llava_onevision.LlavaOnevisionMultiModalProjector": Entry(_CONNECTOR, _llava),
+    "modeling_video_llava.VideoLlavaMultiModalProjector": Entry(_CONNECTOR, _llava),
     "modeling_internvl.InternVLMultiModalProjector": Entry(_CONNECTOR, _internvl),
     "modeling_qwen2_vl.PatchMerger": Entry(_CONNECTOR, _qwen2_merger),
     "modeling_qwen2_5_vl.Qwen2_5_VLPatchMerger": Entry(_CONNECTOR, _qwen2_merger),
     "modeling_qwen3_vl.Qwen3VLVisionPatchMerger": Entry(_CONNECTOR, _qwen3_merger),
+    "modeling_qwen3_vl_moe.Qwen3VLMoeVisionPatchMerger": Entry(_CONNECTOR, _qwen3_merger),
     "modeling_idefics3.Idefics3Connector": Entry(_CONNECTOR, _idefics3),
     "modeling_smolvlm.SmolVLMConnector": Entry(_CONNECTOR, _idefics3),
     "modeling_paligemma.PaliGemmaMultiModalProjector": Entry(_CONNECTOR, _paligemma),
@@ -172,10 +176,12 @@ BUILDERS: dict[str, Entry] = {
     "modeling_qwen2_vl.PatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen2_5_vl.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen3_vl.Qwen3VLVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
+    "modeling_qwen3_vl_moe.Qwen3VLMoeVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_mllama.MllamaCrossAttentionDecoderLayer": Entry(_XATTN, _mllama_layer),
     "modeling_qwen2_vl.VisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen3_vl.Qwen3VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
+    "modeling_qwen3_vl_moe.Qwen3VLMoeVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
 }
 
 
