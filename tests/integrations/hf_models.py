@@ -169,3 +169,38 @@ OPS = {
     "paligemma": {"patch_embed", "mlp_projector"},
     "mllama": {"cross_attention", "gated_linear", "mllama_kv_ranges"},
 }
+
+
+def mllama_pixel_inputs() -> dict:
+    """The Mllama model's own image path: pixels of 2 images x 2 tiles per text row, aspect
+    ratios, a tile mask with rows that see nothing, left padding on row 1."""
+    b, s = 2, 9
+    ids = torch.randint(3, 150, (b, s))
+    attention = torch.ones(b, s, dtype=torch.long)
+    attention[1, :3], ids[1, :3] = 0, 0
+    mask = torch.zeros(b, s, 2, 2, dtype=torch.long)
+    mask[0, 2:, 0, :1] = 1
+    mask[0, 5:, 1, :] = 1
+    mask[1, 4:, 0, :] = 1
+    mask[1, 6:, 1, 1:] = 1
+    return dict(input_ids=ids, attention_mask=attention,
+                pixel_values=torch.randn(b, 2, 2, 3, 28, 28),
+                aspect_ratio_ids=torch.tensor([[1, 2], [2, 1]]),
+                aspect_ratio_mask=torch.tensor([[[1, 0], [1, 1]], [[1, 1], [1, 0]]]),
+                cross_attention_mask=mask)
+
+
+def qwen_video_inputs() -> dict:
+    """A 2-frame video for the Qwen2-VL model: two ViT segments of 16 patches."""
+    ids = torch.tensor([[1, 150] + [152] * 8 + [7, 8]])
+    return dict(input_ids=ids, pixel_values_videos=torch.randn(32, 3 * 2 * 14 * 14),
+                video_grid_thw=torch.tensor([[2, 4, 4]]), mm_token_type_ids=(ids == 152).long() * 2)
+
+
+def on(inputs: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+            for k, v in inputs.items()}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

@@ -1,6 +1,9 @@
 """vlmkern.integrations.hf.patch_model on tiny HF VLMs: the patched model runs vlmkern's ops and
-gives HF's logits and gradients, keeps HF's parameters (same objects, same state dict), leaves
-hooked / adapted modules alone, and its function patches can be undone."""
+gives HF's logits, gradients, generated tokens and cache steps (Mllama through its own image path
+too), and keeps HF's parameters (same objects, same state dict).
+
+HF's outputs are always computed before the patch: the rope patch is process-wide, so an HF model
+run after it would run vlmkern's rope too and hide any error in it."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from hf_models import EXPECTED, MLLAMA_TILE_TOKENS, MODELS, OPS
+from hf_models import EXPECTED, MODELS, OPS, mllama_pixel_inputs, on, qwen_video_inputs, rel
 
 pytest.importorskip("transformers")
 from vlmkern.integrations import hf as vhf  # noqa: E402
@@ -20,15 +23,11 @@ def _restore_functions():
     vhf.unpatch_functions()
 
 
-def _pair(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(HF model, patched deep copy, report, inputs) on device in dtype."""
+def _models(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(HF model, an unpatched deep copy to patch after HF's run, inputs) on device in dtype."""
     model, inputs = MODELS[name]()
     model = model.to(device, dtype).eval()
-    patched = copy.deepcopy(model)
-    report = vhf.patch_model(patched)
-    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-              for k, v in inputs.items()}
-    return model, patched, report, inputs
+    return model, copy.deepcopy(model), on(inputs, device, dtype)
 
 
 def _ops_run(fn) -> set[str]:
@@ -40,41 +39,61 @@ def _ops_run(fn) -> set[str]:
             if e.name.startswith("vlmkern::")}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_patched_model_matches_hf_and_runs_vlmkern(name):
-    model, patched, report, inputs = _pair(name)
+    model, patched, inputs = _models(name)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    report = vhf.patch_model(patched)
     assert {p: hf for p, hf, _ in report.replaced} == EXPECTED[name], str(report)
     assert not report.skipped, str(report)
     assert all(vk.startswith("vlmkern.") for _, _, vk in report.replaced)
     with torch.no_grad():
-        expected = model(**inputs).logits
         ran = _ops_run(lambda: patched(**inputs))
         got = patched(**inputs).logits
     assert OPS[name] <= ran, f"vlmkern ops run: {sorted(ran)}"
-    assert _rel(got, expected) <= 1e-5
+    assert rel(got, expected) <= 1e-5
+
+
+def _grads(m: torch.nn.Module, inputs: dict) -> dict:
+    m.train()
+    logits = m(**inputs).logits
+    (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_gradients_match_hf(name):
-    model, patched, _, inputs = _pair(name)
-    grads = []
-    for m in (model, patched):
-        m.train()
-        m.zero_grad()
-        logits = m(**inputs).logits
-        (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
+    model, patched, inputs = _models(name)
+    expected = _grads(model, inputs)
+    vhf.patch_model(patched)
+    got = _grads(patched, inputs)
+    assert expected.keys() == got.keys()
     # A gradient that is 0 in exact math (a key bias under softmax) is rounding noise in both:
     # its error is measured against a thousandth of the largest gradient.
-    floor = 1e-3 * max(g.abs().max().item() for g in grads[0].values())
-    for n, g in grads[0].items():
-        err = (grads[1][n].double() - g.double()).abs().max().item()
+    floor = 1e-3 * max(g.abs().max().item() for g in expected.values())
+    for n, g in expected.items():
+        err = (got[n].double() - g.double()).abs().max().item()
         assert err <= 1e-4 * max(g.abs().max().item(), floor), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lowprec_logits_within_twice_hfs_error(name, dtype, device):
+    """Against HF's model in float64 (fp32 for the MoE) on the CPU: the patched model's error
+    at most twice HF's own (plus a hair for ties), in the model's dtype on each device."""
+    ref_model, inputs = MODELS[name]()
+    # torch's grouped GEMM (the MoE experts) has no float64: fp32 is that model's reference
+    ref_dtype = torch.float32 if name.endswith("_moe") else torch.float64
+    ref_model = ref_model.to(ref_dtype).eval()
+    with torch.no_grad():
+        ref = ref_model(**on(inputs, dtype=ref_dtype)).logits.double()
+    model, patched, inputs = _models(name, device, dtype)
+    with torch.no_grad():
+        hf_err = (model(**inputs).logits.double().cpu() - ref).abs().max().item()
+        vhf.patch_model(patched)
+        vk_err = (patched(**inputs).logits.double().cpu() - ref).abs().max().item()
+    assert vk_err <= 2 * hf_err + 1e-3, (vk_err, hf_err)
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl", "mllama"])
@@ -97,27 +116,8 @@ def test_parameters_and_state_dict_are_hfs(name):
     assert ids == {id(p) for p in model.parameters()}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_lowprec_logits_within_twice_hfs_error(name, dtype, device):
-    """Against HF's model in float64 (fp32 for the MoE) on the CPU: the patched model's error
-    at most twice HF's own (plus a hair for ties), in the model's dtype on each device."""
-    ref_model, inputs = MODELS[name]()
-    # torch's grouped GEMM (the MoE experts) has no float64: fp32 is that model's reference
-    ref_dtype = torch.float32 if name.endswith("_moe") else torch.float64
-    ref_model = ref_model.to(ref_dtype).eval()
-    with torch.no_grad():
-        ref = ref_model(**{k: v.to(ref_dtype) if v.is_floating_point() else v
-                           for k, v in inputs.items()}).logits.double()
-    model, patched, _, inputs = _pair(name, device, dtype)
-    with torch.no_grad():
-        hf_err = (model(**inputs).logits.double().cpu() - ref).abs().max().item()
-        vk_err = (patched(**inputs).logits.double().cpu() - ref).abs().max().item()
-    assert vk_err <= 2 * hf_err + 1e-3, (vk_err, hf_err)
-
-
 def test_mllama_decode_step_with_the_cache():
-    model, patched, _, inputs = _pair("mllama")
+    model, patched, inputs = _models("mllama")
 
     def step(m):
         with torch.no_grad():
@@ -127,76 +127,46 @@ def test_mllama_decode_step_with_the_cache():
             return m(input_ids=nxt, cross_attention_mask=mask, past_key_values=out.past_key_values,
                      use_cache=True).logits
 
-    assert _rel(step(patched), step(model)) <= 1e-5
+    expected = step(model)
+    vhf.patch_model(patched)
+    assert rel(step(patched), expected) <= 1e-5
 
 
-def test_mllama_gradient_checkpointing_carries_over():
-    model, inputs = MODELS["mllama"]()
-    model.activation_checkpointing_enable()
-    vhf.patch_model(model)
-    layer = model.model.language_model.layers[1]
-    assert type(layer).__name__ == "HFMllamaCrossAttentionDecoderLayer"
-    assert layer.gradient_checkpointing
-    model.train()
-    calls, run = [], layer._layer
-
-    def counted(*args):
-        calls.append(1)
-        return run(*args)
-
-    layer._layer = counted
-    model(**inputs).logits.sum().backward()
-    assert len(calls) == 2  # the forward, and its recomputation in the backward
-
-
-def test_mllama_layer_rejects_a_mask_without_tiles():
-    model, patched, _, inputs = _pair("mllama")
-    layer = patched.model.language_model.layers[1]
-    assert layer.num_vision_tokens == MLLAMA_TILE_TOKENS
-    x = torch.randn(2, 7, 256)
-    states = inputs["cross_attention_states"]
-    bad = torch.zeros(2, 1, 7, states.shape[1] - 1)
-    with pytest.raises(ValueError, match="tiles of 5 keys"):
-        layer(x, states, bad, None, None)
-    with pytest.raises(ValueError, match="needs cross_attention_states or a cache"):
-        layer(x, None, None, None, None)
-
-
-def test_hooked_or_adapted_modules_are_left_alone():
-    model, inputs = MODELS["llava"]()
-    model.eval()
-    calls = []
-    model.model.multi_modal_projector.register_forward_hook(lambda *a: calls.append(1))
-    emb = model.model.vision_tower.embeddings
-    emb.patch_embedding.lora_A = torch.nn.Linear(3, 2)  # parameters vlmkern's module lacks
-    report = vhf.patch_model(model)
-    assert not report.replaced
-    why = {p: w for p, _, w in report.skipped}
-    assert "hooks" in why["model.multi_modal_projector"]
-    assert "HF only" in why["model.vision_tower.embeddings"]
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_mllama_generates_hfs_tokens_from_pixels(cache):
+    """Through MllamaModel's own image path: image states (B·images·tiles, tokens, hidden), left
+    padding, greedy decoding with HF's dynamic or static cache."""
+    model, patched, _ = _models("mllama")
+    inputs = mllama_pixel_inputs()
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, cache_implementation=cache)
     with torch.no_grad():
-        model(**inputs)
-    assert calls == [1]
+        expected = model.generate(**inputs, **kw)
+        vhf.patch_model(patched)
+        got = patched.generate(**inputs, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(rel(g, e) for g, e in zip(got.scores, expected.scores, strict=True)) <= 1e-5
 
 
-def test_switches_choose_what_is_patched():
-    model, _ = MODELS["qwen2_vl"]()
-    report = vhf.patch_model(model, embeddings=False, vision_attention=False, rope=False)
-    assert [p for p, _, _ in report.replaced] == ["model.visual.merger"]
-    assert not report.functions
-    assert "1 modules replaced, 0 functions patched" in str(report)
+def test_llava_generate_gives_hfs_tokens():
+    model, patched, inputs = _models("llava")
+    kw = dict(max_new_tokens=5, do_sample=False)
+    expected = model.generate(**inputs, **kw)
+    vhf.patch_model(patched)
+    assert torch.equal(patched.generate(**inputs, **kw), expected)
 
 
-def test_rope_functions_are_restored():
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as mod
-
-    hf_fn = mod.apply_rotary_pos_emb_vision
-    model, _ = MODELS["qwen2_vl"]()
-    report = vhf.patch_model(model)
-    assert f"{mod.__name__}.apply_rotary_pos_emb_vision" in report.functions
-    assert mod.apply_rotary_pos_emb_vision is not hf_fn
-    vhf.unpatch_functions()
-    assert mod.apply_rotary_pos_emb_vision is hf_fn
+def test_qwen_video_frames_match_hf():
+    """A 2-frame video: the ViT attends within each frame (two cu_seqlens segments)."""
+    model, patched, _ = _models("qwen2_vl")
+    inputs = qwen_video_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        vhf.patch_model(patched)
+        ran = _ops_run(lambda: patched(**inputs))
+        got = patched(**inputs).logits
+    assert "cross_attention" in ran
+    assert rel(got, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("cls", ["LlavaNextMultiModalProjector",
@@ -221,44 +191,4 @@ def test_llava_family_projectors(cls):
     assert [p for p, _, _ in report.replaced] == ["proj"], str(report)
     x = torch.randn(3, 5, hf.linear_1.in_features)
     with torch.no_grad():
-        assert _rel(root["proj"](x), hf(x)) <= 1e-6
-
-
-def test_patched_layers_compile_without_graph_breaks():
-    """The swapped-in Mllama layer (HF's dense mask read back as ranges) and Qwen ViT attention
-    under torch.compile(fullgraph=True)."""
-    _, patched, _, inputs = _pair("mllama")
-    layer = patched.model.language_model.layers[1]
-    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
-
-    mask, rows = _prepare_cross_attention_mask(inputs["cross_attention_mask"],
-                                               MLLAMA_TILE_TOKENS, torch.float32)
-    x, states = torch.randn(2, 7, 256), inputs["cross_attention_states"]
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, states, mask, None, rows),
-                                   layer(x, states, mask, None, rows))
-
-    _, patched, _, _ = _pair("qwen2_vl")
-    attn = patched.model.visual.blocks[0].attn
-    x = torch.randn(28, 32)
-    cu = torch.tensor([0, 24, 28], dtype=torch.int32)
-    angles = torch.randn(28, 4)
-    pe = (torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin())
-    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, cu, pe), attn(x, cu, pe))
-
-
-def test_llava_generate_gives_hfs_tokens():
-    model, patched, _, inputs = _pair("llava")
-    kw = dict(max_new_tokens=5, do_sample=False)
-    assert torch.equal(patched.generate(**inputs, **kw), model.generate(**inputs, **kw))
-
-
-def test_mllama_attention_dropout_is_not_swapped():
-    model, _ = MODELS["mllama"]()
-    model.model.language_model.layers[1].cross_attn.dropout = 0.1
-    report = vhf.patch_model(model)
-    assert not report.replaced
-    assert "dropout" in report.skipped[0][2]
+        assert rel(root["proj"](x), hf(x)) <= 1e-6

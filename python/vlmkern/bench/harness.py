@@ -163,6 +163,8 @@ def time_cuda(
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends, strict=True):
+        if cuda_graph is None:  # eager: each pass from an idle GPU, host-side launch cost counted
+            torch.cuda.synchronize()
         s.record()
         run()
         e.record()

@@ -157,9 +157,9 @@ def _mllama(label: str, seq: int, tiles: int, cfg: Config) -> Case:
     mask, rows = mm._prepare_cross_attention_mask(tile_mask, n, cfg.dtype)
     mask, rows = mask.to(cfg.device), rows.to(cfg.device)
 
-    def make() -> tuple:
+    def make() -> tuple:  # image states as MllamaModel passes them: (B · images · tiles, n, H)
         return (_randn(1, seq, text.hidden_size, cfg=cfg),
-                _randn(1, tiles * n, text.hidden_size, cfg=cfg))
+                _randn(tiles, n, text.hidden_size, cfg=cfg))
 
     def call(m, x, states):
         return m.layer(x, states, mask, None, rows)

@@ -6,6 +6,7 @@ vlmkern's kernels. :func:`unpatch_functions` undoes the function patches."""
 from __future__ import annotations
 
 import importlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -45,16 +46,75 @@ def _is_hf(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-def _hooked(module: nn.Module) -> str | None:
-    """Why a module tree cannot be rebuilt without changing behaviour (hooks, a replaced forward,
-    e.g. accelerate's offloading), or None."""
+# HF's own forward hooks, which carry over to the replacement (see _move_hooks).
+_CAPTURE, _INPUT_GRAD = "output_capturing_hook", "make_inputs_require_grads"
+_TORCH_LEAVES = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding)
+
+
+def _hook_kind(hook) -> str:
+    return getattr(hook, "__name__", "")
+
+
+def _unmovable(module: nn.Module) -> str | None:
+    """Why a module tree cannot be rebuilt without changing behaviour, or None: hooks other than
+    HF's own (user hooks, accelerate's offloading, which also replaces forward), a replaced
+    forward, a module or parameter type vlmkern would not run the same way (a Linear subclass, a
+    quantized layer, a tensor-subclass weight)."""
     for name, m in module.named_modules():
-        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks):
-            return f"{name or 'it'} has hooks"
+        where = name or "it"
+        if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or any(_hook_kind(h) not in (_CAPTURE, _INPUT_GRAD)
+                       for h in m._forward_hooks.values())):
+            return f"{where} has hooks"
         if "forward" in vars(m):
-            return f"{name or 'it'} has a replaced forward"
+            return f"{where} has a replaced forward"
+        if (any(True for _ in m.parameters(recurse=False)) and type(m) not in _TORCH_LEAVES
+                and not type(m).__module__.startswith("transformers.models.")):
+            return f"{where} is a {type(m).__module__}.{type(m).__name__}"
+    for name, p in module.named_parameters():
+        if type(p) is not nn.Parameter:
+            return f"parameter {name} is a {type(p).__name__}"
     return None
+
+
+def _hook_moves(hf: nn.Module, new: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(target in ``new``, hook) for HF's own hooks: output capturing (output_hidden_states) on
+    the replaced module itself, input-grad hooks (gradient checkpointing) on the submodule of the
+    same name. Capturing hooks inside it (attention weights, which vlmkern does not return, as
+    HF's SDPA does not) are dropped."""
+    moves = []
+    for name, m in hf.named_modules():
+        for hook in m._forward_hooks.values():
+            if _hook_kind(hook) == _CAPTURE and name:
+                continue
+            try:
+                moves.append((new.get_submodule(name), hook))
+            except AttributeError:
+                raise Skip(f"{name} has an input-grad hook and no counterpart here") from None
+    return moves
+
+
+def _install_capture_hooks(model: nn.Module) -> None:
+    """HF installs its output-capturing hooks by class, on a model's first capturing forward;
+    install them now, on HF's classes, so that they move to the replacements. Only on (sub)models
+    none of whose parts HF has hooked yet: installing over hooked parts would hook them twice."""
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # an older transformers: nothing to install
+        return
+
+    def hooked(m: nn.Module) -> bool:
+        return any(getattr(x, "_output_capturing_hooks_installed", False) for x in m.modules())
+
+    def visit(m: nn.Module) -> None:
+        if isinstance(m, PreTrainedModel) and not hooked(m):
+            maybe_install_capturing_hooks(m)
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(model)
 
 
 def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool = True,
@@ -80,10 +140,15 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
       modeling modules used by ``model`` (a process-wide change, as any function patch; undo it
       with :func:`unpatch_functions`).
 
-    A module with hooks or a replaced ``forward`` (accelerate offloading), or with parameters the
-    vlmkern module lacks (a PEFT adapter), is left alone and listed in ``report.skipped``.
+    A module with hooks other than HF's own or a replaced ``forward`` (accelerate offloading), with
+    parameters the vlmkern module lacks (a PEFT adapter), or with a Linear subclass / quantized
+    layer / tensor-subclass weight is left alone and listed in ``report.skipped``. HF's own hooks
+    move with it: ``output_hidden_states`` still sees every layer, and gradient checkpointing's
+    input-grad hook still fires (enabled before or after the patch). Attention weights are not
+    returned by replaced attention (nor by HF's SDPA path).
     """
     report = PatchReport()
+    _install_capture_hooks(model)
     kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention,
              "vision_attention": vision_attention}
     _swap(model, "", model, kinds, report)
@@ -110,16 +175,19 @@ def _swap(module: nn.Module, prefix: str, root: nn.Module, kinds: dict[str, bool
 
 
 def _build(entry, hf: nn.Module, root: nn.Module, path: str, report: PatchReport):
-    why = _hooked(hf)
+    why = _unmovable(hf)
     try:
         if why is not None:
             raise Skip(why)
         with torch.device("meta"):
             new = entry.build(hf, root)
+        moves = _hook_moves(hf, new)
         _adopt(new, hf)
     except Skip as skip:
         report.skipped.append((path, type(hf).__name__, str(skip)))
         return None
+    for target, hook in moves:
+        target.register_forward_hook(hook)
     # HF's checkpointing switch (set by model.gradient_checkpointing_enable) carries over.
     for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):
         if attr in vars(hf):
@@ -151,23 +219,28 @@ def _adopt(new: nn.Module, hf: nn.Module) -> None:
 
 class _InternVLPixelShuffle:
     """InternVLModel.pixel_shuffle(vision_features (B, H, W, C), scale_factor) as one vlmkern
-    pixel_shuffle (the same channel order); other scale factors go to HF's method."""
+    pixel_shuffle (the same channel order); other scale factors go to HF's function (which
+    reads nothing from the model)."""
 
-    def __init__(self, hf_method) -> None:
-        self.hf_method = hf_method
+    def __init__(self, hf_function) -> None:
+        self.hf_function = hf_function
 
     def __call__(self, vision_features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
         r = round(1 / scale_factor)
         if r < 1 or r * scale_factor != 1:
-            return self.hf_method(vision_features, scale_factor=scale_factor)
+            return self.hf_function(None, vision_features, scale_factor=scale_factor)
         return pixel_shuffle(vision_features, r)
+
+
+_shuffled: weakref.WeakSet = weakref.WeakSet()  # InternVL models given _InternVLPixelShuffle
 
 
 def _patch_internvl_shuffle(model: nn.Module, report: PatchReport) -> None:
     for path, m in model.named_modules():
         if builder_key(m) == "modeling_internvl.InternVLModel" and _is_hf(m) \
                 and "pixel_shuffle" not in vars(m):
-            m.pixel_shuffle = _InternVLPixelShuffle(m.pixel_shuffle)
+            m.pixel_shuffle = _InternVLPixelShuffle(type(m).pixel_shuffle)
+            _shuffled.add(m)
             report.functions.append(f"{path or '<root>'}.pixel_shuffle")
 
 
@@ -187,7 +260,12 @@ def _patch_rope(model: nn.Module, report: PatchReport) -> None:
 
 
 def unpatch_functions() -> None:
-    """Give the HF modeling modules back the functions :func:`patch_model` replaced."""
+    """Give the HF modeling modules back the functions :func:`patch_model` replaced, and InternVL
+    models their own pixel_shuffle (the replaced modules stay vlmkern's)."""
     for (name, fn_name), fn in _originals.items():
         setattr(importlib.import_module(name), fn_name, fn)
     _originals.clear()
+    for m in list(_shuffled):
+        if isinstance(vars(m).get("pixel_shuffle"), _InternVLPixelShuffle):
+            del m.pixel_shuffle
+    _shuffled.clear()

@@ -37,17 +37,19 @@ class HFMllamaCrossAttentionDecoderLayer(GradientCheckpointingLayer,
                 position_ids: torch.Tensor | None = None,
                 past_key_values: Any = None, use_cache: bool | None = False,
                 position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
-        kv = self._keys_values(cross_attention_states, past_key_values)
+        kv = self._keys_values(hidden_states.shape[0], cross_attention_states, past_key_values)
         ranges = None if cross_attention_mask is None else \
             self._ranges(cross_attention_mask, kv[0].shape[2])
         row = None if full_text_row_masked_out_mask is None else full_text_row_masked_out_mask[:, 0]
         return self._layer(hidden_states, None, kv, ranges, row)
 
-    def _keys_values(self, states: torch.Tensor | None,
+    def _keys_values(self, batch: int, states: torch.Tensor | None,
                      cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Hk, L, D) keys and values: projected from the image states (and cached, as HF
-        does), or HF's cached ones when no image states come."""
+        does), or HF's cached ones when no image states come. MllamaModel passes the states as
+        (B · images · tiles, tokens, hidden); HF's attention views them per text row, as here."""
         if states is not None:
+            states = states.reshape(batch, -1, states.shape[-1])
             k, v = self.cross_attn.project_kv(states)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)

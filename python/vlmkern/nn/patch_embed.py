@@ -12,17 +12,31 @@ import torch
 from torch import nn
 
 from ..ops.patch_embed import patch_embed
-from ._fusable import fusable
+from ._fusable import fusable, input_grad_hooks
+
+_TYPES = (nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
-def _check_fusable(owner: nn.Module, *modules: nn.Module) -> None:
+def _check_fusable(owner: nn.Module, *modules: nn.Module, types: tuple = _TYPES) -> list:
     """The op reads the conv's / embedding's parameters directly: a wrapped (PEFT adapter,
-    quantized) or hooked module would be silently bypassed, so it is refused instead."""
-    if not fusable(*modules, types=(nn.Conv2d, nn.Conv3d, nn.Embedding)):
+    quantized) or hooked module would be silently bypassed, so it is refused instead. HF's
+    input-grad hooks (gradient checkpointing puts one on the vision tower's input embeddings, the
+    patch conv) are allowed: returned, for :func:`_run_hooks` on the op's output."""
+    if not fusable(*modules, types=types, input_grad_hooks_ok=True):
         raise NotImplementedError(
             f"vlmkern.nn.{type(owner).__name__}: its patch conv or position embedding is wrapped "
             "or hooked (e.g. a PEFT adapter or a forward hook), which this fused module would "
             "bypass: merge the adapter into the weights, remove the hook, or use HF's module")
+    return [(m, h) for m in modules for h in input_grad_hooks(m)]
+
+
+def _run_hooks(hooks: list, pixels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """HF's input-grad hooks of the fused conv, on the tokens (they make the output require
+    grad, whatever its shape)."""
+    for module, hook in hooks:
+        result = hook(module, (pixels,), out)
+        out = out if result is None else result
+    return out
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -74,10 +88,11 @@ class CLIPVisionEmbeddings(_Normalizing):
         if not interpolate_pos_encoding and (height, width) != (self.image_size,) * 2:
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
                              f"({self.image_size}*{self.image_size}).")
-        _check_fusable(self, self.patch_embedding, self.position_embedding)
-        return patch_embed(pixel_values, self.patch_embedding.weight,
-                           pos_embed=self.position_embedding.weight,
-                           cls_token=self.class_embedding, **self._image_kw())
+        hooks = _check_fusable(self, self.patch_embedding, self.position_embedding)
+        out = patch_embed(pixel_values, self.patch_embedding.weight,
+                          pos_embed=self.position_embedding.weight,
+                          cls_token=self.class_embedding, **self._image_kw())
+        return _run_hooks(hooks, pixel_values, out)
 
 
 class SiglipVisionEmbeddings(_Normalizing):
@@ -101,11 +116,12 @@ class SiglipVisionEmbeddings(_Normalizing):
     def forward(self, pixel_values: torch.Tensor,
                 interpolate_pos_encoding: bool = False) -> torch.Tensor:
         conv = self.patch_embedding
-        _check_fusable(self, conv, self.position_embedding)
-        return patch_embed(pixel_values, conv.weight, conv.bias,
-                           pos_embed=self.position_embedding.weight,
-                           pos_interp="bicubic" if interpolate_pos_encoding else "none",
-                           **self._image_kw())
+        hooks = _check_fusable(self, conv, self.position_embedding)
+        out = patch_embed(pixel_values, conv.weight, conv.bias,
+                          pos_embed=self.position_embedding.weight,
+                          pos_interp="bicubic" if interpolate_pos_encoding else "none",
+                          **self._image_kw())
+        return _run_hooks(hooks, pixel_values, out)
 
 
 class _InternVLPatchEmbeddings(nn.Module):
@@ -140,11 +156,13 @@ class InternVLVisionEmbeddings(_Normalizing):
             raise ValueError("vlmkern.nn.InternVLVisionEmbeddings: bool_masked_pos is not "
                              "supported")
         conv = self.patch_embeddings.projection
-        _check_fusable(self, conv)
+        # HF's get_input_embeddings() is the patch_embeddings container (never called here)
+        hooks = _check_fusable(self, conv, self.patch_embeddings,
+                               types=(nn.Conv2d, _InternVLPatchEmbeddings))
         out = patch_embed(pixel_values, conv.weight, conv.bias,
                           pos_embed=self.position_embeddings, cls_token=self.cls_token,
                           **self._image_kw())
-        return self.dropout(out)
+        return self.dropout(_run_hooks(hooks, pixel_values, out))
 
 
 class Qwen2VLPatchEmbed(_Normalizing):
@@ -164,13 +182,13 @@ class Qwen2VLPatchEmbed(_Normalizing):
 
     def forward(self, hidden_states: torch.Tensor,
                 grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        _check_fusable(self, self.proj)
+        hooks = _check_fusable(self, self.proj)
         rows = hidden_states.reshape(-1, self.proj.weight[0].numel())
         if grid_thw is None:  # one pseudo-image covering every row
             grid_thw = torch.tensor([[1, 1, rows.shape[0]]], device=rows.device)
         tokens, _ = patch_embed(rows, self.proj.weight, self.proj.bias, grid_thw=grid_thw,
                                 **self._norm())
-        return tokens
+        return _run_hooks(hooks, hidden_states, tokens)
 
 
 class _Qwen3Proj(nn.Module):
@@ -196,8 +214,10 @@ class Qwen3VLPatchEmbed(_Normalizing):
     def forward(self, hidden_states: torch.Tensor,
                 grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.patch_embed.proj
-        _check_fusable(self, proj, self.pos_embed)
+        hooks = _check_fusable(self, proj, self.pos_embed)
         rows = hidden_states.reshape(-1, proj.weight[0].numel())
-        return patch_embed(rows, proj.weight, proj.bias, pos_embed=self.pos_embed.weight,
-                           grid_thw=grid_thw, spatial_merge_size=self.spatial_merge_size,
-                           **self._norm())
+        tokens, cu_seqlens = patch_embed(rows, proj.weight, proj.bias,
+                                         pos_embed=self.pos_embed.weight, grid_thw=grid_thw,
+                                         spatial_merge_size=self.spatial_merge_size,
+                                         **self._norm())
+        return _run_hooks(hooks, hidden_states, tokens), cu_seqlens

@@ -17,16 +17,17 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """Packed attention within segments by torch SDPA: one call without a mask for a single
-    segment, else a block-diagonal mask (no host sync). q, k, v (N, H, D) -> (N, H, D)."""
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, N, D)
-    mask = None
-    if cu_seqlens.numel() > 2:
-        tokens = torch.arange(q.shape[2], device=q.device)
-        segment = torch.searchsorted(cu_seqlens[1:].to(q.device), tokens, right=True)
-        mask = segment[:, None] == segment[None, :]
-    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.squeeze(0).transpose(0, 1)
+    """Packed attention within segments by torch SDPA, one call per segment as HF's SDPA path
+    (whose host sync for the lengths it shares). q, k, v (N, H, D) -> (N, H, D)."""
+    def attend(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        a, b, c = (t.transpose(0, 1) for t in (a, b, c))  # (H, n, D)
+        return nn.functional.scaled_dot_product_attention(a, b, c, scale=scale).transpose(0, 1)
+
+    if cu_seqlens.numel() <= 2:
+        return attend(q, k, v)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    parts = zip(*(torch.split(t, lengths, 0) for t in (q, k, v)), strict=True)
+    return torch.cat([attend(*p) for p in parts], 0)
 
 
 class QwenVisionAttention(nn.Module):
@@ -36,10 +37,10 @@ class QwenVisionAttention(nn.Module):
     ``forward(hidden_states (N, dim), cu_seqlens (S + 1,) int, position_embeddings=(cos, sin)
     (N, head_dim) fp32, max_seqlen=None) -> (N, dim)``. The segments (images, video frames,
     Qwen2.5-VL's windows) run as one packed cross_attention. On CUDA that replaces HF's SDPA
-    call per segment, which ran torch's math backend on the last H100 run (bench/results,
-    ``qwen2vl-vit 8x1024``: 11.7× slower than the kernel); CUDA inputs the kernels do not take
-    (fp32, other head dims) run SDPA with a block-diagonal mask. On the CPU a single segment
-    runs SDPA, whose flash kernel is the faster one there.
+    call per segment, which on the last H100 run took 11.7× the kernel's time, as long as with
+    SDPA's math backend forced (bench/results, ``qwen2vl-vit 8x1024``); CUDA inputs the kernels
+    do not take (fp32, other head dims) run HF's way, one SDPA call per segment. On the CPU a
+    single segment runs SDPA, whose flash kernel is the faster one there.
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
