@@ -159,10 +159,14 @@ EXPECTED = {
 # vlmkern ops each patched model must run (profiler names, "vlmkern::<op>").
 OPS = {
     "llava": {"patch_embed", "mlp_projector"},
-    "qwen2_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
-    "qwen2_5_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
-    "qwen3_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
-    "qwen3_vl_moe": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention"},
+    "qwen2_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention",
+                 "mrope_position_ids"},
+    "qwen2_5_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention",
+                   "mrope_position_ids"},
+    "qwen3_vl": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention",
+                 "mrope_position_ids"},
+    "qwen3_vl_moe": {"patch_embed_packed", "mlp_projector", "rope_cos_sin", "cross_attention",
+                     "mrope_position_ids"},
     "internvl": {"patch_embed", "mlp_projector", "pixel_shuffle"},
     "idefics3": {"mlp_projector"},
     "smolvlm": {"mlp_projector"},

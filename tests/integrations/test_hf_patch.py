@@ -192,3 +192,47 @@ def test_llava_family_projectors(cls):
     x = torch.randn(3, 5, hf.linear_1.in_features)
     with torch.no_grad():
         assert rel(root["proj"](x), hf(x)) <= 1e-6
+
+
+def test_save_pretrained_round_trip():
+    """A patched model saves HF's checkpoint: HF's class loads it and gives the same logits."""
+    import tempfile
+
+    import transformers as T
+
+    model, patched, inputs = _models("llava")
+    vhf.patch_model(patched)
+    with tempfile.TemporaryDirectory() as d:
+        patched.save_pretrained(d)
+        reloaded = T.LlavaForConditionalGeneration.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert rel(reloaded(**inputs).logits, model(**inputs).logits) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_rope_index_is_hfs(name):
+    """get_rope_index on a batch with an image and videos, left padding and (Qwen2.5-VL)
+    seconds per grid: the device op's positions and deltas equal HF's loop's, exactly."""
+    model, patched, _ = _models(name)
+    vision_start, image, video = 150, 151, 152
+    frames = [video] * 4  # a (4, 2, 2) grid: one token per frame
+    if name.startswith("qwen3"):  # its processor puts a timestamp (text) before each frame
+        frames = [video, 30, video, 31, video, 32, video]
+    row0 = [1, vision_start, *[image] * 4, 7, vision_start, *frames]
+    row0 += list(range(8, 28 - len(row0)))
+    row1 = [0] * 6 + [1, vision_start, *frames]
+    row1 += list(range(5, 25 - len(row1)))
+    ids = torch.tensor([row0, row1])
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    kw = dict(input_ids=ids, mm_token_type_ids=(ids == image).long() + 2 * (ids == video).long(),
+              image_grid_thw=torch.tensor([[1, 4, 4]]),
+              video_grid_thw=torch.tensor([[4, 2, 2], [4, 2, 2]]), attention_mask=mask)
+    if name == "qwen2_5_vl":
+        kw["second_per_grid_ts"] = torch.tensor([0.5, 1.0])
+    expected = model.model.get_rope_index(**kw)
+    report = vhf.patch_model(patched)
+    assert "model.get_rope_index" in report.functions
+    got = patched.model.get_rope_index(**kw)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.cpu(), e.cpu()), (g, e)

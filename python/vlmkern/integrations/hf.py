@@ -6,15 +6,14 @@ vlmkern's kernels. :func:`unpatch_functions` undoes the function patches."""
 from __future__ import annotations
 
 import importlib
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..ops.pixel_shuffle import pixel_shuffle
 from ..ops.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 from .hf_builders import BUILDERS, Skip, builder_key
+from .hf_methods import patch_methods, unpatch_methods
 
 _ROPE_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 _ROPE_FUNCTIONS = {
@@ -138,7 +137,8 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
       segments in one packed cross_attention, no host sync; Qwen3-VL-MoE too);
     - ``rope``: ``apply_rotary_pos_emb`` / ``apply_rotary_pos_emb_vision`` of the Qwen2-VL family's
       modeling modules used by ``model`` (a process-wide change, as any function patch; undo it
-      with :func:`unpatch_functions`).
+      with :func:`unpatch_functions`), and the Qwen models' ``get_rope_index`` (M-RoPE positions
+      by one device op instead of HF's Python loop with host syncs; on this model only).
 
     A module with hooks other than HF's own or a replaced ``forward`` (accelerate offloading), with
     parameters the vlmkern module lacks (a PEFT adapter), or with a Linear subclass / quantized
@@ -152,8 +152,7 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention,
              "vision_attention": vision_attention}
     _swap(model, "", model, kinds, report)
-    if connectors:
-        _patch_internvl_shuffle(model, report)
+    report.functions += patch_methods(model, shuffle=connectors, rope_index=rope)
     if rope:
         _patch_rope(model, report)
     return report
@@ -217,33 +216,6 @@ def _adopt(new: nn.Module, hf: nn.Module) -> None:
         slots[leaf] = tensor
 
 
-class _InternVLPixelShuffle:
-    """InternVLModel.pixel_shuffle(vision_features (B, H, W, C), scale_factor) as one vlmkern
-    pixel_shuffle (the same channel order); other scale factors go to HF's function (which
-    reads nothing from the model)."""
-
-    def __init__(self, hf_function) -> None:
-        self.hf_function = hf_function
-
-    def __call__(self, vision_features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
-        r = round(1 / scale_factor)
-        if r < 1 or r * scale_factor != 1:
-            return self.hf_function(None, vision_features, scale_factor=scale_factor)
-        return pixel_shuffle(vision_features, r)
-
-
-_shuffled: weakref.WeakSet = weakref.WeakSet()  # InternVL models given _InternVLPixelShuffle
-
-
-def _patch_internvl_shuffle(model: nn.Module, report: PatchReport) -> None:
-    for path, m in model.named_modules():
-        if builder_key(m) == "modeling_internvl.InternVLModel" and _is_hf(m) \
-                and "pixel_shuffle" not in vars(m):
-            m.pixel_shuffle = _InternVLPixelShuffle(type(m).pixel_shuffle)
-            _shuffled.add(m)
-            report.functions.append(f"{path or '<root>'}.pixel_shuffle")
-
-
 def _patch_rope(model: nn.Module, report: PatchReport) -> None:
     used = {type(m).__module__ for m in model.modules()}
     for short in _ROPE_MODULES:
@@ -260,12 +232,9 @@ def _patch_rope(model: nn.Module, report: PatchReport) -> None:
 
 
 def unpatch_functions() -> None:
-    """Give the HF modeling modules back the functions :func:`patch_model` replaced, and InternVL
-    models their own pixel_shuffle (the replaced modules stay vlmkern's)."""
+    """Give the HF modeling modules back the functions :func:`patch_model` replaced, and the
+    models their own methods (pixel_shuffle, get_rope_index); replaced modules stay vlmkern's."""
     for (name, fn_name), fn in _originals.items():
         setattr(importlib.import_module(name), fn_name, fn)
     _originals.clear()
-    for m in list(_shuffled):
-        if isinstance(vars(m).get("pixel_shuffle"), _InternVLPixelShuffle):
-            del m.pixel_shuffle
-    _shuffled.clear()
+    unpatch_methods()
