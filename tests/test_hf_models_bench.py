@@ -29,3 +29,16 @@ def test_cases_agree_and_are_patched():
         assert ref.abs().sum() > 0
         for name, fn in providers.items():
             check_equal(name, case, fn(*inputs, **case.kwargs), ref, exact=False)
+
+
+def test_gpu_sized_cases_build_and_patch():
+    """The GPU cases' real widths (built on the meta device: no memory, no time) construct, and
+    patch_model replaces what the bench compares."""
+    cfg = Config("meta", torch.bfloat16)
+    cases = [bench._qwen_vit("q2", "qwen2_vl", 8, 448, cfg),
+             bench._qwen_vit("q25", "qwen2_5_vl", 1, 896, cfg),
+             bench._llava("llava", 4, cfg), bench._mllama("mllama", 1024, 4, cfg)]
+    for case in cases:
+        spec = case.kwargs["spec"]
+        assert case.bytes_moved > 100e6, case.shape  # real widths: hundreds of MB of weights
+        assert all(p.is_meta for p in spec.vk.parameters())

@@ -58,8 +58,10 @@ def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Conf
 
     root = root.to(cfg.device, cfg.dtype).eval()
     patched = copy.deepcopy(root)
-    patch_model(patched, rope=False)  # the ViT attention calls vlmkern's rope itself
+    report = patch_model(patched, rope=False)  # the ViT attention calls vlmkern's rope itself
     unpatch_functions()
+    if report.skipped or not report.replaced:
+        raise RuntimeError(f"hf_models bench {label}: nothing or not everything patched\n{report}")
     weights = sum(p.numel() * p.element_size() for p in root.parameters())
     return Case(label, make, weights, {"spec": Spec(root, patched, call)}, cuda_graph=False)
 
@@ -75,7 +77,7 @@ def _qwen_vit(label: str, family: str, images: int, side: int, cfg: Config) -> C
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as q25
     import transformers.models.qwen2_vl.modeling_qwen2_vl as q2
 
-    gpu = cfg.device == "cuda"
+    gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
     dims = dict(depth=8, num_heads=16) if gpu else dict(depth=2, num_heads=4)
     width = 1280 if gpu else 256
     if family == "qwen2_vl":
@@ -110,7 +112,7 @@ def _llava(label: str, images: int, cfg: Config) -> Case:
     import transformers as T
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    gpu = cfg.device == "cuda"
+    gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
     vision = T.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                 num_attention_heads=16, image_size=336, patch_size=14) if gpu \
         else T.CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -138,7 +140,7 @@ def _mllama(label: str, seq: int, tiles: int, cfg: Config) -> Case:
     import transformers as T
     from transformers.models.mllama import modeling_mllama as mm
 
-    gpu = cfg.device == "cuda"
+    gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
     text = T.MllamaTextConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                               intermediate_size=14336) if gpu else \
         T.MllamaTextConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
