@@ -211,8 +211,9 @@ def test_save_pretrained_round_trip():
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_rope_index_is_hfs(name):
-    """get_rope_index on a batch with an image and videos, left padding and (Qwen2.5-VL)
-    seconds per grid: the device op's positions and deltas equal HF's loop's, exactly."""
+    """get_rope_index on a batch with an image and videos, a text-only row, left padding and
+    (Qwen2.5-VL) seconds per grid, called as HF's code calls it, with keywords or positionally,
+    with an integer or a float mask: the device op's positions and deltas equal HF's loop's."""
     model, patched, _ = _models(name)
     vision_start, image, video = 150, 151, 152
     frames = [video] * 4  # a (4, 2, 2) grid: one token per frame
@@ -220,22 +221,25 @@ def test_rope_index_is_hfs(name):
         frames = [video, 30, video, 31, video, 32, video]
     row0 = [1, vision_start, *[image] * 4, 7, vision_start, *frames]
     row0 += list(range(8, 28 - len(row0)))
-    row1 = [0] * 6 + [1, vision_start, *frames]
-    row1 += list(range(5, 25 - len(row1)))
-    ids = torch.tensor([row0, row1])
+    row2 = [0] * 6 + [1, vision_start, *frames]
+    row2 += list(range(5, 25 - len(row2)))
+    ids = torch.tensor([row0, list(range(3, 23)), row2])  # row 1: text only
     mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    kw = dict(input_ids=ids, mm_token_type_ids=(ids == image).long() + 2 * (ids == video).long(),
-              image_grid_thw=torch.tensor([[1, 4, 4]]),
-              video_grid_thw=torch.tensor([[4, 2, 2], [4, 2, 2]]), attention_mask=mask)
-    if name == "qwen2_5_vl":
-        kw["second_per_grid_ts"] = torch.tensor([0.5, 1.0])
-    expected = model.model.get_rope_index(**kw)
+    mask[2, :6] = 0
+    types = (ids == image).long() + 2 * (ids == video).long()
+    grids = torch.tensor([[1, 4, 4]]), torch.tensor([[4, 2, 2], [4, 2, 2]])
+    seconds = [[0.5, 1.0]] if name == "qwen2_5_vl" else []  # a list, as processors may give
+    calls = [((ids, types, *grids, *seconds, mask), {}),
+             ((ids,), dict(mm_token_type_ids=types, image_grid_thw=grids[0],
+                           video_grid_thw=grids[1], attention_mask=mask.float(),
+                           **({"second_per_grid_ts": seconds[0]} if seconds else {})))]
+    expected = [model.model.get_rope_index(*a, **k) for a, k in calls]
     report = vhf.patch_model(patched)
     assert "model.get_rope_index" in report.functions
-    got = patched.model.get_rope_index(**kw)
-    for g, e in zip(got, expected, strict=True):
-        assert torch.equal(g.cpu(), e.cpu()), (g, e)
+    for (a, k), want in zip(calls, expected, strict=True):
+        got = patched.model.get_rope_index(*a, **k)
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype and torch.equal(g, e), (g, e)
 
 
 def _autocast_step(m: torch.nn.Module, inputs: dict) -> tuple:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 from .hf_builders import BUILDERS, Skip, builder_key
+from .hf_hooks import hook_moves, install_capture_hooks, movable, move_hook
 from .hf_methods import patch_methods, unpatch_methods
 
 _ROPE_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -45,13 +46,7 @@ def _is_hf(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-# HF's own forward hooks, which carry over to the replacement (see _move_hooks).
-_CAPTURE, _INPUT_GRAD = "output_capturing_hook", "make_inputs_require_grads"
 _TORCH_LEAVES = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding)
-
-
-def _hook_kind(hook) -> str:
-    return getattr(hook, "__name__", "")
 
 
 def _unmovable(module: nn.Module) -> str | None:
@@ -62,8 +57,7 @@ def _unmovable(module: nn.Module) -> str | None:
     for name, m in module.named_modules():
         where = name or "it"
         if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or any(_hook_kind(h) not in (_CAPTURE, _INPUT_GRAD)
-                       for h in m._forward_hooks.values())):
+                or not all(movable(h) for h in m._forward_hooks.values())):
             return f"{where} has hooks"
         if "forward" in vars(m):
             return f"{where} has a replaced forward"
@@ -74,46 +68,6 @@ def _unmovable(module: nn.Module) -> str | None:
         if type(p) is not nn.Parameter:
             return f"parameter {name} is a {type(p).__name__}"
     return None
-
-
-def _hook_moves(hf: nn.Module, new: nn.Module) -> list[tuple[nn.Module, object]]:
-    """(target in ``new``, hook) for HF's own hooks: output capturing (output_hidden_states) on
-    the replaced module itself, input-grad hooks (gradient checkpointing) on the submodule of the
-    same name. Capturing hooks inside it (attention weights, which vlmkern does not return, as
-    HF's SDPA does not) are dropped."""
-    moves = []
-    for name, m in hf.named_modules():
-        for hook in m._forward_hooks.values():
-            if _hook_kind(hook) == _CAPTURE and name:
-                continue
-            try:
-                moves.append((new.get_submodule(name), hook))
-            except AttributeError:
-                raise Skip(f"{name} has an input-grad hook and no counterpart here") from None
-    return moves
-
-
-def _install_capture_hooks(model: nn.Module) -> None:
-    """HF installs its output-capturing hooks by class, on a model's first capturing forward;
-    install them now, on HF's classes, so that they move to the replacements. Only on (sub)models
-    none of whose parts HF has hooked yet: installing over hooked parts would hook them twice."""
-    try:
-        from transformers.modeling_utils import PreTrainedModel
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # an older transformers: nothing to install
-        return
-
-    def hooked(m: nn.Module) -> bool:
-        return any(getattr(x, "_output_capturing_hooks_installed", False) for x in m.modules())
-
-    def visit(m: nn.Module) -> None:
-        if isinstance(m, PreTrainedModel) and not hooked(m):
-            maybe_install_capturing_hooks(m)
-            return
-        for child in m.children():
-            visit(child)
-
-    visit(model)
 
 
 def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool = True,
@@ -148,9 +102,11 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     returned by replaced attention (nor by HF's SDPA path).
     """
     report = PatchReport()
-    _install_capture_hooks(model)
     kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention,
              "vision_attention": vision_attention}
+    if any(kinds[e.kind] for m in model.modules() if _is_hf(m)
+           for e in [BUILDERS.get(builder_key(m))] if e is not None):
+        install_capture_hooks(model)  # only when a module may be replaced (they do not pickle)
     _swap(model, "", model, kinds, report)
     report.functions += patch_methods(model, shuffle=connectors, rope_index=rope)
     if rope:
@@ -180,13 +136,13 @@ def _build(entry, hf: nn.Module, root: nn.Module, path: str, report: PatchReport
             raise Skip(why)
         with torch.device("meta"):
             new = entry.build(hf, root)
-        moves = _hook_moves(hf, new)
+        moves = hook_moves(hf, new, Skip)
         _adopt(new, hf)
     except Skip as skip:
         report.skipped.append((path, type(hf).__name__, str(skip)))
         return None
-    for target, hook in moves:
-        target.register_forward_hook(hook)
+    for move in moves:
+        move_hook(root, *move)
     # HF's checkpointing switch (set by model.gradient_checkpointing_enable) carries over.
     for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):
         if attr in vars(hf):

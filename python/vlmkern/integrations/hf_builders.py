@@ -148,6 +148,8 @@ def _qwen_vision_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
 def _mllama_layer(hf: nn.Module, root: nn.Module) -> nn.Module:
     if hf.cross_attn.dropout:
         raise Skip(f"attention dropout {hf.cross_attn.dropout} (vlmkern's has none)")
+    if hf.cross_attn.config._attn_implementation == "eager":
+        raise Skip("eager attention returns attention weights (vlmkern's does not)")
     image, patch = _config_attr(root, "image_size"), _config_attr(root, "patch_size")
     tokens = (int(image) // int(patch)) ** 2 + 1  # HF's vision_model.num_patches
     return HFMllamaCrossAttentionDecoderLayer(hf.cross_attn.config, hf.layer_idx,

@@ -35,7 +35,9 @@ class _InternVLPixelShuffle(_Override):
 
 class _RopeIndex(_Override):
     """``get_rope_index`` of Qwen2VLModel / Qwen2_5_VLModel / Qwen3VLModel (-MoE) with HF's
-    arguments, by :func:`vlmkern.ops.mrope_position_ids` (bit-identical to transformers 5.x)."""
+    arguments, by :func:`vlmkern.ops.mrope_position_ids` (bit-identical to transformers 5.x).
+    A deep copy of the model keeps the override; ``unpatch_functions`` removes it from the
+    patched instances only."""
 
     def __init__(self, kind: str, config: Any) -> None:
         vision = config.vision_config
@@ -57,9 +59,19 @@ class _RopeIndex(_Override):
                 second_per_grid_ts, *args = args
             if args:
                 attention_mask = args[0]
-        extra = {"second_per_grid_ts": second_per_grid_ts} if self.kind == "qwen2_5_vl" else {}
-        return mrope_position_ids(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                  attention_mask, **self.options, **extra)
+        # HF reads the grids on the host and the mask as .bool(): any device, any mask dtype
+        device = input_ids.device
+
+        def here(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask != 0
+        extra = {"second_per_grid_ts": here(second_per_grid_ts)} if self.kind == "qwen2_5_vl" \
+            else {}
+        return mrope_position_ids(input_ids, here(mm_token_type_ids), here(image_grid_thw),
+                                  here(video_grid_thw), here(attention_mask), **self.options,
+                                  **extra)
 
 
 _ROPE_INDEX = {

@@ -14,17 +14,19 @@ def input_grad_hooks(module: nn.Module) -> list:
 
 
 def fusable(*modules: nn.Module, types: tuple[type, ...] = (nn.Linear,),
-            input_grad_hooks_ok: bool = False) -> bool:
+            input_grad_hooks_ok: bool = False, global_hooks_ok: bool = False) -> bool:
     """Whether every module is exactly one of ``types`` with no forward or backward hooks (and none
     global), its class's own forward (accelerate's offloading hooks replace ``module.forward``) and
     plain nn.Parameter parameters: then a fused op reading their parameters computes what calling
     them would. A replaced module (a PEFT
     / LoRA wrapper, a quantized Linear), a hook or a patched forward fails this, and the caller
     runs the modules one by one (HF's math, unfused) or refuses, so nothing is bypassed. With
-    ``input_grad_hooks_ok`` HF's input-grad hooks are allowed (the caller runs them itself)."""
+    ``input_grad_hooks_ok`` HF's input-grad hooks are allowed (the caller runs them itself); with
+    ``global_hooks_ok`` global module hooks (FlopCounterMode's, ...) are too: they then see the
+    fused module's call, not its submodules'."""
     g = nn.modules.module
-    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-            or g._global_backward_pre_hooks):
+    if not global_hooks_ok and (g._global_forward_hooks or g._global_forward_pre_hooks
+                                or g._global_backward_hooks or g._global_backward_pre_hooks):
         return False
     return all(type(m) in types and not m._forward_pre_hooks
                and len(m._forward_hooks) == (len(input_grad_hooks(m)) if input_grad_hooks_ok else 0)

@@ -21,8 +21,9 @@ def _check_fusable(owner: nn.Module, *modules: nn.Module, types: tuple = _TYPES)
     """The op reads the conv's / embedding's parameters directly: a wrapped (PEFT adapter,
     quantized) or hooked module would be silently bypassed, so it is refused instead. HF's
     input-grad hooks (gradient checkpointing puts one on the vision tower's input embeddings, the
-    patch conv) are allowed: returned, for :func:`_run_hooks` on the op's output."""
-    if not fusable(*modules, types=types, input_grad_hooks_ok=True):
+    patch conv) are allowed: returned, for :func:`_run_hooks` on the op's output. Global module
+    hooks (FlopCounterMode's) see this module's call, not its conv's: there is no unfused path."""
+    if not fusable(*modules, types=types, input_grad_hooks_ok=True, global_hooks_ok=True):
         raise NotImplementedError(
             f"vlmkern.nn.{type(owner).__name__}: its patch conv or position embedding is wrapped "
             "or hooked (e.g. a PEFT adapter or a forward hook), which this fused module would "
