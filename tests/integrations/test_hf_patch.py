@@ -272,3 +272,36 @@ def test_autocast_training_step_within_hfs_error(name):
     scale = max(g.abs().max().item() for g in ref_grads.values())
     for n, g in ref_grads.items():
         assert err(vk_grads[n], g) <= 3 * err(hf_grads[n], g) + 1e-3 * scale, n
+
+
+def test_qwen2_5_omni_vision_encoder():
+    """Qwen2.5-Omni's vision encoder (Qwen2.5-VL's ViT with separate q / k / v): patch embed,
+    window / full attention and merger swapped; output and gradients are HF's."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
+
+    cfg = omni.Qwen2_5OmniVisionEncoderConfig(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+        fullatt_block_indexes=[1])
+    encoder = omni.Qwen2_5OmniVisionEncoder(cfg).eval()
+    patched = copy.deepcopy(encoder)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
+    pixels = torch.randn(28, 3 * 2 * 14 * 14)
+
+    def run(m):
+        m.zero_grad()
+        out = m(pixels, grid_thw=grid)
+        out = getattr(out, "pooler_output", out)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    expected, expected_grads = run(encoder)
+    report = vhf.patch_model(patched)
+    assert {p for p, _, _ in report.replaced} == {
+        "patch_embed", "merger", "blocks.0.attn", "blocks.1.attn"}, str(report)
+    got, grads = run(patched)
+    assert rel(got, expected) <= 1e-5
+    floor = 1e-3 * max(g.abs().max().item() for g in expected_grads.values())  # as above
+    for n, g in expected_grads.items():
+        err = (grads[n] - g).abs().max().item()
+        assert err <= 1e-4 * max(g.abs().max().item(), floor), n

@@ -139,7 +139,8 @@ def _qwen_patch_embed(hf: nn.Module, root: nn.Module) -> nn.Module:
 
 
 def _qwen_vision_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
-    return vnn.QwenVisionAttention(hf.dim, hf.num_heads)
+    cls = vnn.QwenVisionAttention if hasattr(hf, "qkv") else vnn.Qwen2_5OmniVisionAttention
+    return cls(hf.dim, hf.num_heads)
 
 
 # ---- cross-attention ---------------------------------------------------------------------------
@@ -167,6 +168,7 @@ BUILDERS: dict[str, Entry] = {
     "modeling_internvl.InternVLMultiModalProjector": Entry(_CONNECTOR, _internvl),
     "modeling_qwen2_vl.PatchMerger": Entry(_CONNECTOR, _qwen2_merger),
     "modeling_qwen2_5_vl.Qwen2_5_VLPatchMerger": Entry(_CONNECTOR, _qwen2_merger),
+    "modeling_qwen2_5_omni.Qwen2_5OmniPatchMerger": Entry(_CONNECTOR, _qwen2_merger),
     "modeling_qwen3_vl.Qwen3VLVisionPatchMerger": Entry(_CONNECTOR, _qwen3_merger),
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionPatchMerger": Entry(_CONNECTOR, _qwen3_merger),
     "modeling_idefics3.Idefics3Connector": Entry(_CONNECTOR, _idefics3),
@@ -177,11 +179,13 @@ BUILDERS: dict[str, Entry] = {
     "modeling_internvl.InternVLVisionEmbeddings": Entry(_EMBEDDING, _internvit),
     "modeling_qwen2_vl.PatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen2_5_vl.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
+    "modeling_qwen2_5_omni.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen3_vl.Qwen3VLVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_mllama.MllamaCrossAttentionDecoderLayer": Entry(_XATTN, _mllama_layer),
     "modeling_qwen2_vl.VisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
+    "modeling_qwen2_5_omni.Qwen2_5OmniVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen3_vl.Qwen3VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
 }

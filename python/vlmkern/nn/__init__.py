@@ -26,7 +26,7 @@ from .projector import (
     SmolVLMConnector,
 )
 from .rope import MRotary, VisionRotary
-from .vision_attention import QwenVisionAttention
+from .vision_attention import Qwen2_5OmniVisionAttention, QwenVisionAttention
 
 __all__ = [
     "MRotary",
@@ -46,6 +46,7 @@ __all__ = [
     "MllamaCrossAttentionDecoderLayer",
     "MllamaTextCrossAttention",
     "QwenVisionAttention",
+    "Qwen2_5OmniVisionAttention",
     "CLIPVisionEmbeddings",
     "InternVLVisionEmbeddings",
     "Qwen2VLPatchEmbed",

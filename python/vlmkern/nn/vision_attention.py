@@ -48,14 +48,21 @@ class QwenVisionAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = dim // num_heads
         self.scaling = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self._projections(dim)
         self.proj = nn.Linear(dim, dim)
+
+    def _projections(self, dim: int) -> None:
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (N, heads, head_dim) views of the projections."""
+        return self.qkv(x).reshape(x.shape[0], 3, self.num_heads, -1).unbind(1)
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 max_seqlen: int | None = None, **kwargs: Any) -> torch.Tensor:
         n = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+        q, k, v = self._qkv(hidden_states)
         if position_embeddings is not None:
             q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         if q.is_cuda:
@@ -68,3 +75,16 @@ class QwenVisionAttention(nn.Module):
         else:
             out = _sdpa_segments(q, k, v, cu_seqlens, self.scaling)
         return self.proj(out.reshape(n, -1))
+
+
+class Qwen2_5OmniVisionAttention(QwenVisionAttention):
+    """Qwen2.5-Omni's ViT attention: the same, with separate ``q``, ``k``, ``v`` Linears."""
+
+    def _projections(self, dim: int) -> None:
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.k = nn.Linear(dim, dim, bias=True)
+        self.v = nn.Linear(dim, dim, bias=True)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (x.shape[0], self.num_heads, -1)
+        return self.q(x).reshape(shape), self.k(x).reshape(shape), self.v(x).reshape(shape)
