@@ -274,16 +274,27 @@ def test_autocast_training_step_within_hfs_error(name):
         assert err(vk_grads[n], g) <= 3 * err(hf_grads[n], g) + 1e-3 * scale, n
 
 
-def test_qwen2_5_omni_vision_encoder():
-    """Qwen2.5-Omni's vision encoder (Qwen2.5-VL's ViT with separate q / k / v): patch embed,
-    window / full attention and merger swapped; output and gradients are HF's."""
+def _vision_encoder(family: str) -> torch.nn.Module:
+    import transformers as T
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
-    cfg = omni.Qwen2_5OmniVisionEncoderConfig(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-        fullatt_block_indexes=[1])
-    encoder = omni.Qwen2_5OmniVisionEncoder(cfg).eval()
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_omni":  # Qwen2.5-VL's ViT with separate q / k / v
+        cfg = omni.Qwen2_5OmniVisionEncoderConfig(**vision, window_size=56,
+                                                  fullatt_block_indexes=[1])
+        return omni.Qwen2_5OmniVisionEncoder(cfg)
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=160)
+    cfg = T.Glm4vConfig(vision_config=dict(vision, image_size=56), text_config=text)
+    return T.Glm4vForConditionalGeneration(cfg).model.visual  # GLM-4.1V: no attention biases
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "glm4v"])
+def test_vision_encoders(family):
+    """Qwen2.5-Omni's and GLM-4.1V's vision encoders: patch embed and attention swapped (and
+    Omni's merger); output and gradients are HF's."""
+    encoder = _vision_encoder(family).eval()
     patched = copy.deepcopy(encoder)
     grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
     pixels = torch.randn(28, 3 * 2 * 14 * 14)
@@ -297,8 +308,9 @@ def test_qwen2_5_omni_vision_encoder():
 
     expected, expected_grads = run(encoder)
     report = vhf.patch_model(patched)
-    assert {p for p, _, _ in report.replaced} == {
-        "patch_embed", "merger", "blocks.0.attn", "blocks.1.attn"}, str(report)
+    want = {"patch_embed", "blocks.0.attn", "blocks.1.attn"}
+    assert {p for p, _, _ in report.replaced} == want | (
+        {"merger"} if family == "qwen2_5_omni" else set()), str(report)
     got, grads = run(patched)
     assert rel(got, expected) <= 1e-5
     floor = 1e-3 * max(g.abs().max().item() for g in expected_grads.values())  # as above

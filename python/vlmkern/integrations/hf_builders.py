@@ -139,8 +139,11 @@ def _qwen_patch_embed(hf: nn.Module, root: nn.Module) -> nn.Module:
 
 
 def _qwen_vision_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
+    if getattr(hf, "attention_dropout", 0.0):
+        raise Skip(f"attention dropout {hf.attention_dropout} (vlmkern's has none)")
+    qkv = hf.qkv if hasattr(hf, "qkv") else hf.q
     cls = vnn.QwenVisionAttention if hasattr(hf, "qkv") else vnn.Qwen2_5OmniVisionAttention
-    return cls(hf.dim, hf.num_heads)
+    return cls(hf.dim, hf.num_heads, qkv.bias is not None, hf.proj.bias is not None)
 
 
 # ---- cross-attention ---------------------------------------------------------------------------
@@ -182,12 +185,14 @@ BUILDERS: dict[str, Entry] = {
     "modeling_qwen2_5_omni.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen3_vl.Qwen3VLVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
+    "modeling_glm4v.Glm4vVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_mllama.MllamaCrossAttentionDecoderLayer": Entry(_XATTN, _mllama_layer),
     "modeling_qwen2_vl.VisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen2_5_omni.Qwen2_5OmniVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen3_vl.Qwen3VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
+    "modeling_glm4v.Glm4vVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
 }
 
 

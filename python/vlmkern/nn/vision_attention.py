@@ -31,7 +31,8 @@ def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
 
 class QwenVisionAttention(nn.Module):
-    """HF's ``VisionAttention`` / ``Qwen2_5_VLVisionAttention`` / ``Qwen3VLVisionAttention``:
+    """HF's ``VisionAttention`` / ``Qwen2_5_VLVisionAttention`` / ``Qwen3VLVisionAttention`` (and
+    GLM-4.1V's ``Glm4vVisionAttention``, with its bias switches):
     ``proj(attention within segments(rope(qkv(x))))``.
 
     ``forward(hidden_states (N, dim), cu_seqlens (S + 1,) int, position_embeddings=(cos, sin)
@@ -43,16 +44,17 @@ class QwenVisionAttention(nn.Module):
     single segment runs SDPA, whose flash kernel is the faster one there.
     """
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True) -> None:
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = dim // num_heads
         self.scaling = self.head_dim**-0.5
-        self._projections(dim)
-        self.proj = nn.Linear(dim, dim)
+        self._projections(dim, qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def _projections(self, dim: int) -> None:
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+    def _projections(self, dim: int, bias: bool) -> None:
+        self.qkv = nn.Linear(dim, dim * 3, bias=bias)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (N, heads, head_dim) views of the projections."""
@@ -80,10 +82,10 @@ class QwenVisionAttention(nn.Module):
 class Qwen2_5OmniVisionAttention(QwenVisionAttention):
     """Qwen2.5-Omni's ViT attention: the same, with separate ``q``, ``k``, ``v`` Linears."""
 
-    def _projections(self, dim: int) -> None:
-        self.q = nn.Linear(dim, dim, bias=True)
-        self.k = nn.Linear(dim, dim, bias=True)
-        self.v = nn.Linear(dim, dim, bias=True)
+    def _projections(self, dim: int, bias: bool) -> None:
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.k = nn.Linear(dim, dim, bias=bias)
+        self.v = nn.Linear(dim, dim, bias=bias)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = (x.shape[0], self.num_heads, -1)
