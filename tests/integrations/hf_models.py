@@ -81,6 +81,20 @@ def paligemma():
                                                           pixel_values=torch.randn(1, 3, 28, 28))
 
 
+def gemma3():
+    """SigLIP tower (its embeddings swapped), Gemma 3's pooled projector and text model (HF's)."""
+    vc = dict(_VIT, image_size=56, patch_size=14)
+    tc = dict(_LLAMA, num_key_value_heads=2, head_dim=12, sliding_window=16)
+    cfg = T.Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=4,
+                         image_token_index=IMAGE_TOKEN, boi_token_index=150, eoi_token_index=149)
+    model = T.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # HF initializes it to 0, which would hide the image path
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    ids = torch.tensor([[2, 5, 150] + [IMAGE_TOKEN] * 4 + [149, 7, 8]])
+    return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56),
+                       token_type_ids=(ids == IMAGE_TOKEN).long())
+
+
 MLLAMA_TILE_TOKENS = (28 // 14) ** 2 + 1
 
 
@@ -121,6 +135,7 @@ MODELS = {
     "idefics3": lambda: _idefics3("idefics3"),
     "smolvlm": lambda: _idefics3("smolvlm"),
     "paligemma": paligemma,
+    "gemma3": gemma3,
     "mllama": mllama,
 }
 
@@ -153,6 +168,7 @@ EXPECTED = {
     "smolvlm": {"model.connector": "SmolVLMConnector"},
     "paligemma": {"model.vision_tower.embeddings": "SiglipVisionEmbeddings",
                   "model.multi_modal_projector": "PaliGemmaMultiModalProjector"},
+    "gemma3": {"model.vision_tower.embeddings": "SiglipVisionEmbeddings"},
     "mllama": {"model.language_model.layers.1": "MllamaCrossAttentionDecoderLayer"},
 }
 
@@ -171,6 +187,7 @@ OPS = {
     "idefics3": {"mlp_projector"},
     "smolvlm": {"mlp_projector"},
     "paligemma": {"patch_embed", "mlp_projector"},
+    "gemma3": {"patch_embed"},
     "mllama": {"cross_attention", "gated_linear", "mllama_kv_ranges"},
 }
 
