@@ -317,3 +317,36 @@ def test_vision_encoders(family):
     for n, g in expected_grads.items():
         err = (grads[n] - g).abs().max().item()
         assert err <= 1e-4 * max(g.abs().max().item(), floor), n
+
+
+@pytest.mark.parametrize("family", ["blip_2", "blip", "instructblip", "instructblipvideo"])
+def test_blip_family_vision_models(family):
+    """BLIP / BLIP-2 / InstructBLIP(-Video) vision towers: the embeddings swapped, output and
+    gradients HF's, at the native size and with resized positions."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = {"blip_2": "Blip2", "blip": "Blip", "instructblip": "InstructBlip",
+              "instructblipvideo": "InstructBlipVideo"}[family]
+    config_module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    cfg = getattr(config_module, f"{prefix}VisionConfig")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=28, patch_size=7)
+    model = getattr(module, f"{prefix}VisionModel")(cfg).eval()
+    patched = copy.deepcopy(model)
+    pixels = torch.randn(2, 3, 28, 28), torch.randn(1, 3, 42, 35)
+
+    def run(m):
+        m.zero_grad()
+        outs = [m(pixels[0]).last_hidden_state,
+                m(pixels[1], interpolate_pos_encoding=True).last_hidden_state]
+        sum(o.square().sum() for o in outs).backward()
+        return [o.detach() for o in outs], {n: p.grad for n, p in m.named_parameters()}
+
+    expected, expected_grads = run(model)
+    report = vhf.patch_model(patched)
+    assert [p for p, _, _ in report.replaced] == ["embeddings"], str(report)
+    got, grads = run(patched)
+    assert max(rel(g, e) for g, e in zip(got, expected, strict=True)) <= 1e-5
+    for n, g in expected_grads.items():
+        assert rel(grads[n], g) <= 1e-4, n

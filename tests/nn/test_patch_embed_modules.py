@@ -4,7 +4,13 @@ normalization folded in."""
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, InternVLVisionConfig, SiglipVisionConfig
+from transformers import (
+    Blip2VisionConfig,
+    CLIPVisionConfig,
+    InternVLVisionConfig,
+    SiglipVisionConfig,
+)
+from transformers.models.blip_2.modeling_blip_2 import Blip2VisionEmbeddings as HFBlip2
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings as HFClip
 from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings as HFIntern
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed as HFQwen2
@@ -36,6 +42,12 @@ IMAGE_MODELS = {
     "internvit-448": (HFIntern, vnn.InternVLVisionEmbeddings, InternVLVisionConfig,
                       {"hidden_size": 1024, "num_attention_heads": 16, "image_size": [448, 448],
                        "patch_size": [14, 14]}),
+    "blip2-tiny": (HFBlip2, vnn.Blip2VisionEmbeddings, Blip2VisionConfig,
+                   {"hidden_size": 24, "num_attention_heads": 4, "image_size": 28,
+                    "patch_size": 7}),
+    "blip2-eva-g": (HFBlip2, vnn.Blip2VisionEmbeddings, Blip2VisionConfig,
+                    {"hidden_size": 1408, "num_attention_heads": 16, "image_size": 224,
+                     "patch_size": 14}),
 }
 
 
@@ -174,3 +186,16 @@ def test_wrapped_or_hooked_patch_conv_is_refused(name):
     conv.register_forward_hook(lambda mod, inp, out: out * 2)
     with pytest.raises(NotImplementedError, match=r"wrapped or hooked"):
         call()
+
+
+def test_blip2_smaller_image_takes_a_prefix_of_the_positions():
+    """Without interpolate_pos_encoding HF adds the table's first tokens (a prefix of the rows);
+    more tokens than positions is an error in both."""
+    _, hf, ours = _pair(*IMAGE_MODELS["blip2-tiny"])
+    x = torch.randn(2, 3, 21, 27)  # a 3 x 3 grid of 7-pixel patches, 6 pixels cropped
+    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
+    big = torch.randn(1, 3, 35, 28)
+    with pytest.raises(RuntimeError):
+        hf(big)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        ours(big)

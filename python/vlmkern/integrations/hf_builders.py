@@ -122,6 +122,10 @@ def _siglip(hf: nn.Module, root: nn.Module) -> nn.Module:
     return vnn.SiglipVisionEmbeddings(hf.config)
 
 
+def _blip(hf: nn.Module, root: nn.Module) -> nn.Module:
+    return vnn.Blip2VisionEmbeddings(hf.config)
+
+
 def _internvit(hf: nn.Module, root: nn.Module) -> nn.Module:
     return vnn.InternVLVisionEmbeddings(_vision_config(hf, root))
 
@@ -180,6 +184,10 @@ BUILDERS: dict[str, Entry] = {
     "modeling_clip.CLIPVisionEmbeddings": Entry(_EMBEDDING, _clip),
     "modeling_siglip.SiglipVisionEmbeddings": Entry(_EMBEDDING, _siglip),
     "modeling_internvl.InternVLVisionEmbeddings": Entry(_EMBEDDING, _internvit),
+    "modeling_blip_2.Blip2VisionEmbeddings": Entry(_EMBEDDING, _blip),
+    "modeling_blip.BlipVisionEmbeddings": Entry(_EMBEDDING, _blip),
+    "modeling_instructblip.InstructBlipVisionEmbeddings": Entry(_EMBEDDING, _blip),
+    "modeling_instructblipvideo.InstructBlipVideoVisionEmbeddings": Entry(_EMBEDDING, _blip),
     "modeling_qwen2_vl.PatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen2_5_vl.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_qwen2_5_omni.Qwen2_5_VisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),

@@ -7,6 +7,7 @@ from .cross_attention import (
     MllamaTextCrossAttention,
 )
 from .patch_embed import (
+    Blip2VisionEmbeddings,
     CLIPVisionEmbeddings,
     InternVLVisionEmbeddings,
     Qwen2VLPatchEmbed,
@@ -47,6 +48,7 @@ __all__ = [
     "MllamaTextCrossAttention",
     "QwenVisionAttention",
     "Qwen2_5OmniVisionAttention",
+    "Blip2VisionEmbeddings",
     "CLIPVisionEmbeddings",
     "InternVLVisionEmbeddings",
     "Qwen2VLPatchEmbed",

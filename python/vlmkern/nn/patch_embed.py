@@ -125,6 +125,44 @@ class SiglipVisionEmbeddings(_Normalizing):
         return _run_hooks(hooks, pixel_values, out)
 
 
+class Blip2VisionEmbeddings(_Normalizing):
+    """HF ``Blip2VisionEmbeddings`` (also BLIP's and InstructBLIP's, EVA-style): Conv2d with bias +
+    CLS + a learned ``(1, 1 + N, D)`` position table. With ``interpolate_pos_encoding`` the patch
+    positions are bicubic-resized to the grid; without it HF adds the table's first tokens (a
+    smaller image takes a prefix of the rows).
+    pixels ``(B, C, H, W)`` -> ``(B, 1 + (H/P)(W/P), D)``.
+    """
+
+    def __init__(self, config: Any, mean=None, std=None, rescale: float = 1.0) -> None:
+        super().__init__(mean, std, rescale)
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, self.embed_dim))
+        self.patch_embedding = nn.Conv2d(3, self.embed_dim, kernel_size=self.patch_size,
+                                         stride=self.patch_size)
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.num_positions = self.num_patches + 1
+        self.position_embedding = nn.Parameter(torch.randn(1, self.num_positions, self.embed_dim))
+
+    def forward(self, pixel_values: torch.Tensor,
+                interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        conv = self.patch_embedding
+        hooks = _check_fusable(self, conv)
+        pos, interp = self.position_embedding, "bicubic"
+        if not interpolate_pos_encoding:
+            p = self.patch_size
+            tokens = 1 + (pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p)
+            if tokens > self.num_positions:
+                raise ValueError(f"vlmkern.nn.Blip2VisionEmbeddings: {tokens} tokens but "
+                                 f"{self.num_positions} positions; pass "
+                                 "interpolate_pos_encoding=True")
+            pos, interp = pos[:, :tokens], "none"
+        out = patch_embed(pixel_values, conv.weight, conv.bias, pos_embed=pos,
+                          cls_token=self.class_embedding, pos_interp=interp, **self._image_kw())
+        return _run_hooks(hooks, pixel_values, out)
+
+
 class _InternVLPatchEmbeddings(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
