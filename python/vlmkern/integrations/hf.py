@@ -1,7 +1,9 @@
 """Drop-in vlmkern for Hugging Face transformers models: :func:`patch_model` swaps the HF modules it
-knows (connectors, vision embeddings, Mllama's gated cross-attention layers) for vlmkern.nn modules
-that hold the very same Parameter objects, and routes the Qwen2-VL family's RoPE functions through
-vlmkern's kernels. :func:`unpatch_functions` undoes the function patches."""
+knows (connectors, vision embeddings, ViT attention, Mllama's gated cross-attention layers) for
+vlmkern.nn modules that hold the very same Parameter objects, overrides the Qwen models'
+``get_rope_index`` and routes the Qwen2-VL family's RoPE functions through vlmkern's kernels;
+:func:`unpatch_functions` undoes the function and method patches. Builders: hf_builders.py; HF's
+hooks: hf_hooks.py; method overrides: hf_methods.py; the Mllama adapter: hf_mllama.py."""
 
 from __future__ import annotations
 
@@ -77,29 +79,30 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
 
     Each replacement is a ``vlmkern.nn`` module (or an adapter with HF's ``forward`` signature)
     holding HF's own Parameter and buffer objects: the state dict, ``model.parameters()``, an
-    optimizer built before the call and tied weights are unchanged, and outputs match HF's
-    (fp32 to rounding; bf16 / fp16 within the ops' tolerance rules). Covered:
+    optimizer built before the call, tied weights and ``save_pretrained`` are unchanged, and
+    outputs match HF's (fp32 to rounding; bf16 / fp16 within the ops' tolerance rules). The
+    switches (the README lists the families each covers):
 
-    - ``connectors``: LLaVA / LLaVA-NeXT / -OneVision / -NeXT-Video projectors, InternVL's
-      projector (and its pixel shuffle), Qwen2-VL / 2.5-VL / 3-VL mergers (DeepStack too),
-      Idefics3 / SmolVLM connectors, PaliGemma's projector;
-    - ``embeddings``: CLIP, SigLIP and InternViT vision embeddings, Qwen2-VL / 2.5-VL / 3-VL
-      patch embeds;
-    - ``cross_attention``: Mllama's ``MllamaCrossAttentionDecoderLayer`` (cross-attention with
-      visible key ranges instead of the dense mask, both tanh gates fused into their GEMMs);
-    - ``vision_attention``: the Qwen2-VL / 2.5-VL / 3-VL ViT attention (all image / window
-      segments in one packed cross_attention, no host sync; Qwen3-VL-MoE too);
+    - ``connectors``: the LLaVA family's, InternVL's (and its pixel shuffle), the Qwen mergers
+      (DeepStack too), Idefics3 / SmolVLM's and PaliGemma's projectors;
+    - ``embeddings``: CLIP, SigLIP, InternViT and BLIP-family vision embeddings, the Qwen /
+      Qwen2.5-Omni / GLM-4.1V patch convs;
+    - ``cross_attention``: Mllama's ``MllamaCrossAttentionDecoderLayer`` (cross-attention on
+      visible key ranges read from HF's dense mask, both tanh gates fused into their GEMMs);
+    - ``vision_attention``: the Qwen / Qwen2.5-Omni / GLM-4.1V ViT attention (every image or
+      window segment in one packed cross_attention, no host sync);
     - ``rope``: ``apply_rotary_pos_emb`` / ``apply_rotary_pos_emb_vision`` of the Qwen2-VL family's
       modeling modules used by ``model`` (a process-wide change, as any function patch; undo it
       with :func:`unpatch_functions`), and the Qwen models' ``get_rope_index`` (M-RoPE positions
       by one device op instead of HF's Python loop with host syncs; on this model only).
 
-    A module with hooks other than HF's own or a replaced ``forward`` (accelerate offloading), with
-    parameters the vlmkern module lacks (a PEFT adapter), or with a Linear subclass / quantized
-    layer / tensor-subclass weight is left alone and listed in ``report.skipped``. HF's own hooks
-    move with it: ``output_hidden_states`` still sees every layer, and gradient checkpointing's
-    input-grad hook still fires (enabled before or after the patch). Attention weights are not
-    returned by replaced attention (nor by HF's SDPA path).
+    Left alone and listed in ``report.skipped``: a module with hooks other than HF's own or a
+    replaced ``forward`` (accelerate offloading), with parameters the vlmkern module lacks (a
+    PEFT adapter), with a Linear subclass / quantized layer / tensor-subclass weight, with
+    attention dropout, and Mllama layers under eager attention. HF's own hooks move with a
+    replaced module: ``output_hidden_states`` still sees every layer, and gradient
+    checkpointing's input-grad hook still fires (enabled before or after the patch). Replaced
+    attention returns no attention weights (nor does HF's SDPA path).
     """
     report = PatchReport()
     kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention,
