@@ -286,3 +286,13 @@ def test_patched_qwen_vision_tower_compiles_fullgraph(name):
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args, **kw).pooler_output,
                                    visual(*args, **kw).pooler_output)
+
+
+def test_qwen_vit_attention_under_flash_attention_is_left_to_hf():
+    """With flash_attention_2 requested HF's ViT already runs one varlen call per layer."""
+    model, _ = _model("qwen2_vl")
+    model.model.visual.config._attn_implementation = "flash_attention_2"
+    report = vhf.patch_model(model)
+    skipped = {p: w for p, _, w in report.skipped}
+    assert set(skipped) == {"model.visual.blocks.0.attn", "model.visual.blocks.1.attn"}
+    assert all("varlen" in w for w in skipped.values())

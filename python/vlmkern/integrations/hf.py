@@ -99,7 +99,8 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     Left alone and listed in ``report.skipped``: a module with hooks other than HF's own or a
     replaced ``forward`` (accelerate offloading), with parameters the vlmkern module lacks (a
     PEFT adapter), with a Linear subclass / quantized layer / tensor-subclass weight, with
-    attention dropout, and Mllama layers under eager attention. HF's own hooks move with a
+    attention dropout, Mllama layers under eager attention, and ViT attention under flash
+    attention (HF's varlen path is one call already). HF's own hooks move with a
     replaced module: ``output_hidden_states`` still sees every layer, and gradient
     checkpointing's input-grad hook still fires (enabled before or after the patch). Replaced
     attention returns no attention weights (nor does HF's SDPA path).

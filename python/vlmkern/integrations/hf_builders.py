@@ -145,6 +145,9 @@ def _qwen_patch_embed(hf: nn.Module, root: nn.Module) -> nn.Module:
 def _qwen_vision_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
     if getattr(hf, "attention_dropout", 0.0):
         raise Skip(f"attention dropout {hf.attention_dropout} (vlmkern's has none)")
+    implementation = str(getattr(hf.config, "_attn_implementation", None))
+    if implementation.startswith("flash"):  # flash_attention_2 / 3 / 4 (kernels hub names too)
+        raise Skip(f"HF's {implementation} path runs every segment in one varlen call already")
     qkv = hf.qkv if hasattr(hf, "qkv") else hf.q
     cls = vnn.QwenVisionAttention if hasattr(hf, "qkv") else vnn.Qwen2_5OmniVisionAttention
     return cls(hf.dim, hf.num_heads, qkv.bias is not None, hf.proj.bias is not None)
