@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.cross_attention import CUDA_HEAD_DIMS, cross_attention, mllama_kv_ranges
+from ..ops.cross_attention import CUDA_DTYPES, CUDA_HEAD_DIMS, cross_attention, mllama_kv_ranges
 from ..ops.gated_linear import gated_linear
 from ._fusable import fusable
 
@@ -42,9 +42,6 @@ def _gated_residual(linear: nn.Module, x: torch.Tensor, gate: torch.Tensor,
     if fusable(linear) and not torch.is_autocast_enabled(x.device.type):
         return gated_linear(x, linear.weight, gate, residual, linear.bias)
     return residual + gate.tanh() * linear(x)
-
-
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _sdpa_with_ranges(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -112,7 +109,7 @@ class MllamaTextCrossAttention(nn.Module):
         q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)
         k, v = self.project_kv(cross_attention_states) if kv is None else kv
-        if q.is_cuda and (q.dtype not in _CUDA_DTYPES or self.head_dim not in CUDA_HEAD_DIMS):
+        if q.is_cuda and (q.dtype not in CUDA_DTYPES or self.head_dim not in CUDA_HEAD_DIMS):
             out = _sdpa_with_ranges(q, k, v, self.scaling, kv_ranges, self.masked_rows)
         else:
             out = cross_attention(q, k, v, scale=self.scaling, kv_ranges=kv_ranges,

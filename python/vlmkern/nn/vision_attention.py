@@ -9,10 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ops.cross_attention import CUDA_HEAD_DIMS, cross_attention
+from ..ops.cross_attention import CUDA_DTYPES, CUDA_HEAD_DIMS, cross_attention
 from ..ops.rope import apply_rotary_pos_emb_vision
-
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -68,7 +66,7 @@ class QwenVisionAttention(nn.Module):
         if position_embeddings is not None:
             q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         if q.is_cuda:
-            kernel = q.dtype in _CUDA_DTYPES and self.head_dim in CUDA_HEAD_DIMS
+            kernel = q.dtype in CUDA_DTYPES and self.head_dim in CUDA_HEAD_DIMS
         else:  # the CPU's SDPA is faster on one segment (a data-dependent test when compiling)
             kernel = torch.compiler.is_compiling() or cu_seqlens.numel() > 2
         if kernel:

@@ -23,6 +23,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256  # kXattnMaxHeadDim in csrc/common/cross_attention.h
 CUDA_HEAD_DIMS = (64, 72, 80, 96, 128)  # check_xattn_cuda in csrc/common/cross_attention.cpp
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # the CUDA kernels' dtypes (same check)
 
 
 def cross_attention(
