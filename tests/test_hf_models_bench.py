@@ -14,7 +14,7 @@ bench = load("hf_models")
 def test_cases_agree_and_are_patched():
     cfg = Config("cpu", torch.float32, quick=False, compile=False)
     cases = bench.cases(cfg)
-    assert len(cases) == 4
+    assert len(cases) == 5
     providers = bench.providers(cfg)
     for case in cases:
         assert not case.cuda_graph
@@ -37,7 +37,8 @@ def test_gpu_sized_cases_build_and_patch():
     cfg = Config("meta", torch.bfloat16)
     cases = [bench._qwen_vit("q2", "qwen2_vl", 8, 448, cfg),
              bench._qwen_vit("q25", "qwen2_5_vl", 1, 896, cfg),
-             bench._llava("llava", 4, cfg), bench._mllama("mllama", 1024, 4, cfg)]
+             bench._llava("llava", 4, cfg), bench._mllama("mllama", 1024, 4, cfg),
+             bench._mllama("decode", 1, 4, cfg, decode_batch=16)]
     for case in cases:
         spec = case.kwargs["spec"]
         assert case.bytes_moved > 100e6, case.shape  # real widths: hundreds of MB of weights

@@ -4,7 +4,8 @@ ones on the CPU) as HF runs them and after ``vlmkern.integrations.hf.patch_model
 - Qwen2-VL's ViT (widths of Qwen2-VL-7B, 8 of its 32 blocks) on 8 images of 448² and on one
   1344² image; Qwen2.5-VL-7B's ViT (8 blocks, window attention in 6) on one 896² image;
 - LLaVA-1.5's image features: CLIP-L/14-336 (all 24 layers) + the projector, 4 images;
-- Mllama-11B's gated cross-attention decoder layer, 1024 text tokens x one 4-tile image.
+- Mllama-11B's gated cross-attention decoder layer, 1024 text tokens x one 4-tile image, and a
+  decode step of 16 rows reading the image's cached keys.
 
 Both sides are timed eagerly (HF's Qwen ViT syncs the host, so no CUDA graph for either): what a
 user of the model sees. "bytes" is the weights' size (read once per call at least); the
@@ -136,7 +137,17 @@ def _llava(label: str, images: int, cfg: Config) -> Case:
 # ---- Mllama cross-attention decoder layer ------------------------------------------------------
 
 
-def _mllama(label: str, seq: int, tiles: int, cfg: Config) -> Case:
+class _Cache:
+    """HF's cache as the cross-attention layer reads it at a decode step: layers[i].keys /
+    .values, the image's (B, Hk, L, D) keys and values."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.layers = [type("Layer", (), {"keys": keys, "values": values})()]
+
+
+def _mllama(label: str, seq: int, tiles: int, cfg: Config, decode_batch: int = 0) -> Case:
+    """Prefill: ``seq`` text tokens and the image states (keys projected in the layer). With
+    ``decode_batch``: one token per row, the image keys from the cache."""
     import transformers as T
     from transformers.models.mllama import modeling_mllama as mm
 
@@ -154,16 +165,23 @@ def _mllama(label: str, seq: int, tiles: int, cfg: Config) -> Case:
         layer.cross_attn_attn_gate.fill_(0.5)
         layer.cross_attn_mlp_gate.fill_(0.5)
     n = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
-    tile_mask = torch.ones(1, seq, 1, tiles, dtype=torch.long)
+    batch = decode_batch or 1
+    tile_mask = torch.ones(batch, seq, 1, tiles, dtype=torch.long)
     tile_mask[:, : seq // 8] = 0  # the text before the image sees nothing
     mask, rows = mm._prepare_cross_attention_mask(tile_mask, n, cfg.dtype)
     mask, rows = mask.to(cfg.device), rows.to(cfg.device)
+    hk, d = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
 
     def make() -> tuple:  # image states as MllamaModel passes them: (B · images · tiles, n, H)
-        return (_randn(1, seq, text.hidden_size, cfg=cfg),
-                _randn(tiles, n, text.hidden_size, cfg=cfg))
+        x = _randn(batch, seq, text.hidden_size, cfg=cfg)
+        if decode_batch:
+            return x, _Cache(_randn(batch, hk, tiles * n, d, cfg=cfg),
+                             _randn(batch, hk, tiles * n, d, cfg=cfg))
+        return x, _randn(tiles, n, text.hidden_size, cfg=cfg)
 
     def call(m, x, states):
+        if decode_batch:
+            return m.layer(x, None, mask, None, rows, past_key_values=states)
         return m.layer(x, states, mask, None, rows)
 
     return _case(label, _Holder(config, layer=layer), call, make, cfg)
@@ -172,14 +190,16 @@ def _mllama(label: str, seq: int, tiles: int, cfg: Config) -> Case:
 def cases(cfg: Config) -> list[Case]:
     if cfg.device == "cuda":
         out = [_qwen_vit("qwen2-vl-7b vit x8 8x448²", "qwen2_vl", 8, 448, cfg),
-               _mllama("mllama-11b xattn layer S1024 4 tiles", 1024, 4, cfg)]
+               _mllama("mllama-11b xattn layer S1024 4 tiles", 1024, 4, cfg),
+               _mllama("mllama-11b xattn decode B16 4 tiles", 1, 4, cfg, decode_batch=16)]
         if not cfg.quick:
             out += [_qwen_vit("qwen2-vl-7b vit x8 1x1344²", "qwen2_vl", 1, 1344, cfg),
                     _qwen_vit("qwen2.5-vl-7b vit x8 1x896²", "qwen2_5_vl", 1, 896, cfg),
                     _llava("llava-1.5 clip-l336+proj B4", 4, cfg)]
         return out
     out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
-           _mllama("tiny mllama xattn layer S128", 128, 4, cfg)]
+           _mllama("tiny mllama xattn layer S128", 128, 4, cfg),
+           _mllama("tiny mllama xattn decode B4", 1, 4, cfg, decode_batch=4)]
     if not cfg.quick:
         out += [_qwen_vit("tiny qwen2.5-vl vit 1x224²", "qwen2_5_vl", 1, 224, cfg),
                 _llava("tiny llava clip+proj B4", 4, cfg)]
