@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
-from .hf_builders import BUILDERS, Skip, builder_key
+from .hf_builders import BUILDERS, Entry, Skip, builder_key, is_hf
 from .hf_hooks import hook_moves, install_capture_hooks, movable, move_hook
 from .hf_methods import patch_methods, unpatch_methods
 
@@ -42,10 +42,6 @@ class PatchReport:
         lines += [f"  function {f}" for f in self.functions]
         lines += [f"  skipped {p or '<root>'} ({hf}): {why}" for p, hf, why in self.skipped]
         return "\n".join(lines)
-
-
-def _is_hf(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.")
 
 
 _TORCH_LEAVES = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding)
@@ -108,8 +104,7 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     report = PatchReport()
     kinds = {"connector": connectors, "embedding": embeddings, "cross_attention": cross_attention,
              "vision_attention": vision_attention}
-    if any(kinds[e.kind] for m in model.modules() if _is_hf(m)
-           for e in [BUILDERS.get(builder_key(m))] if e is not None):
+    if any(_entry(m, kinds) for m in model.modules()):
         install_capture_hooks(model)  # only when a module may be replaced (they do not pickle)
     _swap(model, "", model, kinds, report)
     report.functions += patch_methods(model, shuffle=connectors, rope_index=rope)
@@ -118,12 +113,18 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     return report
 
 
+def _entry(module: nn.Module, kinds: dict[str, bool]) -> Entry | None:
+    """The builder of an HF module vlmkern replaces under the switches ``kinds``, or None."""
+    entry = BUILDERS.get(builder_key(module)) if is_hf(module) else None
+    return entry if entry is not None and kinds[entry.kind] else None
+
+
 def _swap(module: nn.Module, prefix: str, root: nn.Module, kinds: dict[str, bool],
           report: PatchReport) -> None:
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
-        entry = BUILDERS.get(builder_key(child)) if _is_hf(child) else None
-        if entry is not None and kinds[entry.kind]:
+        entry = _entry(child, kinds)
+        if entry is not None:
             new = _build(entry, child, root, path, report)
             if new is not None:
                 setattr(module, name, new)

@@ -207,6 +207,11 @@ BUILDERS: dict[str, Entry] = {
 }
 
 
+def is_hf(module: nn.Module) -> bool:
+    """Whether a module's class comes from transformers."""
+    return type(module).__module__.startswith("transformers.")
+
+
 def builder_key(module: nn.Module) -> str:
     """``"<modeling file>.<class name>"`` of a module, the key of :data:`BUILDERS`."""
     return f"{type(module).__module__.rpartition('.')[2]}.{type(module).__name__}"

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.mrope_position_ids import mrope_position_ids
 from ..ops.pixel_shuffle import pixel_shuffle
+from .hf_builders import builder_key, is_hf
 
 
 class _Override:
@@ -83,17 +84,13 @@ _ROPE_INDEX = {
 _overridden: weakref.WeakSet = weakref.WeakSet()  # models holding an _Override attribute
 
 
-def _key(m: nn.Module) -> str:
-    return f"{type(m).__module__.rpartition('.')[2]}.{type(m).__name__}"
-
-
 def patch_methods(model: nn.Module, shuffle: bool, rope_index: bool) -> list[str]:
     """Override the methods on the HF models inside ``model``; returns ``path.method`` names."""
     done = []
     for path, m in model.named_modules():
-        if not type(m).__module__.startswith("transformers."):
+        if not is_hf(m):
             continue
-        key, where = _key(m), path or "<root>"
+        key, where = builder_key(m), path or "<root>"
         if shuffle and key == "modeling_internvl.InternVLModel" and "pixel_shuffle" not in vars(m):
             m.pixel_shuffle = _InternVLPixelShuffle(type(m).pixel_shuffle)
             done.append(f"{where}.pixel_shuffle")
