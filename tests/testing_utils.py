@@ -87,3 +87,19 @@ def profiled_names(fn) -> set[str]:
         fn()
         torch.cuda.synchronize()
     return {e.name for e in prof.events()}
+
+
+def graph_replay(fn):
+    """fn() warmed up on a side stream (first-call host work stays out of the capture), captured
+    in a CUDA graph and replayed once: the captured output, after the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return static

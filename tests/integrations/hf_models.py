@@ -225,3 +225,14 @@ def on(inputs: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) ->
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def assert_grads_close(got: dict, expected: dict, rtol: float = 1e-4) -> None:
+    """Every gradient of ``expected`` matched in ``got`` (the same names) within ``rtol`` of its
+    own max. A gradient that is 0 in exact math (a key bias under softmax) is rounding noise in
+    both: its error is measured against a thousandth of the largest gradient."""
+    assert got.keys() == expected.keys()
+    floor = 1e-3 * max(g.abs().max().item() for g in expected.values())
+    for n, g in expected.items():
+        err = (got[n].double() - g.double()).abs().max().item()
+        assert err <= rtol * max(g.abs().max().item(), floor), n

@@ -10,7 +10,7 @@ VLMKERN_PATCH_EMBED_GEMM value raises."""
 import pytest
 import torch
 from test_patch_embed_cuda import LAYOUTS, _pixels
-from testing_utils import profiled_names
+from testing_utils import graph_replay, profiled_names
 
 import vlmkern
 
@@ -181,17 +181,7 @@ def test_implicit_graph_capture_and_repeats(monkeypatch):
     first = step()
     for _ in range(20):
         assert torch.equal(step(), first)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up off the capture (first-call host work)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static, first)
+    assert torch.equal(graph_replay(step), first)
 
     # the backward's dW kernel (workspace, split count, attributes) inside a capture too
     wg = w.detach().requires_grad_()
@@ -201,15 +191,7 @@ def test_implicit_graph_capture_and_repeats(monkeypatch):
         return torch.autograd.grad(out, wg, torch.ones_like(out))[0]
 
     eager = dw()
-    with torch.cuda.stream(side):
-        dw()
-    torch.cuda.current_stream().wait_stream(side)
-    graph_bw = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph_bw):
-        static_dw = dw()
-    graph_bw.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_dw, eager)
+    assert torch.equal(graph_replay(dw), eager)
 
 
 def test_bad_env_value(monkeypatch):
