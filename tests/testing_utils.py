@@ -89,9 +89,10 @@ def profiled_names(fn) -> set[str]:
     return {e.name for e in prof.events()}
 
 
-def graph_replay(fn):
+def graph_replay(fn, before_replay=None):
     """fn() warmed up on a side stream (first-call host work stays out of the capture), captured
-    in a CUDA graph and replayed once: the captured output, after the replay."""
+    in a CUDA graph and replayed once: the captured output, after the replay. ``before_replay()``
+    runs between capture and replay (to put new data in the captured inputs)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -100,6 +101,16 @@ def graph_replay(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = fn()
+    if before_replay is not None:
+        before_replay()
     graph.replay()
     torch.cuda.synchronize()
     return static
+
+
+def sync_points(graph: torch.fx.GraphModule) -> list[str]:
+    """The nodes of a dynamo graph that read a tensor's value on the host (item / tolist, and
+    the asserts on the unbacked symbols they make): each is a host sync on CUDA."""
+    return [n.name for n in graph.graph.nodes
+            if (n.op == "call_method" and n.target in ("item", "tolist"))
+            or "scalar" in str(n.target)]

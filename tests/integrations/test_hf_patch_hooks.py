@@ -269,21 +269,6 @@ def test_patched_layers_compile_without_graph_breaks():
         torch.testing.assert_close(compiled(x, cu, pe), attn(x, cu, pe))
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
-def test_patched_qwen_vision_tower_compiles_fullgraph(name):
-    """HF's ViT splits its segments by data-dependent lengths (a graph break in transformers
-    5.23); with the packed vlmkern attention the whole tower is one graph."""
-    model, inputs = _model(name)
-    vhf.patch_model(model)
-    visual = model.model.visual
-    args = (inputs["pixel_values"],)
-    kw = {"grid_thw": inputs["image_grid_thw"]}
-    compiled = torch.compile(visual, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(*args, **kw).pooler_output,
-                                   visual(*args, **kw).pooler_output)
-
-
 def test_qwen_vit_attention_under_flash_attention_is_left_to_hf():
     """With flash_attention_2 requested HF's ViT already runs one varlen call per layer."""
     model, _ = _model("qwen2_vl")

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "pixel_shuffle": "vlmkern.bench.pixel_shuffle",
     "rope": "vlmkern.bench.rope",
     "mrope_position_ids": "vlmkern.bench.mrope_position_ids",
+    "vision_grid": "vlmkern.bench.vision_grid",
 }
 
 

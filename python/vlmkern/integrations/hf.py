@@ -107,7 +107,8 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     if any(_entry(m, kinds) for m in model.modules()):
         install_capture_hooks(model)  # only when a module may be replaced (they do not pickle)
     _swap(model, "", model, kinds, report)
-    report.functions += patch_methods(model, shuffle=connectors, rope_index=rope)
+    report.functions += patch_methods(model, shuffle=connectors, rope_index=rope,
+                                      vision_indices=vision_attention)
     if rope:
         _patch_rope(model, report)
     return report

@@ -1,6 +1,7 @@
 """Model methods :func:`vlmkern.integrations.hf.patch_model` overrides on one HF model instance (an
-instance attribute; the class is untouched): InternVL's ``pixel_shuffle`` and the Qwen2-VL
-family's ``get_rope_index`` (M-RoPE positions by one device op: no Python loop, no host sync)."""
+instance attribute; the class is untouched): InternVL's ``pixel_shuffle``, the Qwen2-VL
+family's ``get_rope_index`` (M-RoPE positions by one device op: no Python loop, no host sync)
+and the Qwen-family ViTs' ``forward`` (HF's, handed its index tensors computed on the device)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.vision_attention import QwenVisionAttention
+from ..ops import vision_grid
 from ..ops.mrope_position_ids import mrope_position_ids
 from ..ops.pixel_shuffle import pixel_shuffle
 from .hf_builders import builder_key, is_hf
@@ -75,6 +78,53 @@ class _RopeIndex(_Override):
                                   **extra)
 
 
+class _VisionIndices(_Override):
+    """``forward`` of a Qwen-family ViT (HF's signature) that runs HF's forward with its index
+    tensors given (HF's precomputed-kwargs path): the 2D RoPE positions, the per-frame
+    ``cu_seqlens``, Qwen2.5-VL's windows and Qwen3-VL's position-table taps, from
+    :mod:`vlmkern.ops.vision_grid` on the device. HF derives them in Python loops over
+    ``grid_thw.tolist()`` (host syncs, unbacked symbols under compile, no CUDA-graph capture).
+    Only while every block's attention is vlmkern's, which takes the fixed-length
+    ``cu_seqlens`` (trailing empty segments; exact, as HF's, on the CPU outside compile);
+    values the caller passes win."""
+
+    def __init__(self, tower: nn.Module, windows: bool, taps: bool) -> None:
+        self.tower, self.windows, self.taps = tower, windows, taps
+
+    def indices(self, num_patches: int, grid_thw: torch.Tensor, device: torch.device,
+                exact: bool) -> dict[str, Any]:
+        """HF's kwarg names -> tensors for ``num_patches`` rows of ``grid_thw``'s images."""
+        tower, merge = self.tower, self.tower.spatial_merge_size
+        out = {"position_ids": vision_grid.vision_position_ids(grid_thw, num_patches, merge),
+               "cu_seqlens": vision_grid.vision_cu_seqlens(grid_thw, num_patches, exact=exact)}
+        if self.windows:
+            out["window_index"], out["cu_window_seqlens"] = vision_grid.vision_window_index(
+                grid_thw, num_patches, merge, tower.window_size, tower.patch_size, exact=exact)
+        if self.taps and tower.interpolation_mode == "bilinear":
+            out["interp_indices"], out["interp_weights"] = vision_grid.vision_interp_taps(
+                grid_thw, num_patches, merge, tower.num_grid_per_side,
+                tower.interpolation_align_corners)
+        return {k: v.to(device) for k, v in out.items()}
+
+    def __call__(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        tower = self.tower
+        if grid_thw is not None and all(isinstance(b.attn, QwenVisionAttention)
+                                        for b in tower.blocks):
+            exact = not hidden_states.is_cuda and not torch.compiler.is_compiling()
+            given = self.indices(hidden_states.shape[0], grid_thw, hidden_states.device, exact)
+            kwargs = {**given, **kwargs}
+        return type(tower).forward(tower, hidden_states, grid_thw, **kwargs)
+
+
+# HF vision tower -> (windows, position-table taps)
+_TOWERS = {
+    "modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel": (False, False),
+    "modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel": (True, False),
+    "modeling_qwen2_5_omni.Qwen2_5OmniVisionEncoder": (True, False),
+    "modeling_qwen3_vl.Qwen3VLVisionModel": (False, True),
+    "modeling_qwen3_vl_moe.Qwen3VLMoeVisionModel": (False, True),
+}
 _ROPE_INDEX = {
     "modeling_qwen2_vl.Qwen2VLModel": "qwen2_vl",
     "modeling_qwen2_5_vl.Qwen2_5_VLModel": "qwen2_5_vl",
@@ -84,7 +134,8 @@ _ROPE_INDEX = {
 _overridden: weakref.WeakSet = weakref.WeakSet()  # models holding an _Override attribute
 
 
-def patch_methods(model: nn.Module, shuffle: bool, rope_index: bool) -> list[str]:
+def patch_methods(model: nn.Module, shuffle: bool, rope_index: bool,
+                  vision_indices: bool) -> list[str]:
     """Override the methods on the HF models inside ``model``; returns ``path.method`` names."""
     done = []
     for path, m in model.named_modules():
@@ -97,7 +148,10 @@ def patch_methods(model: nn.Module, shuffle: bool, rope_index: bool) -> list[str
         if rope_index and key in _ROPE_INDEX and "get_rope_index" not in vars(m):
             m.get_rope_index = _RopeIndex(_ROPE_INDEX[key], m.config)
             done.append(f"{where}.get_rope_index")
-        if key in ("modeling_internvl.InternVLModel", *_ROPE_INDEX):
+        if vision_indices and key in _TOWERS and "forward" not in vars(m):
+            m.forward = _VisionIndices(m, *_TOWERS[key])
+            done.append(f"{where}.forward")
+        if key in ("modeling_internvl.InternVLModel", *_ROPE_INDEX, *_TOWERS):
             _overridden.add(m)
     return done
 

@@ -14,6 +14,12 @@ from .rope import (
     rope,
     vision_rope,
 )
+from .vision_grid import (
+    vision_cu_seqlens,
+    vision_interp_taps,
+    vision_position_ids,
+    vision_window_index,
+)
 
 __all__ = [
     "apply_rotary_pos_emb",
@@ -30,4 +36,8 @@ __all__ = [
     "mllama_kv_ranges",
     "gated_linear",
     "patch_embed",
+    "vision_cu_seqlens",
+    "vision_position_ids",
+    "vision_window_index",
+    "vision_interp_taps",
 ]
