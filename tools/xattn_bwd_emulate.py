@@ -109,9 +109,9 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
             while seg < seg_end:
                 qb, qe, kb, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
                 if packed:
-                    if kb >= w0 + BN:
+                    if kb >= w0 + BN or kb >= Sk:
                         break
-                    if ke <= w0:
+                    if ke <= w0 or kb == ke:
                         seg += 1
                         continue
                 lq, lk = qe - qb, ke - kb
@@ -185,9 +185,9 @@ def emulate_bwd(q, k, v, out, lse, dout, dt, dlse=None, ranges=None, cu_q=None, 
             while seg < seg_end:
                 qb, qe, kb_, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
                 if packed:
-                    if qb >= w0 + BM:
+                    if qb >= w0 + BM or qb >= Sq:
                         break
-                    if qe <= w0:
+                    if qe <= w0 or qb == qe:
                         seg += 1
                         continue
                 lq, lk = qe - qb, ke - kb_
@@ -354,6 +354,11 @@ def _main(selected) -> None:
         run_case("packed ranges", q, k, v, dt,
                  {"cu_seqlens_q": cq, "cu_seqlens_k": ck, "kv_ranges": rg},
                  {"cu_q": cq, "cu_k": ck, "ranges": rg[None]}, packed=True)
+        # fixed-length boundaries (vlmkern.ops.vision_grid): empty segments to the end
+        tail_q, tail_k = (torch.cat([c, c[-1:].repeat(40)]) for c in (cq, ck))
+        run_case("packed padded tail", q, k, v, dt,
+                 {"cu_seqlens_q": tail_q, "cu_seqlens_k": tail_k},
+                 {"cu_q": tail_q, "cu_k": tail_k}, packed=True)
         pl = torch.tensor([4, 0, 0, 2, 100])
         run_case("packed prefix-LM", q, k, v, dt,
                  {"cu_seqlens_q": cq, "cu_seqlens_k": ck, "mode": "prefix_lm",

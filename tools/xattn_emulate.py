@@ -183,9 +183,9 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
             while seg < seg_end:
                 qb, qe, kb_, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
                 if packed:
-                    if qb >= w0 + BM:
+                    if qb >= w0 + BM or qb >= Sq:
                         break
-                    if qe <= w0:
+                    if qe <= w0 or qb == qe:
                         seg += 1
                         continue
                 lq, lk = qe - qb, ke - kb_
@@ -487,6 +487,11 @@ def _main() -> None:
     # segments crossing the 128-row windows (rows 100..140, 200..262) and the 64-row ones
     packed("8 warps packed", torch.tensor([0, 3, 3, 100, 140, 200, 262], dtype=torch.int32),
            torch.tensor([0, 10, 15, 15, 80, 90, 150], dtype=torch.int32), (8, 4, (4, 2)))
+    # fixed-length boundaries (vlmkern.ops.vision_grid): empty segments to the end, rows in the
+    # last window's tail
+    packed("padded tail packed", torch.tensor([0, 3, 3, 70, 75, 100] + [100] * 40,
+                                              dtype=torch.int32),
+           torch.tensor([0, 10, 15, 15, 80, 90] + [90] * 40, dtype=torch.int32), (4, (4, 2)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""patch_model's Qwen-family ViT ``forward``: HF's forward handed its index tensors from
+"""patch_model's pre-hook on the Qwen-family ViTs: HF's forward handed its index tensors from
 vlmkern.ops.vision_grid. The patched towers (Qwen2-VL, 2.5-VL with windows, 3-VL with its
-position table, Qwen2.5-Omni) compile with fullgraph and no host read, match HF, and on CUDA
-run without a host sync and replay in a CUDA graph (auto-skipped without a GPU)."""
+position table, Qwen2.5-Omni) compile with fullgraph and no host read, match HF, hold no
+reference cycle, and on CUDA run without a host sync and replay in a CUDA graph (auto-skipped
+without a GPU)."""
 
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from testing_utils import graph_replay, sync_points
 
 pytest.importorskip("transformers")
 from vlmkern.integrations import hf as vhf  # noqa: E402
+from vlmkern.integrations.hf_methods import _VisionIndices  # noqa: E402
 from vlmkern.ops import vision_grid  # noqa: E402
 
 GRID = [[1, 8, 6], [2, 4, 4], [1, 2, 2]]  # an image with 2 x 2 windows, a 2-frame video, a tiny one
@@ -60,7 +64,7 @@ def test_patched_tower_compiles_without_host_reads(name):
     with torch.no_grad():
         expected = _out(tower(pixels, grid_thw=grid))
     report = vhf.patch_model(tower)
-    assert "<root>.forward" in report.functions, str(report)
+    assert "<root>.forward (pre-hook: vision_grid indices)" in report.functions, str(report)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -74,19 +78,37 @@ def test_patched_tower_compiles_without_host_reads(name):
     assert graphs and all(not sync_points(g) for g in graphs)
 
 
-def test_tower_forward_override_follows_the_switches():
-    """Installed with vision_attention (listed), undone by unpatch_functions, absent without
-    the switch; a block whose attention stays HF's makes it hand over to HF's own indices."""
+def _hooked(tower: torch.nn.Module) -> int:
+    return sum(isinstance(h, _VisionIndices) for h in tower._forward_pre_hooks.values())
+
+
+def test_tower_hook_follows_the_switches():
+    """Installed with vision_attention (listed) once however often patch_model runs, removed by
+    unpatch_functions, absent without the switch."""
     model, _ = MODELS["qwen2_5_vl"]()
     report = vhf.patch_model(model)
-    assert "model.visual.forward" in report.functions
-    assert "forward" in vars(model.model.visual)
+    vhf.patch_model(model)
+    assert "model.visual.forward (pre-hook: vision_grid indices)" in report.functions
+    assert _hooked(model.model.visual) == 1
     vhf.unpatch_functions()
-    assert "forward" not in vars(model.model.visual)
+    assert _hooked(model.model.visual) == 0
 
     model, _ = MODELS["qwen2_5_vl"]()
     vhf.patch_model(model, vision_attention=False)
-    assert "forward" not in vars(model.model.visual)
+    assert _hooked(model.model.visual) == 0
+
+
+def test_patched_tower_is_freed_on_del():
+    """No reference cycle: dropping the last reference frees the weights at once."""
+    tower = _hd64_tower("qwen2_5_vl")
+    vhf.patch_model(tower)
+    weight = weakref.ref(tower.blocks[0].attn.qkv.weight)
+    gc.disable()
+    try:
+        del tower
+        assert weight() is None
+    finally:
+        gc.enable()
 
 
 def test_hf_attention_in_a_block_keeps_hfs_indices(monkeypatch):
@@ -133,15 +155,15 @@ def test_padded_indices_in_eager_match_exact():
     with torch.no_grad():
         expected = _out(tower(pixels, grid_thw=grid))
     vhf.patch_model(tower)
-    given = tower.forward.indices(pixels.shape[0], grid, pixels.device, exact=False)
+    given = vhf.vision_indices(tower, grid, pixels.shape[0])
     assert given["cu_seqlens"].shape == (pixels.shape[0] + 1,)
     with torch.no_grad():
         got = _out(tower(pixels, grid_thw=grid, **given))
     assert rel(got, expected) <= 1e-5
 
 
-def _cuda_tower(name: str) -> torch.nn.Module:
-    """A tower with head dim 64 (one the CUDA kernels take), bf16 on the GPU."""
+def _hd64_tower(name: str) -> torch.nn.Module:
+    """A standalone tower with head dim 64 (one the CUDA kernels take)."""
     vision = dict(depth=2, num_heads=2, spatial_merge_size=2, temporal_patch_size=2)
     if name == "qwen2_vl":
         cfg = T.Qwen2VLVisionConfig(**vision, embed_dim=128, hidden_size=64, mlp_ratio=2,
@@ -152,13 +174,13 @@ def _cuda_tower(name: str) -> torch.nn.Module:
                                        out_hidden_size=64, patch_size=14, window_size=56,
                                        fullatt_block_indexes=[1])
         cls = T.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel
-    return cls(cfg).eval().to("cuda", torch.bfloat16)
+    return cls(cfg).eval()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 def test_cuda_patched_tower_without_host_sync_in_a_cuda_graph(name):
-    tower = _cuda_tower(name)
+    tower = _hd64_tower(name).to("cuda", torch.bfloat16)
     pixels, grid = _inputs(tower, "cuda", torch.bfloat16)
     with torch.no_grad():
         reference = _out(copy.deepcopy(tower).double()(pixels.double(), grid_thw=grid))

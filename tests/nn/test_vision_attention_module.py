@@ -67,3 +67,5 @@ def test_sdpa_composite_matches_the_op():
     cu = torch.tensor([0, 7, 7, 30, 50], dtype=torch.int32)  # an empty segment too
     want = cross_attention(q, k, v, scale=0.2, cu_seqlens_q=cu, cu_seqlens_k=cu)
     torch.testing.assert_close(_sdpa_segments(q, k, v, cu, 0.2), want, rtol=1e-5, atol=1e-5)
+    padded = torch.cat([cu, cu[-1:].repeat(50)])  # vision_grid's fixed length: empty to the end
+    torch.testing.assert_close(_sdpa_segments(q, k, v, padded, 0.2), want, rtol=1e-5, atol=1e-5)

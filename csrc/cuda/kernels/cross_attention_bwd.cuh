@@ -189,8 +189,9 @@ __global__ void __launch_bounds__(kThreads) cross_attention_bwd_dkdv_kernel(
   for (; seg < seg_end; ++seg) {
     const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
     if (p.packed) {
-      if (k_begin >= w0 + kBlockN) break;
-      if (k_end <= w0) continue;  // empty, or ends before the window
+      // past the window, or only empty segments left (fixed-length cu_seqlens end in them)
+      if (k_begin >= w0 + kBlockN || k_begin >= p.seq_k) break;
+      if (k_end <= w0 || k_begin == k_end) continue;  // ends before the window, or no keys
     }
     const int64_t lq = q_end - q_begin, lk = k_end - k_begin;
     const int64_t j0 = w0 - k_begin;  // the window's first key, relative to the segment (may
@@ -330,8 +331,8 @@ __global__ void __launch_bounds__(kThreads, 1) cross_attention_bwd_dq_kernel(
   for (; seg < seg_end; ++seg) {
     const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
     if (p.packed) {
-      if (q_begin >= w0 + kBlockM) break;
-      if (q_end <= w0) continue;
+      if (q_begin >= w0 + kBlockM || q_begin >= p.seq_q) break;  // as the dK / dV pass
+      if (q_end <= w0 || q_begin == q_end) continue;
     }
     const int64_t lq = q_end - q_begin, lk = k_end - k_begin;
 

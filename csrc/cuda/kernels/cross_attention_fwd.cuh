@@ -180,8 +180,9 @@ __global__ void __launch_bounds__(32 * kWarps)
   for (; seg < seg_end; ++seg) {
     const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
     if (p.packed) {
-      if (q_begin >= w0 + kRows) break;
-      if (q_end <= w0) continue;  // empty, or ends before the window
+      // past the window, or only empty segments left (fixed-length cu_seqlens end in them)
+      if (q_begin >= w0 + kRows || q_begin >= p.seq_q) break;
+      if (q_end <= w0 || q_begin == q_end) continue;  // ends before the window, or empty
     }
     const int64_t lq = q_end - q_begin, lk = k_end - k_begin;
 

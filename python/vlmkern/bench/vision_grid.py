@@ -40,8 +40,8 @@ def _hf(grid: torch.Tensor, num_patches: int, model: str) -> tuple:
     out = (vu.get_vision_position_ids(grid, MERGE),
            pad(vu.get_vision_cu_seqlens(grid), num_patches + 1))
     if model == "qwen2_5_vl":
-        index, cu = vu.get_vision_window_index(grid, MERGE, WINDOW, PATCH)
-        return out + (index, pad(cu, num_patches // MERGE**2 + 1))
+        index, cu = vu.get_vision_window_index(grid, MERGE, WINDOW, PATCH)  # index: on the CPU
+        return out + (index.to(grid.device), pad(cu, num_patches // MERGE**2 + 1))
     return out + vu.get_vision_interpolation_indices_and_weights(
         grid, TABLE_SIDE, "bilinear", True, MERGE)
 

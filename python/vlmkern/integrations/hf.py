@@ -16,7 +16,9 @@ from torch import nn
 from ..ops.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 from .hf_builders import BUILDERS, Entry, Skip, builder_key, is_hf
 from .hf_hooks import hook_moves, install_capture_hooks, movable, move_hook
-from .hf_methods import patch_methods, unpatch_methods
+from .hf_methods import patch_methods, unpatch_methods, vision_indices
+
+__all__ = ["PatchReport", "patch_model", "unpatch_functions", "vision_indices"]
 
 _ROPE_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 _ROPE_FUNCTIONS = {
@@ -108,7 +110,7 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
         install_capture_hooks(model)  # only when a module may be replaced (they do not pickle)
     _swap(model, "", model, kinds, report)
     report.functions += patch_methods(model, shuffle=connectors, rope_index=rope,
-                                      vision_indices=vision_attention)
+                                      indices=vision_attention)
     if rope:
         _patch_rope(model, report)
     return report
@@ -195,7 +197,8 @@ def _patch_rope(model: nn.Module, report: PatchReport) -> None:
 
 def unpatch_functions() -> None:
     """Give the HF modeling modules back the functions :func:`patch_model` replaced, and the
-    models their own methods (pixel_shuffle, get_rope_index); replaced modules stay vlmkern's."""
+    models their own methods (pixel_shuffle, get_rope_index) and vision towers' index
+    computation (the pre-hooks go); replaced modules stay vlmkern's."""
     for (name, fn_name), fn in _originals.items():
         setattr(importlib.import_module(name), fn_name, fn)
     _originals.clear()

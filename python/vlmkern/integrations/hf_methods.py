@@ -1,7 +1,8 @@
 """Model methods :func:`vlmkern.integrations.hf.patch_model` overrides on one HF model instance (an
 instance attribute; the class is untouched): InternVL's ``pixel_shuffle``, the Qwen2-VL
 family's ``get_rope_index`` (M-RoPE positions by one device op: no Python loop, no host sync)
-and the Qwen-family ViTs' ``forward`` (HF's, handed its index tensors computed on the device)."""
+and, by a forward pre-hook, the index tensors the Qwen-family ViTs' forward takes precomputed
+(computed on the device: :func:`vision_indices`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..nn.vision_attention import QwenVisionAttention
 from ..ops import vision_grid
@@ -78,45 +80,6 @@ class _RopeIndex(_Override):
                                   **extra)
 
 
-class _VisionIndices(_Override):
-    """``forward`` of a Qwen-family ViT (HF's signature) that runs HF's forward with its index
-    tensors given (HF's precomputed-kwargs path): the 2D RoPE positions, the per-frame
-    ``cu_seqlens``, Qwen2.5-VL's windows and Qwen3-VL's position-table taps, from
-    :mod:`vlmkern.ops.vision_grid` on the device. HF derives them in Python loops over
-    ``grid_thw.tolist()`` (host syncs, unbacked symbols under compile, no CUDA-graph capture).
-    Only while every block's attention is vlmkern's, which takes the fixed-length
-    ``cu_seqlens`` (trailing empty segments; exact, as HF's, on the CPU outside compile);
-    values the caller passes win."""
-
-    def __init__(self, tower: nn.Module, windows: bool, taps: bool) -> None:
-        self.tower, self.windows, self.taps = tower, windows, taps
-
-    def indices(self, num_patches: int, grid_thw: torch.Tensor, device: torch.device,
-                exact: bool) -> dict[str, Any]:
-        """HF's kwarg names -> tensors for ``num_patches`` rows of ``grid_thw``'s images."""
-        tower, merge = self.tower, self.tower.spatial_merge_size
-        out = {"position_ids": vision_grid.vision_position_ids(grid_thw, num_patches, merge),
-               "cu_seqlens": vision_grid.vision_cu_seqlens(grid_thw, num_patches, exact=exact)}
-        if self.windows:
-            out["window_index"], out["cu_window_seqlens"] = vision_grid.vision_window_index(
-                grid_thw, num_patches, merge, tower.window_size, tower.patch_size, exact=exact)
-        if self.taps and tower.interpolation_mode == "bilinear":
-            out["interp_indices"], out["interp_weights"] = vision_grid.vision_interp_taps(
-                grid_thw, num_patches, merge, tower.num_grid_per_side,
-                tower.interpolation_align_corners)
-        return {k: v.to(device) for k, v in out.items()}
-
-    def __call__(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None,
-                 **kwargs: Any) -> Any:
-        tower = self.tower
-        if grid_thw is not None and all(isinstance(b.attn, QwenVisionAttention)
-                                        for b in tower.blocks):
-            exact = not hidden_states.is_cuda and not torch.compiler.is_compiling()
-            given = self.indices(hidden_states.shape[0], grid_thw, hidden_states.device, exact)
-            kwargs = {**given, **kwargs}
-        return type(tower).forward(tower, hidden_states, grid_thw, **kwargs)
-
-
 # HF vision tower -> (windows, position-table taps)
 _TOWERS = {
     "modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel": (False, False),
@@ -125,6 +88,50 @@ _TOWERS = {
     "modeling_qwen3_vl.Qwen3VLVisionModel": (False, True),
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionModel": (False, True),
 }
+
+
+def vision_indices(tower: nn.Module, grid_thw: torch.Tensor, num_patches: int, *,
+                   device: torch.device | None = None, exact: bool = False) -> dict[str, Any]:
+    """The index tensors a Qwen-family HF ViT (Qwen2-VL / 2.5-VL / 3-VL / 3-VL-MoE, Qwen2.5-Omni)
+    accepts precomputed, by :mod:`vlmkern.ops.vision_grid` on ``grid_thw``'s device (no host
+    sync): ``position_ids``, ``cu_seqlens``, Qwen2.5-VL's ``window_index`` /
+    ``cu_window_seqlens``, Qwen3-VL's ``interp_indices`` / ``interp_weights`` (bilinear tables).
+    Pass them as ``tower(pixels, grid_thw=grid, **indices)``. The ``cu_seqlens`` tensors have a
+    fixed length (trailing empty segments, which vlmkern's attention skips and HF's SDPA loop
+    does not) unless ``exact``."""
+    windows, taps = _TOWERS[builder_key(tower)]
+    merge = tower.spatial_merge_size
+    out = {"position_ids": vision_grid.vision_position_ids(grid_thw, num_patches, merge),
+           "cu_seqlens": vision_grid.vision_cu_seqlens(grid_thw, num_patches, exact=exact)}
+    if windows:
+        out["window_index"], out["cu_window_seqlens"] = vision_grid.vision_window_index(
+            grid_thw, num_patches, merge, tower.window_size, tower.patch_size, exact=exact)
+    if taps and tower.interpolation_mode == "bilinear":
+        out["interp_indices"], out["interp_weights"] = vision_grid.vision_interp_taps(
+            grid_thw, num_patches, merge, tower.num_grid_per_side,
+            tower.interpolation_align_corners)
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+class _VisionIndices(_Override):
+    """Forward pre-hook (with kwargs) of a Qwen-family ViT: hands HF's forward its index tensors
+    (HF's precomputed-kwargs path) from :func:`vision_indices`, where HF derives them in Python
+    loops over ``grid_thw.tolist()`` (host syncs, unbacked symbols under compile, no CUDA-graph
+    capture). Only while every block's attention is vlmkern's, which takes the fixed-length
+    ``cu_seqlens`` (exact, as HF's, for a grid on the CPU outside compile); values the caller
+    passes win. A hook, not an instance ``forward``: it holds no reference to the tower."""
+
+    def __call__(self, tower: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        if hidden is None or grid is None or not all(
+                isinstance(b.attn, QwenVisionAttention) for b in tower.blocks):
+            return None
+        exact = grid.device.type == "cpu" and not torch.compiler.is_compiling()
+        given = vision_indices(tower, grid, hidden.shape[0], device=hidden.device, exact=exact)
+        return args, {**given, **kwargs}
+
+
 _ROPE_INDEX = {
     "modeling_qwen2_vl.Qwen2VLModel": "qwen2_vl",
     "modeling_qwen2_5_vl.Qwen2_5_VLModel": "qwen2_5_vl",
@@ -132,10 +139,11 @@ _ROPE_INDEX = {
     "modeling_qwen3_vl_moe.Qwen3VLMoeModel": "qwen3_vl",
 }
 _overridden: weakref.WeakSet = weakref.WeakSet()  # models holding an _Override attribute
+_handles: list[RemovableHandle] = []  # the vision towers' pre-hooks
 
 
 def patch_methods(model: nn.Module, shuffle: bool, rope_index: bool,
-                  vision_indices: bool) -> list[str]:
+                  indices: bool) -> list[str]:
     """Override the methods on the HF models inside ``model``; returns ``path.method`` names."""
     done = []
     for path, m in model.named_modules():
@@ -148,10 +156,11 @@ def patch_methods(model: nn.Module, shuffle: bool, rope_index: bool,
         if rope_index and key in _ROPE_INDEX and "get_rope_index" not in vars(m):
             m.get_rope_index = _RopeIndex(_ROPE_INDEX[key], m.config)
             done.append(f"{where}.get_rope_index")
-        if vision_indices and key in _TOWERS and "forward" not in vars(m):
-            m.forward = _VisionIndices(m, *_TOWERS[key])
-            done.append(f"{where}.forward")
-        if key in ("modeling_internvl.InternVLModel", *_ROPE_INDEX, *_TOWERS):
+        if indices and key in _TOWERS and not any(
+                isinstance(h, _VisionIndices) for h in m._forward_pre_hooks.values()):
+            _handles.append(m.register_forward_pre_hook(_VisionIndices(), with_kwargs=True))
+            done.append(f"{where}.forward (pre-hook: vision_grid indices)")
+        if key in ("modeling_internvl.InternVLModel", *_ROPE_INDEX):
             _overridden.add(m)
     return done
 
@@ -163,3 +172,6 @@ def unpatch_methods() -> None:
             if isinstance(value, _Override):
                 delattr(m, name)
     _overridden.clear()
+    for handle in _handles:
+        handle.remove()
+    _handles.clear()

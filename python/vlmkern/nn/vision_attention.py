@@ -23,10 +23,10 @@ def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
     if cu_seqlens.numel() <= 2:
         return attend(q, k, v)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # empty segments (vision_grid's fixed-length boundaries end in them) hold no rows
+    lengths = [n for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if n]
     parts = zip(*(torch.split(t, lengths, 0) for t in (q, k, v)), strict=True)
-    # empty segments (vision_grid's fixed-length boundaries end in them) give empty rows
-    return torch.cat([attend(*p) if p[0].shape[0] else p[0] for p in parts], 0)
+    return torch.cat([attend(*p) for p in parts], 0)
 
 
 class QwenVisionAttention(nn.Module):
