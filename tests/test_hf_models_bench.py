@@ -39,7 +39,9 @@ def test_gpu_sized_cases_build_and_patch():
              bench._qwen_vit("q25", "qwen2_5_vl", 1, 896, cfg),
              bench._llava("llava", 4, cfg), bench._mllama("mllama", 1024, 4, cfg),
              bench._mllama("decode", 1, 4, cfg, decode_batch=16)]
-    for case in cases:
+    graph = bench._qwen_vit("q25 graph", "qwen2_5_vl", 1, 896, cfg, graph=True)
+    assert graph.cuda_graph and not any(c.cuda_graph for c in cases)
+    for case in [*cases, graph]:
         spec = case.kwargs["spec"]
         assert case.bytes_moved > 100e6, case.shape  # real widths: hundreds of MB of weights
         assert all(p.is_meta for p in spec.vk.parameters())

@@ -8,8 +8,10 @@ ones on the CPU) as HF runs them and after ``vlmkern.integrations.hf.patch_model
   decode step of 16 rows reading the image's cached keys.
 
 Both sides are timed eagerly (HF's Qwen ViT syncs the host, so no CUDA graph for either): what a
-user of the model sees. "bytes" is the weights' size (read once per call at least); the
-correctness gate is HF's own output in the bench dtype."""
+user of the model sees. One more Qwen2.5-VL case ("graph") captures each side in a CUDA graph
+where it can: the patched tower has no host sync (vlmkern.ops.vision_grid's indices), HF's
+fails to capture and is timed eagerly (the row's note says so). "bytes" is the weights' size
+(read once per call at least); the correctness gate is HF's own output in the bench dtype."""
 
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ class _Holder(nn.Module):
             self.add_module(name, m)
 
 
-def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Config) -> Case:
+def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Config,
+          graph: bool = False) -> Case:
     from vlmkern.integrations.hf import patch_model, unpatch_functions
 
     root = root.to(cfg.device, cfg.dtype).eval()
@@ -64,7 +67,7 @@ def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Conf
     if report.skipped or not report.replaced:
         raise RuntimeError(f"hf_models bench {label}: nothing or not everything patched\n{report}")
     weights = sum(p.numel() * p.element_size() for p in root.parameters())
-    return Case(label, make, weights, {"spec": Spec(root, patched, call)}, cuda_graph=False)
+    return Case(label, make, weights, {"spec": Spec(root, patched, call)}, cuda_graph=graph)
 
 
 def _randn(*shape: int, cfg: Config) -> torch.Tensor:
@@ -74,7 +77,8 @@ def _randn(*shape: int, cfg: Config) -> torch.Tensor:
 # ---- Qwen2-VL / Qwen2.5-VL ViT -----------------------------------------------------------------
 
 
-def _qwen_vit(label: str, family: str, images: int, side: int, cfg: Config) -> Case:
+def _qwen_vit(label: str, family: str, images: int, side: int, cfg: Config,
+              graph: bool = False) -> Case:
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as q25
     import transformers.models.qwen2_vl.modeling_qwen2_vl as q2
 
@@ -103,7 +107,7 @@ def _qwen_vit(label: str, family: str, images: int, side: int, cfg: Config) -> C
     def call(m, rows, grid):
         return m(rows, grid_thw=grid).pooler_output
 
-    return _case(label, model, call, make, cfg)
+    return _case(label, model, call, make, cfg, graph)
 
 
 # ---- LLaVA-1.5 image features ------------------------------------------------------------------
@@ -195,6 +199,8 @@ def cases(cfg: Config) -> list[Case]:
         if not cfg.quick:
             out += [_qwen_vit("qwen2-vl-7b vit x8 1x1344²", "qwen2_vl", 1, 1344, cfg),
                     _qwen_vit("qwen2.5-vl-7b vit x8 1x896²", "qwen2_5_vl", 1, 896, cfg),
+                    _qwen_vit("qwen2.5-vl-7b vit x8 1x896² graph", "qwen2_5_vl", 1, 896, cfg,
+                              graph=True),
                     _llava("llava-1.5 clip-l336+proj B4", 4, cfg)]
         return out
     out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
