@@ -14,7 +14,7 @@ bench = load("hf_models")
 def test_cases_agree_and_are_patched():
     cfg = Config("cpu", torch.float32, quick=False, compile=False)
     cases = bench.cases(cfg)
-    assert len(cases) == 5
+    assert len(cases) == 6
     providers = bench.providers(cfg)
     for case in cases:
         assert not case.cuda_graph
@@ -38,7 +38,8 @@ def test_gpu_sized_cases_build_and_patch():
     cases = [bench._qwen_vit("q2", "qwen2_vl", 8, 448, cfg),
              bench._qwen_vit("q25", "qwen2_5_vl", 1, 896, cfg),
              bench._llava("llava", 4, cfg), bench._mllama("mllama", 1024, 4, cfg),
-             bench._mllama("decode", 1, 4, cfg, decode_batch=16)]
+             bench._mllama("decode", 1, 4, cfg, decode_batch=16),
+             bench._qformer("qformer", 64, cfg)]
     graph = bench._qwen_vit("q25 graph", "qwen2_5_vl", 1, 896, cfg, graph=True)
     assert graph.cuda_graph and not any(c.cuda_graph for c in cases)
     for case in [*cases, graph]:

@@ -125,6 +125,23 @@ def mllama():
                        cross_attention_mask=mask)
 
 
+def blip_2():
+    """EVA-style tower (its embeddings swapped), the Q-Former (its attention swapped: head dim 64,
+    so the CUDA kernel runs in bf16 / fp16; no dropout, so training steps compare) and OPT."""
+    vc = dict(_VIT, image_size=28, patch_size=7)
+    qc = dict(hidden_size=128, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
+              encoder_hidden_size=32, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+              cross_attention_frequency=1)
+    tc = dict(model_type="opt", hidden_size=48, ffn_dim=64, num_hidden_layers=2,
+              num_attention_heads=4, vocab_size=160, word_embed_proj_dim=48,
+              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    cfg = T.Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc, num_query_tokens=4,
+                        image_token_index=IMAGE_TOKEN)
+    ids = torch.tensor([[IMAGE_TOKEN] * 4 + [2, 5, 6, 7]] * 2)
+    return T.Blip2ForConditionalGeneration(cfg), dict(input_ids=ids,
+                                                      pixel_values=torch.randn(2, 3, 28, 28))
+
+
 MODELS = {
     "llava": llava,
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
@@ -137,6 +154,7 @@ MODELS = {
     "paligemma": paligemma,
     "gemma3": gemma3,
     "mllama": mllama,
+    "blip_2": blip_2,
 }
 
 
@@ -170,6 +188,9 @@ EXPECTED = {
                   "model.multi_modal_projector": "PaliGemmaMultiModalProjector"},
     "gemma3": {"model.vision_tower.embeddings": "SiglipVisionEmbeddings"},
     "mllama": {"model.language_model.layers.1": "MllamaCrossAttentionDecoderLayer"},
+    "blip_2": {"vision_model.embeddings": "Blip2VisionEmbeddings",
+               **{f"qformer.encoder.layer.{i}.{part}.attention": "Blip2QFormerMultiHeadAttention"
+                  for i in range(2) for part in ("attention", "crossattention")}},
 }
 
 # vlmkern ops each patched model must run (profiler names, "vlmkern::<op>").
@@ -189,6 +210,7 @@ OPS = {
     "paligemma": {"patch_embed", "mlp_projector"},
     "gemma3": {"patch_embed"},
     "mllama": {"cross_attention", "gated_linear", "mllama_kv_ranges"},
+    "blip_2": {"patch_embed", "cross_attention"},
 }
 
 

@@ -5,7 +5,9 @@ ones on the CPU) as HF runs them and after ``vlmkern.integrations.hf.patch_model
   1344² image; Qwen2.5-VL-7B's ViT (8 blocks, window attention in 6) on one 896² image;
 - LLaVA-1.5's image features: CLIP-L/14-336 (all 24 layers) + the projector, 4 images;
 - Mllama-11B's gated cross-attention decoder layer, 1024 text tokens x one 4-tile image, and a
-  decode step of 16 rows reading the image's cached keys.
+  decode step of 16 rows reading the image's cached keys;
+- BLIP-2's Q-Former (32 learned queries, 12 layers, cross-attention to ViT-g's 257 tokens) on
+  64 images.
 
 Both sides are timed eagerly (HF's Qwen ViT syncs the host, so no CUDA graph for either): what a
 user of the model sees. One more Qwen2.5-VL case ("graph") captures each side in a CUDA graph
@@ -138,6 +140,34 @@ def _llava(label: str, images: int, cfg: Config) -> Case:
     return _case(label, root, call, make, cfg)
 
 
+# ---- BLIP-2 Q-Former ----------------------------------------------------------------------------
+
+
+def _qformer(label: str, images: int, cfg: Config) -> Case:
+    """BLIP-2's Q-Former (12 layers of 768, cross-attention every other layer to ViT-g's 257
+    tokens of 1408) on the learned queries of ``images`` images, in the bench dtype."""
+    import transformers as T
+
+    gpu = cfg.device != "cpu"
+    qformer = T.Blip2QFormerConfig(
+        hidden_size=768 if gpu else 128, num_attention_heads=12 if gpu else 2,
+        intermediate_size=3072 if gpu else 256, num_hidden_layers=12 if gpu else 2,
+        encoder_hidden_size=1408 if gpu else 96, cross_attention_frequency=2)
+    qformer._attn_implementation = "sdpa"
+    with torch.device(cfg.device):
+        model = T.Blip2QFormerModel(qformer)
+    tokens = 257 if gpu else 65
+
+    def make() -> tuple:
+        return (_randn(images, 32, qformer.hidden_size, cfg=cfg),
+                _randn(images, tokens, qformer.encoder_hidden_size, cfg=cfg))
+
+    def call(m, queries, image):
+        return m(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
+
+    return _case(label, model, call, make, cfg)
+
+
 # ---- Mllama cross-attention decoder layer ------------------------------------------------------
 
 
@@ -201,14 +231,16 @@ def cases(cfg: Config) -> list[Case]:
                     _qwen_vit("qwen2.5-vl-7b vit x8 1x896²", "qwen2_5_vl", 1, 896, cfg),
                     _qwen_vit("qwen2.5-vl-7b vit x8 1x896² graph", "qwen2_5_vl", 1, 896, cfg,
                               graph=True),
-                    _llava("llava-1.5 clip-l336+proj B4", 4, cfg)]
+                    _llava("llava-1.5 clip-l336+proj B4", 4, cfg),
+                    _qformer("blip-2 q-former 32 queries B64", 64, cfg)]
         return out
     out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
            _mllama("tiny mllama xattn layer S128", 128, 4, cfg),
            _mllama("tiny mllama xattn decode B4", 1, 4, cfg, decode_batch=4)]
     if not cfg.quick:
         out += [_qwen_vit("tiny qwen2.5-vl vit 1x224²", "qwen2_5_vl", 1, 224, cfg),
-                _llava("tiny llava clip+proj B4", 4, cfg)]
+                _llava("tiny llava clip+proj B4", 4, cfg),
+                _qformer("tiny blip-2 q-former B8", 8, cfg)]
     return out
 
 

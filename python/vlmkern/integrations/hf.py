@@ -1,9 +1,10 @@
 """Drop-in vlmkern for Hugging Face transformers models: :func:`patch_model` swaps the HF modules it
-knows (connectors, vision embeddings, ViT attention, Mllama's gated cross-attention layers) for
-vlmkern.nn modules that hold the very same Parameter objects, overrides the Qwen models'
-``get_rope_index`` and routes the Qwen2-VL family's RoPE functions through vlmkern's kernels;
-:func:`unpatch_functions` undoes the function and method patches. Builders: hf_builders.py; HF's
-hooks: hf_hooks.py; method overrides: hf_methods.py; the Mllama adapter: hf_mllama.py."""
+knows (connectors, vision embeddings, ViT attention, Mllama's gated cross-attention layers, the
+Q-Former attention) for vlmkern.nn modules that hold the very same Parameter objects, overrides
+the Qwen models' ``get_rope_index``, hands the Qwen ViTs their index tensors (a pre-hook) and
+routes the Qwen2-VL family's RoPE functions through vlmkern's kernels; :func:`unpatch_functions`
+undoes the function, method and hook patches. Builders: hf_builders.py; HF's hooks: hf_hooks.py;
+method overrides and the towers' pre-hook: hf_methods.py; adapters: hf_mllama.py, hf_qformer.py."""
 
 from __future__ import annotations
 
@@ -86,9 +87,12 @@ def patch_model(model: nn.Module, *, connectors: bool = True, embeddings: bool =
     - ``embeddings``: CLIP, SigLIP, InternViT and BLIP-family vision embeddings, the Qwen /
       Qwen2.5-Omni / GLM-4.1V patch convs;
     - ``cross_attention``: Mllama's ``MllamaCrossAttentionDecoderLayer`` (cross-attention on
-      visible key ranges read from HF's dense mask, both tanh gates fused into their GEMMs);
+      visible key ranges read from HF's dense mask, both tanh gates fused into their GEMMs) and
+      the BLIP-2 / InstructBLIP(-Video) Q-Former attention (HF's function for padding masks,
+      training dropout and fp32 on CUDA);
     - ``vision_attention``: the Qwen / Qwen2.5-Omni / GLM-4.1V ViT attention (every image or
-      window segment in one packed cross_attention, no host sync);
+      window segment in one packed cross_attention, no host sync), and a pre-hook on the Qwen
+      towers handing HF's forward its index tensors (:func:`vision_indices`);
     - ``rope``: ``apply_rotary_pos_emb`` / ``apply_rotary_pos_emb_vision`` of the Qwen2-VL family's
       modeling modules used by ``model`` (a process-wide change, as any function patch; undo it
       with :func:`unpatch_functions`), and the Qwen models' ``get_rope_index`` (M-RoPE positions

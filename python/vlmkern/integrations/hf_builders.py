@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import nn as vnn
 from .hf_mllama import HFMllamaCrossAttentionDecoderLayer
+from .hf_qformer import HFQFormerMultiHeadAttention
 
 
 class Skip(Exception):
@@ -167,6 +168,12 @@ def _mllama_layer(hf: nn.Module, root: nn.Module) -> nn.Module:
                                               num_vision_tokens=tokens)
 
 
+def _qformer_attention(hf: nn.Module, root: nn.Module) -> nn.Module:
+    if hf.config._attn_implementation == "eager":
+        raise Skip("eager attention returns attention weights (vlmkern's does not)")
+    return HFQFormerMultiHeadAttention(hf.config, hf.key.in_features != hf.query.in_features)
+
+
 _CONNECTOR, _EMBEDDING, _XATTN = "connector", "embedding", "cross_attention"
 _VIT_ATTN = "vision_attention"
 BUILDERS: dict[str, Entry] = {
@@ -198,6 +205,11 @@ BUILDERS: dict[str, Entry] = {
     "modeling_qwen3_vl_moe.Qwen3VLMoeVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_glm4v.Glm4vVisionPatchEmbed": Entry(_EMBEDDING, _qwen_patch_embed),
     "modeling_mllama.MllamaCrossAttentionDecoderLayer": Entry(_XATTN, _mllama_layer),
+    "modeling_blip_2.Blip2QFormerMultiHeadAttention": Entry(_XATTN, _qformer_attention),
+    "modeling_instructblip.InstructBlipQFormerMultiHeadAttention":
+        Entry(_XATTN, _qformer_attention),
+    "modeling_instructblipvideo.InstructBlipVideoQFormerMultiHeadAttention":
+        Entry(_XATTN, _qformer_attention),
     "modeling_qwen2_vl.VisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
     "modeling_qwen2_5_omni.Qwen2_5OmniVisionAttention": Entry(_VIT_ATTN, _qwen_vision_attention),
