@@ -100,6 +100,35 @@ def test_eager_qformer_is_left_to_hf():
     assert all("attention weights" in why for _, _, why in report.skipped)
 
 
+def test_one_image_state_broadcast_over_query_batch():
+    """HF's matmuls broadcast a batch of one on either side; so does the adapter."""
+    hf = _qformer("blip_2")
+    patched = copy.deepcopy(hf)
+    vhf.patch_model(patched)
+    for queries, image in ((3, 1), (1, 3)):
+        inputs = dict(query_embeds=torch.randn(queries, 4, 128),
+                      encoder_hidden_states=torch.randn(image, 9, 48))
+        with torch.no_grad():
+            assert rel(patched(**inputs).last_hidden_state,
+                       hf(**inputs).last_hidden_state) <= 1e-5
+
+
+def test_eager_chosen_after_the_patch_records_weights():
+    hf = _qformer("blip_2")
+    patched = copy.deepcopy(hf)
+    vhf.patch_model(patched)
+    inputs = _inputs("blip_2", False)
+    for m in (hf, patched):
+        m.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = hf(**inputs, output_attentions=True)
+        got = patched(**inputs, output_attentions=True)
+    assert len(got.attentions) == len(expected.attentions) > 0
+    assert max(rel(g, e) for g, e in zip(got.attentions, expected.attentions, strict=True)) \
+        <= 1e-5
+    assert rel(got.last_hidden_state, expected.last_hidden_state) <= 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_in_bf16_hfs_way_in_fp32(dtype):

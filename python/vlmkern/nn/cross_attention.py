@@ -233,12 +233,12 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        b, hd = states.shape[0], self.attention_head_size
+        b, hd = max(hidden_states.shape[0], states.shape[0]), self.attention_head_size
         q = self.query(hidden_states).unflatten(-1, (-1, hd))  # (1 or B, Lq, H, D)
-        if q.shape[0] != b:
-            q = q.expand(b, -1, -1, -1)  # shared queries: batch stride 0, no copy
-        k = self.key(states).unflatten(-1, (-1, hd))
+        k = self.key(states).unflatten(-1, (-1, hd))  # (1 or B, Lk, H, D)
         v = self.value(states).unflatten(-1, (-1, hd))
+        # a batch of one broadcast over the other side's B (as HF's matmuls): stride 0, no copy
+        q, k, v = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (q, k, v))
         out = cross_attention(q, k, v, scale=self.scaling, layout="bshd")
         return out.flatten(-2)
 
