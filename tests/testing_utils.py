@@ -108,6 +108,18 @@ def graph_replay(fn, before_replay=None):
     return static
 
 
+def compile_recording(fn, **options):
+    """torch.compile(fn, fullgraph=True, **options) with a backend that keeps every dynamo graph
+    it is given (and runs it as is): (compiled fn, the list the graphs land in)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return torch.compile(fn, fullgraph=True, backend=backend, **options), graphs
+
+
 def sync_points(graph: torch.fx.GraphModule) -> list[str]:
     """The nodes of a dynamo graph that read a tensor's value on the host (item / tolist, and
     the asserts on the unbacked symbols they make): each is a host sync on CUDA."""

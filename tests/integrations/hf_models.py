@@ -3,6 +3,8 @@ image paths, for the drop-in tests: name -> (model in eval mode, forward kwargs)
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import transformers as T
 
@@ -212,6 +214,34 @@ OPS = {
     "mllama": {"cross_attention", "gated_linear", "mllama_kv_ranges"},
     "blip_2": {"patch_embed", "cross_attention"},
 }
+
+
+def vision_encoder(family: str) -> torch.nn.Module:
+    """A vision tower alone: Qwen2.5-Omni's (Qwen2.5-VL's ViT with separate q / k / v) or
+    GLM-4.1V's (no attention biases)."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_omni":
+        cfg = omni.Qwen2_5OmniVisionEncoderConfig(**vision, window_size=56,
+                                                  fullatt_block_indexes=[1])
+        return omni.Qwen2_5OmniVisionEncoder(cfg)
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=160)
+    cfg = T.Glm4vConfig(vision_config=dict(vision, image_size=56), text_config=text)
+    return T.Glm4vForConditionalGeneration(cfg).model.visual
+
+
+def vlmkern_calls(fn) -> Counter:
+    """How often each vlmkern op ran while fn() ran (CPU profiler events; names without the
+    ``vlmkern::`` prefix)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(e.name.removeprefix("vlmkern::") for e in prof.events()
+                   if e.name.startswith("vlmkern::"))
 
 
 def mllama_pixel_inputs() -> dict:

@@ -20,6 +20,8 @@ from hf_models import (
     on,
     qwen_video_inputs,
     rel,
+    vision_encoder,
+    vlmkern_calls,
 )
 
 pytest.importorskip("transformers")
@@ -39,15 +41,6 @@ def _models(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     return model, copy.deepcopy(model), on(inputs, device, dtype)
 
 
-def _ops_run(fn) -> set[str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name.removeprefix("vlmkern::") for e in prof.events()
-            if e.name.startswith("vlmkern::")}
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_patched_model_matches_hf_and_runs_vlmkern(name):
     model, patched, inputs = _models(name)
@@ -58,7 +51,7 @@ def test_patched_model_matches_hf_and_runs_vlmkern(name):
     assert not report.skipped, str(report)
     assert all(vk.startswith("vlmkern.") for _, _, vk in report.replaced)
     with torch.no_grad():
-        ran = _ops_run(lambda: patched(**inputs))
+        ran = set(vlmkern_calls(lambda: patched(**inputs)))
         got = patched(**inputs).logits
     assert OPS[name] <= ran, f"vlmkern ops run: {sorted(ran)}"
     assert rel(got, expected) <= 1e-5
@@ -165,7 +158,7 @@ def test_qwen_video_frames_match_hf():
     with torch.no_grad():
         expected = model(**inputs).logits
         vhf.patch_model(patched)
-        ran = _ops_run(lambda: patched(**inputs))
+        ran = set(vlmkern_calls(lambda: patched(**inputs)))
         got = patched(**inputs).logits
     assert "cross_attention" in ran
     assert rel(got, expected) <= 1e-5
@@ -276,27 +269,11 @@ def test_autocast_training_step_within_hfs_error(name):
         assert err(vk_grads[n], g) <= 3 * err(hf_grads[n], g) + 1e-3 * scale, n
 
 
-def _vision_encoder(family: str) -> torch.nn.Module:
-    import transformers as T
-    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
-
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_5_omni":  # Qwen2.5-VL's ViT with separate q / k / v
-        cfg = omni.Qwen2_5OmniVisionEncoderConfig(**vision, window_size=56,
-                                                  fullatt_block_indexes=[1])
-        return omni.Qwen2_5OmniVisionEncoder(cfg)
-    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=160)
-    cfg = T.Glm4vConfig(vision_config=dict(vision, image_size=56), text_config=text)
-    return T.Glm4vForConditionalGeneration(cfg).model.visual  # GLM-4.1V: no attention biases
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_omni", "glm4v"])
 def test_vision_encoders(family):
     """Qwen2.5-Omni's and GLM-4.1V's vision encoders: patch embed and attention swapped (and
     Omni's merger); output and gradients are HF's."""
-    encoder = _vision_encoder(family).eval()
+    encoder = vision_encoder(family).eval()
     patched = copy.deepcopy(encoder)
     grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
     pixels = torch.randn(28, 3 * 2 * 14 * 14)

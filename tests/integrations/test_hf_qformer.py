@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 import torch
-from hf_models import assert_grads_close, rel
+from hf_models import assert_grads_close, rel, vlmkern_calls
 
 pytest.importorskip("transformers")
 from vlmkern.integrations import hf as vhf  # noqa: E402
@@ -18,11 +18,8 @@ from vlmkern.integrations import hf as vhf  # noqa: E402
 
 def _kernel_calls(fn) -> int:
     """vlmkern cross_attention calls while fn() runs (without autograd)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.name == "vlmkern::cross_attention" for e in prof.events())
+    with torch.no_grad():
+        return vlmkern_calls(fn)["cross_attention"]
 
 
 def _qformer(family: str, dropout: float = 0.0, implementation: str = "sdpa"):

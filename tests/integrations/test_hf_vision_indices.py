@@ -13,8 +13,8 @@ import weakref
 import pytest
 import torch
 import transformers as T
-from hf_models import MODELS, rel
-from testing_utils import graph_replay, sync_points
+from hf_models import MODELS, rel, vision_encoder
+from testing_utils import compile_recording, graph_replay, sync_points
 
 pytest.importorskip("transformers")
 from vlmkern.integrations import hf as vhf  # noqa: E402
@@ -32,13 +32,7 @@ def _restore_functions():
 
 def _tower(name: str) -> torch.nn.Module:
     if name == "qwen2_5_omni":
-        from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
-
-        cfg = omni.Qwen2_5OmniVisionEncoderConfig(
-            depth=2, hidden_size=32, num_heads=4, intermediate_size=64, out_hidden_size=48,
-            spatial_merge_size=2, temporal_patch_size=2, patch_size=14, window_size=56,
-            fullatt_block_indexes=[1])
-        return omni.Qwen2_5OmniVisionEncoder(cfg).eval()
+        return vision_encoder(name).eval()
     model, _ = MODELS[name]()
     return model.model.visual.eval()
 
@@ -65,13 +59,7 @@ def test_patched_tower_compiles_without_host_reads(name):
         expected = _out(tower(pixels, grid_thw=grid))
     report = vhf.patch_model(tower)
     assert "<root>.forward (pre-hook: vision_grid indices)" in report.functions, str(report)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(tower, fullgraph=True, backend=backend)
+    compiled, graphs = compile_recording(tower)
     with torch.no_grad():
         got = _out(compiled(pixels, grid_thw=grid))
     assert rel(got, expected) <= 1e-5

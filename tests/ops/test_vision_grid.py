@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from testing_utils import graph_replay, sync_points
+from testing_utils import compile_recording, graph_replay, sync_points
 
 from vlmkern.ops import cross_attention, vision_grid
 
@@ -105,13 +105,7 @@ def _all(x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def test_compiles_without_host_sync():
     """fullgraph, dynamic shapes: no item() / scalar reads in the graph; a second grid (other
     values, other patch count) reuses it and is still right."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(_all, fullgraph=True, backend=backend, dynamic=True)
+    compiled, graphs = compile_recording(_all, dynamic=True)
     for grid in (torch.tensor([[1, 8, 12], [2, 4, 4]]), torch.tensor([[1, 16, 6]]),
                  torch.tensor([[3, 2, 2], [1, 6, 8], [1, 4, 10]])):
         x = torch.randn(_patches(grid), 3)
@@ -154,12 +148,6 @@ def test_cuda_no_host_sync_and_graph_capture():
 def test_sync_check_sees_transformers_loops():
     """The check above can fail: transformers' helper (a loop over grid_thw.tolist()) shows its
     host reads in the same kind of graph."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(vu.get_vision_position_ids, fullgraph=True, backend=backend)
+    compiled, graphs = compile_recording(vu.get_vision_position_ids)
     compiled(torch.tensor([[1, 8, 12], [2, 4, 4]]), 2)
     assert any(sync_points(g) for g in graphs)

@@ -15,17 +15,6 @@ from __future__ import annotations
 import torch
 
 
-def _locate(grid_thw: torch.Tensor, count: int, unit: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor]:
-    """For each of ``count`` packed items (patches for unit 1, merged tokens for unit m²): its
-    index, its image and its offset inside that image. grid_thw (I, 3) int64 -> three (count,)."""
-    sizes = grid_thw.prod(-1) // unit  # (I,) items per image
-    ends = sizes.cumsum(0)  # (I,)
-    item = torch.arange(count, device=grid_thw.device)  # (count,)
-    image = torch.searchsorted(ends, item, right=True).clamp_max(grid_thw.shape[0] - 1)
-    return item, image, item - (ends - sizes)[image]
-
-
 def _grid(grid_thw: torch.Tensor, num_patches: int) -> torch.Tensor:
     """grid_thw as int64; on the CPU (where it costs no sync) outside compile, checks it sums to
     ``num_patches``."""
@@ -40,16 +29,17 @@ def _grid(grid_thw: torch.Tensor, num_patches: int) -> torch.Tensor:
 
 
 def _segments(counts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
-    """Slot k of ``length`` holds the k-th segment of the packed images (``counts`` (I,) segments
-    per image) or, past the last one, nothing: per slot its image, the segment's index inside
-    that image and whether the slot holds one. Three (length,)."""
+                                                           torch.Tensor, torch.Tensor]:
+    """Slot k of ``length`` holds the k-th item of the packed images (``counts`` (I,) items per
+    image: patches, merged tokens, frames, windows) or, past the last one, nothing: per slot
+    its index k, its image, the item's index inside that image and whether the slot holds one.
+    Four (length,)."""
     ends = counts.cumsum(0)  # (I,)
     slot = torch.arange(length, device=counts.device)  # (length,)
     image = torch.searchsorted(ends, slot, right=True)
     used = image < counts.shape[0]
     image = image.clamp_max(counts.shape[0] - 1)
-    return image, slot - (ends - counts)[image], used
+    return slot, image, slot - (ends - counts)[image], used
 
 
 def _boundaries(starts: torch.Tensor, used: torch.Tensor, total: int, counts: torch.Tensor,
@@ -66,7 +56,7 @@ def vision_cu_seqlens(grid_thw: torch.Tensor, num_patches: int, *, exact: bool =
     grid = _grid(grid_thw, num_patches)
     frame = grid[:, 1] * grid[:, 2]  # (I,) patches per frame
     first = (grid[:, 0] * frame).cumsum(0) - grid[:, 0] * frame  # (I,) the image's first patch
-    image, j, used = _segments(grid[:, 0], num_patches + 1)  # a slot per frame
+    _, image, j, used = _segments(grid[:, 0], num_patches + 1)  # a slot per frame
     return _boundaries(first[image] + j * frame[image], used, num_patches, grid[:, 0], exact)
 
 
@@ -74,7 +64,7 @@ def _rows_cols(grid: torch.Tensor, num_patches: int, merge: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each patch's (row, col) in its frame, the patches running block by block over merge×merge
     blocks (Qwen's order), and its image's (h, w). Four (N,) int64."""
-    _, image, local = _locate(grid, num_patches, 1)
+    _, image, local, _ = _segments(grid.prod(-1), num_patches)  # a slot per patch
     h, w = grid[image, 1], grid[image, 2]  # (N,)
     within = local % (h * w)
     block, inner = within // (merge * merge), within % (merge * merge)
@@ -96,7 +86,7 @@ def _window_order(grid: torch.Tensor, tokens: int, merge: int, side: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each merged token's index and its position in window order: frames before it, the full
     window rows above, the windows to its left, then row-major inside its window. Two (M,)."""
-    item, image, local = _locate(grid, tokens, merge * merge)
+    item, image, local, _ = _segments(grid.prod(-1) // (merge * merge), tokens)
     rows, cols = grid[image, 1] // merge, grid[image, 2] // merge  # (M,) the frame's merged grid
     frame = rows * cols
     t, rem = local // frame, local % frame
@@ -116,7 +106,7 @@ def _window_starts(grid: torch.Tensor, slots: int, merge: int, side: int
     tiles_c = (cols_i + side - 1) // side
     per_frame = (rows_i + side - 1) // side * tiles_c  # (I,) windows per frame
     counts = grid[:, 0] * per_frame
-    image, j, used = _segments(counts, slots)
+    _, image, j, used = _segments(counts, slots)
     rows, cols = rows_i[image], cols_i[image]  # (slots,)
     f, q = j // per_frame[image], j % per_frame[image]
     wr, wc = q // tiles_c[image], q % tiles_c[image]
