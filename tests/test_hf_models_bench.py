@@ -1,5 +1,6 @@
-"""The hf_models bench on its CPU cases: patched and HF models agree within the bench's gate, the
-patched side really holds vlmkern modules, and every case asks for eager CUDA timing."""
+"""The hf_models bench on its CPU cases: patched, vlmkern.models and HF models agree within the
+bench's gate, the patched side really holds vlmkern modules, the vlmkern.models side is there
+for the Qwen ViTs and LLaVA, and every case asks for eager CUDA timing."""
 
 import pytest
 import torch
@@ -27,7 +28,13 @@ def test_cases_agree_and_are_patched():
         inputs = case.make_inputs()
         ref = bench.reference()(*inputs, **case.kwargs)
         assert ref.abs().sum() > 0
+        has_models = "vit" in case.shape or "llava" in case.shape
+        assert (spec.models is not None) == has_models, case.shape
         for name, fn in providers.items():
+            if name == "vlmkern.models" and not has_models:
+                with pytest.raises(NotImplementedError, match="no vlmkern.models"):
+                    fn(*inputs, **case.kwargs)
+                continue
             check_equal(name, case, fn(*inputs, **case.kwargs), ref, exact=False)
 
 
@@ -46,3 +53,5 @@ def test_gpu_sized_cases_build_and_patch():
         spec = case.kwargs["spec"]
         assert case.bytes_moved > 100e6, case.shape  # real widths: hundreds of MB of weights
         assert all(p.is_meta for p in spec.vk.parameters())
+        if spec.models is not None:
+            assert all(p.is_meta for p in spec.models.parameters())

@@ -78,6 +78,18 @@ def deterministic_mode():
         torch.use_deterministic_algorithms(previous)
 
 
+@contextlib.contextmanager
+def no_host_sync():
+    """CUDA work inside raises on any host sync (torch.cuda.set_sync_debug_mode("error")); the
+    device is synchronized first, so earlier work cannot trip it."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def profiled_names(fn) -> set[str]:
     """Names of the events (CUDA kernels included) while fn() runs and the device syncs; CPU
     activity is recorded too: with CUDA alone Kineto has been seen to drop kernel events."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers as T
 from hf_models import MODELS, rel, vision_encoder
-from testing_utils import compile_recording, graph_replay, sync_points
+from testing_utils import compile_recording, graph_replay, no_host_sync, sync_points
 
 pytest.importorskip("transformers")
 from vlmkern.integrations import hf as vhf  # noqa: E402
@@ -174,13 +174,9 @@ def test_cuda_patched_tower_without_host_sync_in_a_cuda_graph(name):
         reference = _out(copy.deepcopy(tower).double()(pixels.double(), grid_thw=grid))
         hf = _out(tower(pixels, grid_thw=grid))
     vhf.patch_model(tower)
-    torch.cuda.synchronize()
     with torch.no_grad():
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             eager = _out(tower(pixels, grid_thw=grid))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         assert rel(eager, reference) <= 2 * rel(hf, reference) + 1e-3
         static = graph_replay(lambda: _out(tower(pixels, grid_thw=grid)))
     assert rel(static, eager) <= 1e-3

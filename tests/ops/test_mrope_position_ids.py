@@ -16,7 +16,7 @@ from mrope_testing import (
     matching_seconds,
     random_rows,
 )
-from testing_utils import assert_bit_equal, deterministic_mode
+from testing_utils import assert_bit_equal, deterministic_mode, no_host_sync
 
 import vlmkern
 from vlmkern import reference
@@ -296,12 +296,8 @@ def test_cuda_no_host_sync_and_graph_capture(model):
     extra = {"model": model}
     if model == "qwen2_5_vl":
         extra["second_per_grid_ts"] = _seconds("f32", b).cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         eager = op(**b.kwargs(), **extra)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     _assert_same(eager, op(**b.to("cpu").kwargs(), **{
         k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in extra.items()}))
     side = torch.cuda.Stream()

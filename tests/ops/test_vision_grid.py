@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from testing_utils import compile_recording, graph_replay, sync_points
+from testing_utils import compile_recording, graph_replay, no_host_sync, sync_points
 
 from vlmkern.ops import cross_attention, vision_grid
 
@@ -129,12 +129,8 @@ def test_cuda_no_host_sync_and_graph_capture():
     grid = torch.tensor([[1, 8, 12], [2, 4, 4], [1, 2, 6]], device="cuda")
     x = torch.randn(_patches(grid), 3, device="cuda")
     expected = _all(x.cpu(), grid.cpu())
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         eager = _all(x, grid)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(eager, expected, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
     # the same patch count, other images: the replay reads the new grid

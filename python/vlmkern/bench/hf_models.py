@@ -1,5 +1,7 @@
 """Drop-in bench: pieces of HF transformers VLMs (random weights; real widths on the GPU, tiny
-ones on the CPU) as HF runs them and after ``vlmkern.integrations.hf.patch_model``:
+ones on the CPU) as HF runs them, after ``vlmkern.integrations.hf.patch_model`` ("vlmkern") and,
+where it has them, as ``vlmkern.models``' own towers ("vlmkern.models": the Qwen ViTs, LLaVA's
+CLIP + projector):
 
 - Qwen2-VL's ViT (widths of Qwen2-VL-7B, 8 of its 32 blocks) on 8 images of 448² and on one
   1344² image; Qwen2.5-VL-7B's ViT (8 blocks, window attention in 6) on one 896² image;
@@ -36,6 +38,8 @@ class Spec:
     hf: nn.Module
     vk: nn.Module
     call: Callable  # (model, *inputs) -> tensor
+    models: nn.Module | None = None  # vlmkern.models' equivalent, where there is one
+    models_call: Callable | None = None  # (models, *inputs) -> tensor
 
 
 def hf_model(*inputs, spec: Spec) -> torch.Tensor:
@@ -58,8 +62,16 @@ class _Holder(nn.Module):
             self.add_module(name, m)
 
 
+def models_model(*inputs, spec: Spec) -> torch.Tensor:
+    if spec.models is None:
+        raise NotImplementedError("no vlmkern.models equivalent")
+    with torch.no_grad():
+        return spec.models_call(spec.models, *inputs)
+
+
 def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Config,
-          graph: bool = False) -> Case:
+          graph: bool = False, models: Callable | None = None) -> Case:
+    """``models(root on the bench's device and dtype) -> (vlmkern.models module, its call)``."""
     from vlmkern.integrations.hf import patch_model, unpatch_functions
 
     root = root.to(cfg.device, cfg.dtype).eval()
@@ -69,7 +81,8 @@ def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Conf
     if report.skipped or not report.replaced:
         raise RuntimeError(f"hf_models bench {label}: nothing or not everything patched\n{report}")
     weights = sum(p.numel() * p.element_size() for p in root.parameters())
-    return Case(label, make, weights, {"spec": Spec(root, patched, call)}, cuda_graph=graph)
+    spec = Spec(root, patched, call, *(models(root) if models else ()))
+    return Case(label, make, weights, {"spec": spec}, cuda_graph=graph)
 
 
 def _randn(*shape: int, cfg: Config) -> torch.Tensor:
@@ -109,7 +122,13 @@ def _qwen_vit(label: str, family: str, images: int, side: int, cfg: Config,
     def call(m, rows, grid):
         return m(rows, grid_thw=grid).pooler_output
 
-    return _case(label, model, call, make, cfg, graph)
+    def models(hf: nn.Module) -> tuple[nn.Module, Callable]:
+        from vlmkern.models import Qwen2_5_VLVisionTransformer, Qwen2VLVisionTransformer
+
+        tower = Qwen2VLVisionTransformer if family == "qwen2_vl" else Qwen2_5_VLVisionTransformer
+        return tower.from_hf(hf), lambda m, rows, grid: m(rows, grid)
+
+    return _case(label, model, call, make, cfg, graph, models)
 
 
 # ---- LLaVA-1.5 image features ------------------------------------------------------------------
@@ -137,7 +156,17 @@ def _llava(label: str, images: int, cfg: Config) -> Case:
         states = m.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
         return m.projector(states[:, 1:])
 
-    return _case(label, root, call, make, cfg)
+    def models(hf: nn.Module) -> tuple[nn.Module, Callable]:
+        from vlmkern.models import CLIPVisionTransformer
+        from vlmkern.nn import LlavaMultiModalProjector
+
+        projector = LlavaMultiModalProjector.from_config(config).to(cfg.device, cfg.dtype)
+        projector.load_state_dict(hf.projector.state_dict())
+        root = _Holder(config, vision_tower=CLIPVisionTransformer.from_hf(hf.vision_tower),
+                       projector=projector)
+        return root, lambda m, pixels: m.projector(m.vision_tower(pixels, feature_layer=-2)[:, 1:])
+
+    return _case(label, root, call, make, cfg, models=models)
 
 
 # ---- BLIP-2 Q-Former ----------------------------------------------------------------------------
@@ -245,7 +274,7 @@ def cases(cfg: Config) -> list[Case]:
 
 
 def providers(cfg: Config) -> dict[str, Callable]:
-    return {"vlmkern": vlmkern_model, "HF": hf_model}
+    return {"vlmkern": vlmkern_model, "vlmkern.models": models_model, "HF": hf_model}
 
 
 def reference() -> Callable:

@@ -1,0 +1,21 @@
+"""Complete vision towers and VLMs assembled from vlmkern's ops and modules; they load HF state
+dicts unchanged (``from_hf``) and equal HF's outputs."""
+
+from .llava import Llava, vision_tower_from_hf
+from .qwen_vision import Qwen2_5_VLVisionTransformer, Qwen2VLVisionTransformer
+from .qwen_vl import QwenVL
+from .vision_transformer import CLIPVisionTransformer, SiglipVisionTransformer
+from .vlm import VisionLanguageModel, VLMOutput, scatter_features
+
+__all__ = [
+    "CLIPVisionTransformer",
+    "Llava",
+    "Qwen2VLVisionTransformer",
+    "Qwen2_5_VLVisionTransformer",
+    "QwenVL",
+    "SiglipVisionTransformer",
+    "VLMOutput",
+    "VisionLanguageModel",
+    "scatter_features",
+    "vision_tower_from_hf",
+]

@@ -1,0 +1,83 @@
+"""LLaVA-1.5 / LLaVA-style VLMs from vlmkern pieces: a CLIP or SigLIP tower
+(:mod:`vlmkern.models.vision_transformer`), vlmkern's ``LlavaMultiModalProjector`` and HF's
+language model, built from a ``transformers`` ``LlavaForConditionalGeneration``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.projector import LlavaMultiModalProjector
+from .vision_transformer import CLIPVisionTransformer, SiglipVisionTransformer
+from .vlm import VisionLanguageModel
+
+_STRATEGIES = ("default", "full")
+
+
+def vision_tower_from_hf(tower: nn.Module) -> nn.Module:
+    """vlmkern's tower for HF's ``CLIPVisionModel`` / ``SiglipVisionModel`` (or their
+    ``vision_model``), on its device and dtype, weights loaded."""
+    name = type(tower).__name__
+    if name.startswith("CLIP"):
+        return CLIPVisionTransformer.from_hf(tower)
+    if name.startswith("Siglip"):
+        return SiglipVisionTransformer.from_hf(tower)
+    raise NotImplementedError(f"vlmkern.models: no vision tower for HF's {name} (CLIP and SigLIP "
+                              "towers are supported)")
+
+
+class Llava(VisionLanguageModel):
+    """``lm_head(LLM(embeds with projector(tower(pixels)[feature_layer]) in the image tokens)))``.
+
+    ``vision_tower(pixels (B, C, H, W), feature_layer=int) -> (B, T, C_v)``; ``select_strategy``
+    "default" drops the CLS row (CLIP), "full" keeps every row; each image gives T (or T - 1)
+    features for as many ``image_token_id`` placeholders. ``forward(input_ids,
+    pixel_values=None, ...)``: see :meth:`VisionLanguageModel.forward`."""
+
+    def __init__(self, vision_tower: nn.Module, projector: nn.Module, language_model: nn.Module,
+                 lm_head: nn.Module, *, image_token_id: int, feature_layer: int = -2,
+                 select_strategy: str = "default") -> None:
+        super().__init__(language_model, lm_head)
+        if select_strategy not in _STRATEGIES:
+            raise ValueError(f"vlmkern.models.Llava: select_strategy must be one of "
+                             f"{_STRATEGIES}, got {select_strategy!r}")
+        if not isinstance(feature_layer, int):
+            raise NotImplementedError("vlmkern.models.Llava: feature_layer must be one int (a "
+                                      f"list of layers is not supported), got {feature_layer!r}")
+        self.vision_tower, self.multi_modal_projector = vision_tower, projector
+        self.image_token_id, self.feature_layer = image_token_id, feature_layer
+        self.select_strategy = select_strategy
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> Llava:
+        """From a ``LlavaForConditionalGeneration``: vlmkern's tower and projector hold copies of
+        HF's weights; the language model and LM head are HF's modules themselves (shared)."""
+        config, inner = model.config, model.model
+        if config.model_type != "llava":  # -NeXT / -OneVision: any-res tiles, image_newline
+            raise NotImplementedError(f"vlmkern.models.Llava: only LLaVA-1.5-style models "
+                                      f"(model_type 'llava'), got {config.model_type!r}")
+        projector = LlavaMultiModalProjector.from_config(config)
+        weight = inner.multi_modal_projector.linear_1.weight
+        projector = projector.to(weight.device, weight.dtype)
+        projector.load_state_dict(inner.multi_modal_projector.state_dict(), strict=True)
+        return cls(vision_tower_from_hf(inner.vision_tower), projector, inner.language_model,
+                   model.lm_head, image_token_id=config.image_token_id,
+                   feature_layer=config.vision_feature_layer,
+                   select_strategy=config.vision_feature_select_strategy)
+
+    def vision_features(self, pixel_values: torch.Tensor | None = None,
+                        **unused: Any) -> dict[int, torch.Tensor]:
+        """pixel_values (B, C, H, W) float (cast to the projector's dtype) or uint8 (where the
+        tower folds the normalization) -> {image_token_id: (B · T, D)}."""
+        if unused:
+            raise TypeError(f"vlmkern.models.Llava: unexpected inputs {sorted(unused)}")
+        if pixel_values is None:
+            return {}
+        if pixel_values.is_floating_point():
+            pixel_values = pixel_values.to(self.multi_modal_projector.linear_1.weight.dtype)
+        h = self.vision_tower(pixel_values, feature_layer=self.feature_layer)  # (B, T, C_v)
+        if self.select_strategy == "default":
+            h = h[:, 1:]
+        return {self.image_token_id: self.multi_modal_projector(h).flatten(0, 1)}

@@ -1,0 +1,121 @@
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (-MoE) from vlmkern pieces: the vision tower of
+:mod:`vlmkern.models.qwen_vision`, M-RoPE positions from ``vlmkern.ops.mrope_position_ids``
+(one device op, no host sync) and HF's language model, built from a ``transformers``
+``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VL...`` / ``Qwen3VL...`` / ``Qwen3VLMoe...``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops.mrope_position_ids import mrope_position_ids
+from .qwen_vision import (
+    Qwen2_5_VLVisionTransformer,
+    Qwen2VLVisionTransformer,
+    Qwen3VLVisionTransformer,
+)
+from .vlm import VisionLanguageModel, scatter_features, text_positions
+
+_TOWERS = {"qwen2_vl": Qwen2VLVisionTransformer, "qwen2_5_vl": Qwen2_5_VLVisionTransformer,
+           "qwen3_vl": Qwen3VLVisionTransformer, "qwen3_vl_moe": Qwen3VLVisionTransformer}
+
+
+class QwenVL(VisionLanguageModel):
+    """``lm_head(LLM(embeds with visual(pixels, grid) in the image / video tokens,
+    M-RoPE positions)))``.
+
+    ``visual(pixel_values (N, C·T·P·P), grid_thw (n, 3)) -> (N / m², D)``. ``forward(input_ids,
+    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+    mm_token_type_ids=None, second_per_grid_ts=None, ...)``: the positions of a prefill come
+    from ``mrope_position_ids`` (and its ``rope_deltas``, returned); a decode step (cache not
+    empty) counts on from the ``rope_deltas`` passed back, as HF does. Qwen3-VL: the tower's
+    DeepStack features go to the LLM as HF's ``visual_pos_masks`` /
+    ``deepstack_visual_embeds`` (added to the image / video rows after its first layers)."""
+
+    def __init__(self, visual: nn.Module, language_model: nn.Module, lm_head: nn.Module, *,
+                 model: str, image_token_id: int, video_token_id: int,
+                 spatial_merge_size: int = 2, tokens_per_second: float = 2) -> None:
+        super().__init__(language_model, lm_head)
+        if model not in _TOWERS:
+            raise ValueError(f"vlmkern.models.QwenVL: model must be one of {sorted(_TOWERS)}, "
+                             f"got {model!r}")
+        self.visual, self.model = visual, model
+        self.image_token_id, self.video_token_id = image_token_id, video_token_id
+        self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> QwenVL:
+        """From a ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``:
+        the tower holds copies of HF's weights; the language model and LM head are HF's."""
+        config, inner = model.config, model.model
+        family = config.model_type
+        if family not in _TOWERS:
+            raise NotImplementedError(f"vlmkern.models.QwenVL: no support for {family!r}")
+        vision = config.vision_config
+        return cls(_TOWERS[family].from_hf(inner.visual), inner.language_model, model.lm_head,
+                   model=family, image_token_id=config.image_token_id,
+                   video_token_id=config.video_token_id,
+                   spatial_merge_size=vision.spatial_merge_size,
+                   tokens_per_second=getattr(vision, "tokens_per_second", 2))
+
+    def _dtype(self) -> torch.dtype:  # the dtype HF casts the pixels to
+        return next(self.visual.parameters()).dtype
+
+    def vision_features(self, pixel_values: torch.Tensor | None = None,
+                        image_grid_thw: torch.Tensor | None = None,
+                        pixel_values_videos: torch.Tensor | None = None,
+                        video_grid_thw: torch.Tensor | None = None,
+                        **position_inputs: Any) -> dict[int, tuple]:
+        """Patch rows (N, C·T·P·P) and their grids -> {image / video token id: the tower's
+        ``forward_features`` (merged (N / m², D), last hidden state, [Qwen3-VL: DeepStack])}."""
+        out = {}
+        for token, pixels, grid in ((self.image_token_id, pixel_values, image_grid_thw),
+                                    (self.video_token_id, pixel_values_videos, video_grid_thw)):
+            if pixels is not None:
+                if grid is None:
+                    raise ValueError("vlmkern.models.QwenVL: pixels given without their grid_thw")
+                out[token] = self.visual.forward_features(pixels.to(self._dtype()), grid)
+        return out
+
+    def language_inputs(self, input_ids: torch.Tensor, **vision_inputs: Any
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Token embeddings with the merged image / video features in their placeholder rows;
+        for Qwen3-VL also the DeepStack inputs of HF's text model."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, S, D)
+        encoded = self.vision_features(**vision_inputs)
+        for token_id, (merged, *_) in encoded.items():
+            embeds = scatter_features(embeds, input_ids, token_id, merged)
+        if not self.model.startswith("qwen3") or not encoded:
+            return embeds, {}
+        # DeepStack: per level, the (visual rows, D) features in sequence order, images and
+        # videos interleaved as their placeholders are
+        visual = sum(input_ids == token_id for token_id in encoded).bool()  # (B, S)
+        deepstack = []
+        for level in zip(*(feats[2] for feats in encoded.values()), strict=True):
+            full = torch.zeros_like(embeds)
+            for token_id, feats in zip(encoded, level, strict=True):
+                full = scatter_features(full, input_ids, token_id, feats)
+            deepstack.append(full[visual])  # (visual rows, D): a data-dependent size, as HF's
+        return embeds, {"visual_pos_masks": visual, "deepstack_visual_embeds": deepstack}
+
+    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
+                  rope_deltas: torch.Tensor | None, vision_inputs: dict[str, Any],
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, B, S) int64 M-RoPE positions and (B, 1) rope_deltas."""
+        b, s = input_ids.shape
+        if past and rope_deltas is not None:  # decode: text positions moved by the deltas
+            pos = text_positions(attention_mask, b, s, past, input_ids.device) + rope_deltas
+            return pos.expand(3, b, s), rope_deltas
+        if past:
+            raise ValueError("vlmkern.models.QwenVL: a step with a non-empty cache needs the "
+                             "rope_deltas its prefill returned")
+        return mrope_position_ids(
+            input_ids, vision_inputs.get("mm_token_type_ids"), vision_inputs.get("image_grid_thw"),
+            vision_inputs.get("video_grid_thw"), attention_mask,
+            model="qwen3_vl" if self.model.startswith("qwen3") else self.model,
+            spatial_merge_size=self.spatial_merge_size, image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            second_per_grid_ts=vision_inputs.get("second_per_grid_ts"),
+            tokens_per_second=self.tokens_per_second)

@@ -1,0 +1,133 @@
+"""Complete VLMs: a vlmkern vision tower and connector in front of a decoder LLM (any module that
+takes ``inputs_embeds``, e.g. HF's, kept as it is). Image features go into the image tokens'
+embedding rows, Qwen's M-RoPE positions come from one device op; logits out, and a greedy
+``generate`` loop over the LLM's KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class VLMOutput:
+    """``logits`` (B, S_kept, vocab) in the LM head's dtype; ``past_key_values``: the LLM's cache
+    (None unless ``use_cache``); ``rope_deltas`` (B, 1) int64 for M-RoPE models (pass it back at
+    decode steps), else None."""
+
+    logits: torch.Tensor
+    past_key_values: Any = None
+    rope_deltas: torch.Tensor | None = None
+
+
+def scatter_features(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int,
+                     features: torch.Tensor) -> torch.Tensor:
+    """``embeds`` (B, S, D) with the rows where ``input_ids`` (B, S) == ``token_id`` replaced, in
+    order, by the rows of ``features`` (n, D), as HF's ``masked_scatter``. The count check runs
+    on the device (``torch._assert_async``): no host sync, so the caller stays capturable."""
+    mask = input_ids == token_id  # (B, S) bool
+    torch._assert_async(mask.sum() == features.shape[0],
+                        f"vlmkern.models: the number of token id {token_id} placeholders in "
+                        f"input_ids must equal the number of feature rows ({features.shape[0]})")
+    return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+def text_positions(attention_mask: torch.Tensor | None, batch: int, seq: int, past: int,
+                   device: torch.device) -> torch.Tensor:
+    """(B, S) int64 positions of the newest ``seq`` tokens: the count of real tokens before each
+    (left padding skipped, padding rows at 0), or ``past + arange(seq)`` without a mask."""
+    if attention_mask is None:
+        return (torch.arange(seq, device=device) + past).expand(batch, seq)
+    pos = attention_mask.long().cumsum(-1) - 1  # (B, past + S)
+    return pos.clamp_min(0)[:, -seq:]
+
+
+class VisionLanguageModel(nn.Module):
+    """vision → connector → LLM. Subclasses say how pixels become features for which token id
+    (:meth:`vision_features`) and how positions are counted (:meth:`positions`).
+
+    ``language_model``: a decoder taking ``inputs_embeds``, ``attention_mask``, ``position_ids``,
+    ``past_key_values``, ``use_cache`` and returning an object with ``last_hidden_state`` and
+    ``past_key_values`` (HF's ``*TextModel`` / ``LlamaModel``), with ``get_input_embeddings()``;
+    ``lm_head``: hidden → vocab."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+
+    def vision_features(self, **vision_inputs: Any) -> dict[int, torch.Tensor]:
+        """token id → (n, D) features for that token's placeholders, in order; {} for none."""
+        raise NotImplementedError
+
+    def language_inputs(self, input_ids: torch.Tensor, **vision_inputs: Any
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(the LLM's ``inputs_embeds`` (B, S, D): token embeddings with every placeholder row
+        replaced by its feature row, extra keyword arguments for the LLM: none here)."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, S, D)
+        for token_id, feats in self.vision_features(**vision_inputs).items():
+            embeds = scatter_features(embeds, input_ids, token_id, feats)
+        return embeds, {}
+
+    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
+                  rope_deltas: torch.Tensor | None, vision_inputs: dict[str, Any],
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(position_ids for the LLM, rope_deltas or None). Default: 1-D text positions."""
+        b, s = input_ids.shape
+        return text_positions(attention_mask, b, s, past, input_ids.device), None
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                past_key_values: Any = None, use_cache: bool = False,
+                rope_deltas: torch.Tensor | None = None, logits_to_keep: int = 0,
+                **vision_inputs: Any) -> VLMOutput:
+        """``input_ids`` (B, S) int64 with one placeholder token per feature row;
+        ``attention_mask`` (B, past + S) 1 = real token (left padding for generation);
+        ``vision_inputs``: the subclass's pixel arguments (None or absent at decode steps);
+        ``logits_to_keep``: 0 = every position, n = the last n."""
+        embeds, extra = self.language_inputs(input_ids, **vision_inputs)
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        position_ids, rope_deltas = self.positions(input_ids, attention_mask, past, rope_deltas,
+                                                   vision_inputs)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  use_cache=use_cache, **extra)
+        hidden = out.last_hidden_state  # (B, S, D)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return VLMOutput(self.lm_head(hidden), out.past_key_values if use_cache else None,
+                         rope_deltas)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                 **vision_inputs: Any) -> torch.Tensor:
+        """Greedy decoding over the LLM's KV cache (transformers' ``DynamicCache``): returns
+        (B, S + new) int64, prompt first. Batches are left-padded (``attention_mask``); rows
+        that produced ``eos_token_id`` continue with it. The loop reads each step's token ids on
+        the host only to stop early when every row has finished."""
+        from transformers import DynamicCache
+
+        if max_new_tokens < 1:
+            raise ValueError(f"vlmkern.models generate: max_new_tokens must be >= 1, got "
+                             f"{max_new_tokens}")
+        cache, deltas, ids, mask = DynamicCache(), None, input_ids, attention_mask
+        step, tokens = input_ids, []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            out = self(step, attention_mask=mask, past_key_values=cache, use_cache=True,
+                       rope_deltas=deltas, logits_to_keep=1, **vision_inputs)
+            cache, deltas, vision_inputs = out.past_key_values, out.rope_deltas, {}
+            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done, eos_token_id)
+                done = done | (nxt == eos_token_id)
+            tokens.append(nxt)
+            step = nxt[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return torch.cat([ids, torch.stack(tokens, 1)], 1)
