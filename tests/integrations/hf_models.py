@@ -19,27 +19,31 @@ def _ids(images: int, batch: int = 1) -> torch.Tensor:
     return torch.tensor([row] * batch)
 
 
-def llava():
-    vc = T.CLIPVisionConfig(**_VIT, image_size=28, patch_size=14)
+def llava(vision_head_dim: int = 8):
+    """``vision_head_dim``: the CLIP tower's (4 heads); 64 reaches the CUDA attention kernels."""
+    vc = T.CLIPVisionConfig(**dict(_VIT, hidden_size=4 * vision_head_dim), image_size=28,
+                            patch_size=14)
     cfg = T.LlavaConfig(vision_config=vc, text_config=T.LlamaConfig(**_LLAMA),
                         image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
     return T.LlavaForConditionalGeneration(cfg), dict(input_ids=_ids(4, 2),
                                                       pixel_values=torch.randn(2, 3, 28, 28))
 
 
-def _qwen(family: str):
+def _qwen(family: str, vision_head_dim: int = 8):
+    """``vision_head_dim``: the ViT's (4 heads); 64 reaches the CUDA attention kernels."""
+    width = 4 * vision_head_dim
     txt = dict(_LLAMA, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
                                         "rope_theta": 10000.0})
     vis = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if family == "qwen2_vl":
-        vis.update(embed_dim=32, hidden_size=48, mlp_ratio=2, patch_size=14)
+        vis.update(embed_dim=width, hidden_size=48, mlp_ratio=2, patch_size=14)
         config, model = T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration
     elif family == "qwen2_5_vl":
-        vis.update(hidden_size=32, out_hidden_size=48, intermediate_size=64, patch_size=14,
+        vis.update(hidden_size=width, out_hidden_size=48, intermediate_size=64, patch_size=14,
                    fullatt_block_indexes=[1], window_size=56)
         config, model = T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration
     else:  # Qwen3-VL, Qwen3-VL-MoE
-        vis.update(hidden_size=32, out_hidden_size=48, intermediate_size=64, patch_size=16,
+        vis.update(hidden_size=width, out_hidden_size=48, intermediate_size=64, patch_size=16,
                    num_position_embeddings=16, deepstack_visual_indexes=[0])
         txt = dict(txt, head_dim=12)
         txt["rope_parameters"] = dict(txt["rope_parameters"], mrope_interleaved=True)

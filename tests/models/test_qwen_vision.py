@@ -279,10 +279,11 @@ def test_hooked_layers_run_unfused(family, path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_bf16_without_host_sync_in_a_cuda_graph(family):
-    """Head dim 64 (the CUDA attention kernel's): bf16 within 2x HF bf16's error of HF in fp64,
+@pytest.mark.parametrize("head_dim", [64, 72, 80])  # kernel head dims; 80 Qwen2/2.5, 72 Qwen3
+def test_cuda_bf16_without_host_sync_in_a_cuda_graph(family, head_dim):
+    """Head dims the CUDA attention kernels take: bf16 within 2x HF bf16's error of HF in fp64,
     no host sync in eager, and a CUDA-graph replay equal to eager."""
-    hf = _hf(family, dim=128, heads=2).to("cuda")
+    hf = _hf(family, dim=2 * head_dim, heads=2).to("cuda")
     pixels, grid = _inputs(device="cuda")
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     ours = OURS[family].from_hf(hf_bf16)

@@ -2,7 +2,11 @@
 dicts unchanged (``from_hf``) and equal HF's outputs."""
 
 from .llava import Llava, vision_tower_from_hf
-from .qwen_vision import Qwen2_5_VLVisionTransformer, Qwen2VLVisionTransformer
+from .qwen_vision import (
+    Qwen2_5_VLVisionTransformer,
+    Qwen2VLVisionTransformer,
+    Qwen3VLVisionTransformer,
+)
 from .qwen_vl import QwenVL
 from .vision_transformer import CLIPVisionTransformer, SiglipVisionTransformer
 from .vlm import VisionLanguageModel, VLMOutput, scatter_features
@@ -12,6 +16,7 @@ __all__ = [
     "Llava",
     "Qwen2VLVisionTransformer",
     "Qwen2_5_VLVisionTransformer",
+    "Qwen3VLVisionTransformer",
     "QwenVL",
     "SiglipVisionTransformer",
     "VLMOutput",

@@ -4,28 +4,30 @@ language model, built from a ``transformers`` ``LlavaForConditionalGeneration``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..nn.projector import LlavaMultiModalProjector
+from ._common import copy_of
 from .vision_transformer import CLIPVisionTransformer, SiglipVisionTransformer
 from .vlm import VisionLanguageModel
 
 _STRATEGIES = ("default", "full")
+_TOWERS = {"CLIPVisionModel": CLIPVisionTransformer, "SiglipVisionModel": SiglipVisionTransformer}
 
 
-def vision_tower_from_hf(tower: nn.Module) -> nn.Module:
-    """vlmkern's tower for HF's ``CLIPVisionModel`` / ``SiglipVisionModel`` (or their
-    ``vision_model``), on its device and dtype, weights loaded."""
+def vision_tower_from_hf(tower: nn.Module, **normalization: Any) -> nn.Module:
+    """vlmkern's tower for HF's ``CLIPVisionModel`` / ``SiglipVisionModel``, on its device and
+    dtype, weights copied. ``normalization``: ``mean`` / ``std`` / ``rescale`` for uint8 pixels
+    (see :class:`vlmkern.models.CLIPVisionTransformer`)."""
     name = type(tower).__name__
-    if name.startswith("CLIP"):
-        return CLIPVisionTransformer.from_hf(tower)
-    if name.startswith("Siglip"):
-        return SiglipVisionTransformer.from_hf(tower)
-    raise NotImplementedError(f"vlmkern.models: no vision tower for HF's {name} (CLIP and SigLIP "
-                              "towers are supported)")
+    if name not in _TOWERS:
+        raise NotImplementedError(f"vlmkern.models: no vision tower for HF's {name} (supported: "
+                                  f"{', '.join(_TOWERS)})")
+    return _TOWERS[name].from_hf(tower, **normalization)
 
 
 class Llava(VisionLanguageModel):
@@ -51,26 +53,29 @@ class Llava(VisionLanguageModel):
         self.select_strategy = select_strategy
 
     @classmethod
-    def from_hf(cls, model: nn.Module) -> Llava:
+    def from_hf(cls, model: nn.Module, *, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, rescale: float = 1.0) -> Llava:
         """From a ``LlavaForConditionalGeneration``: vlmkern's tower and projector hold copies of
-        HF's weights; the language model and LM head are HF's modules themselves (shared)."""
+        HF's weights; the language model and LM head are HF's modules themselves (shared).
+        ``mean`` / ``std`` / ``rescale``: the image processor's normalization, folded into the
+        patch embedding; the model then takes raw pixels (uint8, or floats of the same values).
+        Without them it takes normalized float pixels, as HF."""
         config, inner = model.config, model.model
         if config.model_type != "llava":  # -NeXT / -OneVision: any-res tiles, image_newline
             raise NotImplementedError(f"vlmkern.models.Llava: only LLaVA-1.5-style models "
                                       f"(model_type 'llava'), got {config.model_type!r}")
-        projector = LlavaMultiModalProjector.from_config(config)
-        weight = inner.multi_modal_projector.linear_1.weight
-        projector = projector.to(weight.device, weight.dtype)
-        projector.load_state_dict(inner.multi_modal_projector.state_dict(), strict=True)
-        return cls(vision_tower_from_hf(inner.vision_tower), projector, inner.language_model,
-                   model.lm_head, image_token_id=config.image_token_id,
+        projector = copy_of(lambda: LlavaMultiModalProjector.from_config(config),
+                            inner.multi_modal_projector)
+        tower = vision_tower_from_hf(inner.vision_tower, mean=mean, std=std, rescale=rescale)
+        return cls(tower, projector, inner.language_model, model.lm_head,
+                   image_token_id=config.image_token_id,
                    feature_layer=config.vision_feature_layer,
                    select_strategy=config.vision_feature_select_strategy)
 
     def vision_features(self, pixel_values: torch.Tensor | None = None,
                         **unused: Any) -> dict[int, torch.Tensor]:
-        """pixel_values (B, C, H, W) float (cast to the projector's dtype) or uint8 (where the
-        tower folds the normalization) -> {image_token_id: (B · T, D)}."""
+        """pixel_values (B, C, H, W) float (cast to the projector's dtype) or uint8 (given the
+        normalization at construction) -> {image_token_id: (B · T, D)}."""
         if unused:
             raise TypeError(f"vlmkern.models.Llava: unexpected inputs {sorted(unused)}")
         if pixel_values is None:

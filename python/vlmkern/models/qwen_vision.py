@@ -19,7 +19,6 @@ from ..nn.projector import (
     activation_from_hf,
 )
 from ..nn.vision_attention import QwenVisionAttention
-from ..ops.mlp_projector import mlp_projector
 from ..ops.patch_embed import patch_embed
 from ..ops.vision_grid import (
     vision_cu_seqlens,
@@ -28,6 +27,7 @@ from ..ops.vision_grid import (
     vision_window_index,
 )
 from ..reference.mlp_projector import activation_fn
+from ._common import copy_of, residual_norm_mlp
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 # HF ACT2FN names the gated MLP takes; others go through the mlp_projector activations' table.
@@ -132,12 +132,7 @@ class _LayerNormBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                 position_embeddings: RopeTables) -> torch.Tensor:
         x = hidden_states + self.attn(self.norm1(hidden_states), cu_seqlens, position_embeddings)
-        norm, (fc1, fc2) = self.norm2, self.mlp.layers()
-        if not fusable(norm, fc1, fc2, types=(nn.LayerNorm, nn.Linear)):  # hooked / wrapped
-            return x + fc2(activation_fn(fc1(norm(x)), self.mlp.activation))
-        return x + mlp_projector(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                 activation=self.mlp.activation, norm="layernorm",
-                                 norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+        return residual_norm_mlp(x, self.norm2, *self.mlp.layers(), self.mlp.activation)
 
 
 class Qwen2VLVisionBlock(_LayerNormBlock):
@@ -192,12 +187,9 @@ class _QwenVisionTower(nn.Module):
     def from_hf(cls, hf_tower: nn.Module) -> _QwenVisionTower:
         """The tower of HF's matching class, on its device and in its dtype, with a copy of its
         weights (``load_state_dict(strict=True)``) and its train / eval mode."""
-        ref = next(hf_tower.parameters())
-        with torch.device("meta"):
-            tower = cls(hf_tower.config)
-        tower = tower.to_empty(device=ref.device).to(ref.dtype)
-        tower.load_state_dict(hf_tower.state_dict(), strict=True)
-        return tower.train(hf_tower.training)
+        # the rotary table is recomputed in fp32, not copied (an HF tower cast by .to(bf16)
+        # holds it rounded to bf16)
+        return copy_of(lambda: cls(hf_tower.config), hf_tower, buffers=False)
 
     def _check(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
         """Shape checks on the host; the patch count and the merge-divisible grid on the CPU

@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn._fusable import fusable
 from ..nn.patch_embed import CLIPVisionEmbeddings, SiglipVisionEmbeddings
 from ..nn.projector import activation_from_hf
 from ..ops.cross_attention import CUDA_DTYPES, CUDA_HEAD_DIMS, cross_attention
-from ..ops.mlp_projector import mlp_projector
-from ..reference.mlp_projector import activation_fn
+from ._common import copy_of, residual_norm_mlp
 
 # On the CPU attention runs torch SDPA: on 2 cores it took 0.78-1.08x the op's time in forward
 # (two runs; above 1 once, ViT-B bf16) and 0.75-0.95x in forward + backward, fp32 and bf16, at
@@ -76,12 +74,7 @@ class ViTMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        if not fusable(self.fc1, self.fc2, norm, types=(nn.Linear, nn.LayerNorm)):
-            # a wrapped or hooked Linear / norm (PEFT, quantization): HF's math, module by module
-            return x + self.fc2(activation_fn(self.fc1(norm(x)), self.activation))
-        return x + mlp_projector(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                 activation=self.activation, norm="layernorm",
-                                 norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+        return residual_norm_mlp(x, norm, self.fc1, self.fc2, self.activation)
 
 
 class ViTEncoderLayer(nn.Module):
@@ -136,21 +129,19 @@ class _VisionTransformer(nn.Module):
         ``rescale``: the processor's normalization, folded into the patch embedding for uint8
         pixels (see :class:`vlmkern.nn.CLIPVisionEmbeddings`)."""
         model = getattr(model, "vision_model", model)
-        weight = model.embeddings.patch_embedding.weight
-        with torch.device("meta"):  # no random init of weights that are overwritten below
-            ours = cls(model.config, mean=mean, std=std, rescale=rescale)
-        ours = ours.to_empty(device=weight.device).to(weight.dtype)
-        ours.load_state_dict(model.state_dict(), strict=True)
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():  # position_ids, not in the state dict
-                ours.get_buffer(name).copy_(buffer)
-        return ours.train(model.training)
+        return copy_of(lambda: cls(model.config, mean=mean, std=std, rescale=rescale), model)
 
     def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         """HF's ``hidden_states[0]``."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(f"vlmkern.models.{type(self).__name__}: pixel_values must be (B, "
                              f"{self.num_channels}, H, W), got shape {tuple(pixel_values.shape)}")
+        emb = self.embeddings
+        if (pixel_values.dtype == torch.uint8 and emb.pixel_mean is None
+                and emb.pixel_std is None and emb.rescale == 1.0):
+            raise ValueError(f"vlmkern.models.{type(self).__name__}: uint8 pixels need the "
+                             "processor's normalization: pass mean / std / rescale to the "
+                             "constructor or from_hf")
         return self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
 
     def _final(self, hidden_states: torch.Tensor) -> torch.Tensor:

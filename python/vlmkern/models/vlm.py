@@ -5,6 +5,7 @@ embedding rows, Qwen's M-RoPE positions come from one device op; logits out, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,8 @@ from torch import nn
 @dataclass
 class VLMOutput:
     """``logits`` (B, S_kept, vocab) in the LM head's dtype; ``past_key_values``: the LLM's cache
-    (None unless ``use_cache``); ``rope_deltas`` (B, 1) int64 for M-RoPE models (pass it back at
-    decode steps), else None."""
+    (None unless ``use_cache``); ``rope_deltas`` (3, B, 1) int64 for M-RoPE models (pass it back
+    at decode steps), else None."""
 
     logits: torch.Tensor
     past_key_values: Any = None
@@ -63,14 +64,18 @@ class VisionLanguageModel(nn.Module):
         """token id → (n, D) features for that token's placeholders, in order; {} for none."""
         raise NotImplementedError
 
+    def embed(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(B, S, D) token embeddings, each placeholder row replaced by its feature row."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, S, D)
+        for token_id, feats in features.items():
+            embeds = scatter_features(embeds, input_ids, token_id, feats)
+        return embeds
+
     def language_inputs(self, input_ids: torch.Tensor, **vision_inputs: Any
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(the LLM's ``inputs_embeds`` (B, S, D): token embeddings with every placeholder row
-        replaced by its feature row, extra keyword arguments for the LLM: none here)."""
-        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, S, D)
-        for token_id, feats in self.vision_features(**vision_inputs).items():
-            embeds = scatter_features(embeds, input_ids, token_id, feats)
-        return embeds, {}
+        """(the LLM's ``inputs_embeds`` (B, S, D), extra keyword arguments for the LLM: none
+        here)."""
+        return self.embed(input_ids, self.vision_features(**vision_inputs)), {}
 
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
                   rope_deltas: torch.Tensor | None, vision_inputs: dict[str, Any],
@@ -102,32 +107,39 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
-                 attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
-                 **vision_inputs: Any) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, output_logits: bool = False,
+                 **vision_inputs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding over the LLM's KV cache (transformers' ``DynamicCache``): returns
-        (B, S + new) int64, prompt first. Batches are left-padded (``attention_mask``); rows
-        that produced ``eos_token_id`` continue with it. The loop reads each step's token ids on
-        the host only to stop early when every row has finished."""
+        (B, S + new) int64, prompt first, and with ``output_logits`` also each step's logits
+        (B, new, vocab). Batches are left-padded (``attention_mask``). A row that produced one
+        of ``eos_token_id`` continues with the first of them; the loop reads the tokens on the
+        host only to stop once every row has finished."""
         from transformers import DynamicCache
 
         if max_new_tokens < 1:
             raise ValueError(f"vlmkern.models generate: max_new_tokens must be >= 1, got "
                              f"{max_new_tokens}")
-        cache, deltas, ids, mask = DynamicCache(), None, input_ids, attention_mask
-        step, tokens = input_ids, []
+        eos_ids = ([] if eos_token_id is None else
+                   [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
+        cache, deltas, mask, step = DynamicCache(), None, attention_mask, input_ids
+        tokens, logits = [], []
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             out = self(step, attention_mask=mask, past_key_values=cache, use_cache=True,
                        rope_deltas=deltas, logits_to_keep=1, **vision_inputs)
             cache, deltas, vision_inputs = out.past_key_values, out.rope_deltas, {}
+            logits.append(out.logits[:, -1])
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
-            if eos_token_id is not None:
-                nxt = nxt.masked_fill(done, eos_token_id)
-                done = done | (nxt == eos_token_id)
+            if eos is not None:
+                nxt = nxt.masked_fill(done, eos_ids[0])
+                done = done | torch.isin(nxt, eos)
             tokens.append(nxt)
             step = nxt[:, None]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
-            if eos_token_id is not None and bool(done.all()):
+            if eos is not None and bool(done.all()):
                 break
-        return torch.cat([ids, torch.stack(tokens, 1)], 1)
+        ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+        return (ids, torch.stack(logits, 1)) if output_logits else ids
