@@ -60,8 +60,9 @@ def _qwen(family: str, vision_head_dim: int = 8):
                             image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE_TOKEN).long())
 
 
-def internvl():
-    vc = dict(_VIT, image_size=[56, 56], patch_size=[14, 14])
+def internvl(vision_head_dim: int = 8):
+    """``vision_head_dim``: InternViT's (4 heads); 64 reaches the CUDA attention kernels."""
+    vc = dict(_VIT, hidden_size=4 * vision_head_dim, image_size=[56, 56], patch_size=[14, 14])
     cfg = T.InternVLConfig(vision_config=vc, text_config=dict(_LLAMA, model_type="qwen2"),
                            image_token_id=IMAGE_TOKEN, downsample_ratio=0.5)
     return T.InternVLForConditionalGeneration(cfg), dict(input_ids=_ids(4, 2),

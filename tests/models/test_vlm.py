@@ -8,10 +8,12 @@ import copy
 
 import pytest
 import torch
+import transformers as T
 from integrations.hf_models import (
     IMAGE_TOKEN,
     _qwen,
     assert_grads_close,
+    internvl,
     llava,
     on,
     qwen_video_inputs,
@@ -21,23 +23,24 @@ from integrations.hf_models import vlmkern_calls as _calls
 from testing_utils import compile_recording, no_host_sync, sync_points
 
 pytest.importorskip("transformers")
-from vlmkern.models import Llava, QwenVL, vision_tower_from_hf  # noqa: E402
+from vlmkern.models import InternVL, Llava, QwenVL, vision_tower_from_hf  # noqa: E402
 
 VIDEO_TOKEN = 152  # the tiny Qwen models' video_token_id
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES = ["llava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 # The vlmkern ops each family runs on the CPU (profiler names).
 # On the CPU the CLIP tower attends with SDPA (faster there: models/vision_transformer.py).
 QWEN_OPS = {"patch_embed_packed", "rope_cos_sin", "cross_attention", "mlp_projector",
             "mrope_position_ids"}
-OPS = {"llava": {"patch_embed", "mlp_projector"}, **dict.fromkeys(FAMILIES[1:], QWEN_OPS)}
+OPS = {"llava": {"patch_embed", "mlp_projector"}, "internvl": {"patch_embed", "mlp_projector"},
+       **dict.fromkeys(FAMILIES[2:], QWEN_OPS)}
+BUILDERS = {"llava": (llava, Llava), "internvl": (internvl, InternVL)}
 
 
 def _build(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
            vision_head_dim: int = 8):
-    hf, inputs = (llava(vision_head_dim) if family == "llava" else
-                  _qwen(family, vision_head_dim))
+    build, cls = BUILDERS.get(family, (lambda d: _qwen(family, d), QwenVL))
+    hf, inputs = build(vision_head_dim)
     hf = hf.to(device, dtype).eval()
-    cls = Llava if family == "llava" else QwenVL
     return hf, cls.from_hf(hf).eval(), on(inputs, device, dtype)
 
 
@@ -169,6 +172,59 @@ def test_llava_several_images_per_row_and_uint8():
         Llava.from_hf(hf)(ids, pixel_values=pixels)
 
 
+@pytest.mark.parametrize("feature_layer", [-1, -2, 1])
+def test_internvl_feature_layers_and_uint8(feature_layer):
+    """InternVL's -1 is the tower's last_hidden_state (after its final LayerNorm without mean
+    pooling), other layers hidden_states[i]; two images in a row; raw uint8 pixels."""
+    hf, _, _ = _build("internvl")
+    hf.config.vision_feature_layer = feature_layer
+    hf.config.vision_config.use_mean_pooling = False
+    tower = T.InternVLVisionModel(hf.config.vision_config).eval()
+    with torch.no_grad():
+        for p in tower.parameters():  # HF's zero positions and CLS would hide their use
+            p.add_(0.1 * torch.randn_like(p))
+    hf.model.vision_tower = tower
+    ids = torch.tensor([[1] + [IMAGE_TOKEN] * 4 + [5] + [IMAGE_TOKEN] * 4 + [7]] * 2)
+    pixels = torch.randint(0, 256, (4, 3, 56, 56), dtype=torch.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    normalized = (pixels / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(
+        std)[:, None, None]
+    vk = InternVL.from_hf(hf, mean=mean, std=std, rescale=1 / 255)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=normalized).logits
+        got = vk(ids, pixel_values=pixels).logits
+        plain = InternVL.from_hf(hf)(ids, pixel_values=normalized).logits
+        other = InternVL.from_hf(hf)(ids, pixel_values=normalized.flip(-1)).logits
+    assert expected[0, 1:5].ne(expected[0, 6:10]).any()  # the two images of a row differ
+    assert rel(other, expected) > 1e-3  # the image matters
+    assert rel(got, expected) <= 1e-5 and rel(plain, expected) <= 1e-5
+
+
+def test_internvl_bad_inputs():
+    hf, vk, inputs = _build("internvl")
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    with pytest.raises(ValueError, match=r"square grid of patches divisible by 2.*\(4, 3\)"):
+        vk(ids, pixel_values=pixels[..., :42])
+    with pytest.raises(ValueError, match=r"square grid of patches divisible by 2.*\(3, 3\)"):
+        vk(ids, pixel_values=pixels[..., :42, :42])
+    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, H, W\)"):
+        vk(ids, pixel_values=pixels[0])
+    with pytest.raises(RuntimeError, match="placeholders in input_ids"):
+        vk(ids[:, :-3], pixel_values=pixels)
+    with pytest.raises(TypeError, match="unexpected inputs"):
+        vk(ids, pixel_values=pixels, image_sizes=None)
+    with pytest.raises(ValueError, match="uint8 pixels need"):
+        vk(ids, pixel_values=pixels.to(torch.uint8))
+    parts = vk.vision_tower, vk.multi_modal_projector, vk.language_model, vk.lm_head
+    with pytest.raises(ValueError, match="select_strategy must be 'default'"):
+        InternVL(*parts, image_token_id=1, select_strategy="full")
+    with pytest.raises(NotImplementedError, match="a list of layers"):
+        InternVL(*parts, image_token_id=1, feature_layer=[-2, -1])
+    hf.config.model_type = "llava"
+    with pytest.raises(NotImplementedError, match="only InternVL models"):
+        InternVL.from_hf(hf)
+
+
 def test_generate_stops_at_eos():
     _, vk, inputs = _build("llava")
     ids, s = inputs["input_ids"], inputs["input_ids"].shape[1]
@@ -194,8 +250,8 @@ def test_gradients_equal_hf(family):
     expected_pixels = pixels.grad.clone()
     pixels.grad = None
     (vk(inputs["input_ids"], **_vk_inputs(inputs)).logits * weight).sum().backward()
-    tower = vk.vision_tower if family == "llava" else vk.visual
-    hf_tower = hf.model.vision_tower if family == "llava" else hf.model.visual
+    tower = vk.vision_tower if family in BUILDERS else vk.visual
+    hf_tower = hf.model.vision_tower if family in BUILDERS else hf.model.visual
     expected = {n: p.grad for n, p in hf_tower.named_parameters() if p.grad is not None}
     got = {n: p.grad for n, p in tower.named_parameters() if n in expected}
     assert expected and got.keys() == expected.keys()

@@ -1,11 +1,14 @@
 """Drop-in bench: pieces of HF transformers VLMs (random weights; real widths on the GPU, tiny
 ones on the CPU) as HF runs them, after ``vlmkern.integrations.hf.patch_model`` ("vlmkern") and,
 where it has them, as ``vlmkern.models``' own towers ("vlmkern.models": the Qwen ViTs, LLaVA's
-CLIP + projector):
+CLIP + projector, InternVL's InternViT + projector with the shuffle fused):
 
 - Qwen2-VL's ViT (widths of Qwen2-VL-7B, 8 of its 32 blocks) on 8 images of 448² and on one
   1344² image; Qwen2.5-VL-7B's ViT (8 blocks, window attention in 6) on one 896² image;
 - LLaVA-1.5's image features: CLIP-L/14-336 (all 24 layers) + the projector, 4 images;
+- InternVL2.5-8B's image features: InternViT-300M (24 layers, 448² tiles), pixel shuffle,
+  LayerNorm + MLP projector, 4 tiles (the patched side runs HF's shuffle function: the drop-in
+  replaces it on InternVLModel instances, which this bench does not build);
 - Mllama-11B's gated cross-attention decoder layer, 1024 text tokens x one 4-tile image, and a
   decode step of 16 rows reading the image's cached keys;
 - BLIP-2's Q-Former (32 learned queries, 12 layers, cross-attention to ViT-g's 257 tokens) on
@@ -169,6 +172,52 @@ def _llava(label: str, images: int, cfg: Config) -> Case:
     return _case(label, root, call, make, cfg, models=models)
 
 
+# ---- InternVL2.5-8B image features -------------------------------------------------------------
+
+
+def _internvl(label: str, images: int, cfg: Config) -> Case:
+    import transformers as T
+    from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+    gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
+    vision = T.InternVLVisionConfig(hidden_size=1024, intermediate_size=4096,
+                                    num_hidden_layers=24, num_attention_heads=16,
+                                    image_size=448, patch_size=14) if gpu \
+        else T.InternVLVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=2, image_size=112, patch_size=14)
+    text = T.Qwen2Config(hidden_size=4096 if gpu else 256, num_attention_heads=32 if gpu else 4)
+    config = T.InternVLConfig(vision_config=vision, text_config=text)
+    with torch.device(cfg.device):
+        root = _Holder(config, vision_tower=T.InternVLVisionModel(vision),
+                       multi_modal_projector=InternVLMultiModalProjector(config))
+    side = vision.image_size[0] // vision.patch_size[0]
+
+    def make() -> tuple:
+        return (_randn(images, 3, *vision.image_size, cfg=cfg),)
+
+    def call(m, pixels):  # HF InternVLModel.get_image_features: last state, CLS dropped
+        states = m.vision_tower(pixels).last_hidden_state[:, 1:].reshape(images, side, side, -1)
+        shuffled = T.InternVLModel.pixel_shuffle(m, states)  # HF's function (self unused)
+        return m.multi_modal_projector(shuffled.reshape(images, -1, shuffled.shape[-1]))
+
+    def models(hf: nn.Module) -> tuple[nn.Module, Callable]:
+        from vlmkern.models import InternVLVisionTransformer
+        from vlmkern.nn import InternVLMultiModalProjector as Ours
+
+        projector = Ours.from_config(config).to(cfg.device, cfg.dtype)
+        projector.load_state_dict(hf.multi_modal_projector.state_dict())
+        root = _Holder(config, multi_modal_projector=projector,
+                       vision_tower=InternVLVisionTransformer.from_hf(hf.vision_tower))
+
+        def run(m, pixels):  # the pixel shuffle read inside the projector's first GEMM
+            features = m.vision_tower(pixels)[:, 1:]
+            return m.multi_modal_projector(features, grid=(side, side))  # (B, N / 4, D)
+
+        return root, run
+
+    return _case(label, root, call, make, cfg, models=models)
+
+
 # ---- BLIP-2 Q-Former ----------------------------------------------------------------------------
 
 
@@ -261,6 +310,7 @@ def cases(cfg: Config) -> list[Case]:
                     _qwen_vit("qwen2.5-vl-7b vit x8 1x896² graph", "qwen2_5_vl", 1, 896, cfg,
                               graph=True),
                     _llava("llava-1.5 clip-l336+proj B4", 4, cfg),
+                    _internvl("internvl2.5-8b vit-300m+shuffle+proj B4", 4, cfg),
                     _qformer("blip-2 q-former 32 queries B64", 64, cfg)]
         return out
     out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
@@ -269,6 +319,7 @@ def cases(cfg: Config) -> list[Case]:
     if not cfg.quick:
         out += [_qwen_vit("tiny qwen2.5-vl vit 1x224²", "qwen2_5_vl", 1, 224, cfg),
                 _llava("tiny llava clip+proj B4", 4, cfg),
+                _internvl("tiny internvl vit+shuffle+proj B4", 4, cfg),
                 _qformer("tiny blip-2 q-former B8", 8, cfg)]
     return out
 

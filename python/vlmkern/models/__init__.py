@@ -1,6 +1,7 @@
 """Complete vision towers and VLMs assembled from vlmkern's ops and modules; they load HF state
 dicts unchanged (``from_hf``) and equal HF's outputs."""
 
+from .internvl import InternVL, InternVLVisionTransformer
 from .llava import Llava, vision_tower_from_hf
 from .qwen_vision import (
     Qwen2_5_VLVisionTransformer,
@@ -13,6 +14,8 @@ from .vlm import VisionLanguageModel, VLMOutput, scatter_features
 
 __all__ = [
     "CLIPVisionTransformer",
+    "InternVL",
+    "InternVLVisionTransformer",
     "Llava",
     "Qwen2VLVisionTransformer",
     "Qwen2_5_VLVisionTransformer",

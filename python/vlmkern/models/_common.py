@@ -1,5 +1,6 @@
-"""What the vlmkern.models towers share: the residual pre-norm MLP as one mlp_projector call, and
-the construction of a tower holding a copy of an HF module's weights."""
+"""What the vlmkern.models towers share: the pre-norm MLP as one mlp_projector call, which layers
+a ``feature_layer`` needs, the pixel checks, and the construction of a tower holding a copy of an
+HF module's weights."""
 
 from __future__ import annotations
 
@@ -9,20 +10,58 @@ import torch
 from torch import nn
 
 from ..nn._fusable import fusable
+from ..nn.projector import QwenRMSNorm
 from ..ops.mlp_projector import mlp_projector
 from ..reference.mlp_projector import activation_fn
 
 
-def residual_norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear,
+def norm_mlp(x: torch.Tensor, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear,
+             activation: str) -> torch.Tensor:
+    """``fc2(act(fc1(norm(x))))`` for ``x`` (..., D) -> (..., D_out), ``norm`` an nn.LayerNorm or
+    a QwenRMSNorm (HF's fp32-statistics RMSNorm): one mlp_projector with the norm as its
+    prologue; HF's math module by module where a Linear or the norm is wrapped or hooked (PEFT,
+    quantization), so the wrapper is not bypassed."""
+    if not fusable(norm, fc1, fc2, types=(nn.LayerNorm, QwenRMSNorm, nn.Linear)):
+        return fc2(activation_fn(fc1(norm(x)), activation))
+    rms = isinstance(norm, QwenRMSNorm)
+    return mlp_projector(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=activation,
+                         norm="rmsnorm" if rms else "layernorm", norm_weight=norm.weight,
+                         norm_bias=None if rms else norm.bias,
+                         eps=norm.variance_epsilon if rms else norm.eps)
+
+
+def residual_norm_mlp(x: torch.Tensor, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear,
                       activation: str) -> torch.Tensor:
-    """``x + fc2(act(fc1(norm(x))))`` for ``x`` (..., D): one mlp_projector with the LayerNorm as
-    its prologue; HF's math module by module where a Linear or the norm is wrapped or hooked
-    (PEFT, quantization), so the wrapper is not bypassed."""
-    if not fusable(norm, fc1, fc2, types=(nn.LayerNorm, nn.Linear)):
-        return x + fc2(activation_fn(fc1(norm(x)), activation))
-    return x + mlp_projector(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=activation,
-                             norm="layernorm", norm_weight=norm.weight, norm_bias=norm.bias,
-                             eps=norm.eps)
+    """``x + fc2(act(fc1(norm(x))))``: :func:`norm_mlp` plus the residual."""
+    return x + norm_mlp(x, norm, fc1, fc2, activation)
+
+
+def layers_to_run(owner: str, n: int, feature_layer: int | None) -> int:
+    """How many of a tower's ``n`` layers produce HF's ``hidden_states[feature_layer]`` (0 the
+    embeddings, i layer i's output, negative from the end); all ``n`` for None. ``owner``
+    names the tower in the error for anything else."""
+    if feature_layer is None:
+        return n
+    if (isinstance(feature_layer, bool) or not isinstance(feature_layer, int)
+            or not -n - 1 <= feature_layer <= n):
+        raise ValueError(f"vlmkern.models.{owner}: feature_layer must be None or an int in "
+                         f"[{-n - 1}, {n}] (HF's hidden_states has {n + 1} entries: 0 the "
+                         f"embeddings, i layer i's output), got {feature_layer!r}")
+    return feature_layer % (n + 1)
+
+
+def check_pixels(owner: str, pixel_values: torch.Tensor, channels: int,
+                 embeddings: nn.Module) -> None:
+    """Image pixels must be (B, channels, H, W); uint8 ones need the processor's normalization
+    held by ``embeddings`` (a vlmkern.nn embedding module)."""
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(f"vlmkern.models.{owner}: pixel_values must be (B, {channels}, H, W), "
+                         f"got shape {tuple(pixel_values.shape)}")
+    if (pixel_values.dtype == torch.uint8 and embeddings.pixel_mean is None
+            and embeddings.pixel_std is None and embeddings.rescale == 1.0):
+        raise ValueError(f"vlmkern.models.{owner}: uint8 pixels need the processor's "
+                         "normalization: pass mean / std / rescale to the constructor or "
+                         "from_hf")
 
 
 def copy_of(build: Callable[[], nn.Module], hf: nn.Module, buffers: bool = True) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 from ..nn.patch_embed import CLIPVisionEmbeddings, SiglipVisionEmbeddings
 from ..nn.projector import activation_from_hf
 from ..ops.cross_attention import CUDA_DTYPES, CUDA_HEAD_DIMS, cross_attention
-from ._common import copy_of, residual_norm_mlp
+from ._common import check_pixels, copy_of, layers_to_run, residual_norm_mlp
 
 # On the CPU attention runs torch SDPA: on 2 cores it took 0.78-1.08x the op's time in forward
 # (two runs; above 1 once, ViT-B bf16) and 0.75-0.95x in forward + backward, fp32 and bf16, at
@@ -133,32 +133,12 @@ class _VisionTransformer(nn.Module):
 
     def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         """HF's ``hidden_states[0]``."""
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(f"vlmkern.models.{type(self).__name__}: pixel_values must be (B, "
-                             f"{self.num_channels}, H, W), got shape {tuple(pixel_values.shape)}")
-        emb = self.embeddings
-        if (pixel_values.dtype == torch.uint8 and emb.pixel_mean is None
-                and emb.pixel_std is None and emb.rescale == 1.0):
-            raise ValueError(f"vlmkern.models.{type(self).__name__}: uint8 pixels need the "
-                             "processor's normalization: pass mean / std / rescale to the "
-                             "constructor or from_hf")
+        check_pixels(type(self).__name__, pixel_values, self.num_channels, self.embeddings)
         return self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
 
     def _final(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """HF's ``last_hidden_state`` from the last layer's output."""
         raise NotImplementedError
-
-    def _layers_to_run(self, feature_layer: int | None) -> int:
-        n = len(self.encoder.layers)
-        if feature_layer is None:
-            return n
-        if (isinstance(feature_layer, bool) or not isinstance(feature_layer, int)
-                or not -n - 1 <= feature_layer <= n):
-            raise ValueError(f"vlmkern.models.{type(self).__name__}: feature_layer must be None "
-                             f"or an int in [{-n - 1}, {n}] (HF's hidden_states has {n + 1} "
-                             f"entries: 0 the embeddings, i layer i's output), got "
-                             f"{feature_layer!r}")
-        return feature_layer % (n + 1)
 
     def forward(self, pixel_values: torch.Tensor, *, feature_layer: int | None = None,
                 interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -168,7 +148,7 @@ class _VisionTransformer(nn.Module):
         ``hidden_states[feature_layer]`` (0 the embeddings, i layer i's output, negative from
         the end as LLaVA's -2), without running the layers after it.
         ``interpolate_pos_encoding``: bicubic-resize the positions to another image size."""
-        stop = self._layers_to_run(feature_layer)
+        stop = layers_to_run(type(self).__name__, len(self.encoder.layers), feature_layer)
         hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
         for layer in self.encoder.layers[:stop]:
             hidden_states = layer(hidden_states)
