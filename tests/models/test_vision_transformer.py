@@ -84,7 +84,9 @@ def test_fp32_matches_hf(name, path):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         want, got = _hf_outputs(hf, x, LAYERS), _ours_outputs(ours, x, LAYERS)
+        several = ours.hidden_states(x, LAYERS)  # one pass, the states in the order asked
     assert got.keys() == want.keys() and ("pooled" in want) == _has_pool(name)
+    assert all(torch.equal(s, got[i]) for s, i in zip(several, LAYERS, strict=True))
     for key, ref in want.items():
         assert ref.abs().max() > 0 and got[key].shape == ref.shape, key
         assert fp32_rel_err(got[key], ref) <= 1e-5, key

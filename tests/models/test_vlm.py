@@ -225,6 +225,28 @@ def test_internvl_bad_inputs():
         InternVL.from_hf(hf)
 
 
+@pytest.mark.parametrize("layers", [[-2, -1], [0, -2, 1]])
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_llava_several_feature_layers(layers, strategy):
+    """A list of feature layers: their states concatenated along the channels (CLS dropped from
+    each with "default"), the projector taking n C_v, as HF's LLaVA."""
+    _, _, inputs = _build("llava")
+    hf = llava()[0]
+    hf.config.vision_feature_layer, hf.config.vision_feature_select_strategy = layers, strategy
+    hf = T.LlavaForConditionalGeneration(hf.config).eval()  # the projector's width follows
+    ids = inputs["input_ids"] if strategy == "default" else torch.tensor(
+        [[1, 5] + [IMAGE_TOKEN] * 5 + [7, 8]] * 2)
+    vk = Llava.from_hf(hf)
+    assert vk.multi_modal_projector.linear_1.in_features == 32 * len(layers)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
+        got = vk(ids, pixel_values=inputs["pixel_values"]).logits
+        swapped = Llava.from_hf(hf)
+        swapped._layers = swapped._layers[::-1]  # the order of the concatenation matters
+        other = swapped(ids, pixel_values=inputs["pixel_values"]).logits
+    assert rel(got, expected) <= 1e-5 and rel(other, expected) > 1e-3
+
+
 def test_generate_stops_at_eos():
     _, vk, inputs = _build("llava")
     ids, s = inputs["input_ids"], inputs["input_ids"].shape[1]
@@ -295,8 +317,11 @@ def test_bad_inputs():
     parts = vk.vision_tower, vk.multi_modal_projector, vk.language_model, vk.lm_head
     with pytest.raises(ValueError, match="select_strategy"):
         Llava(*parts, image_token_id=1, select_strategy="cls")
-    with pytest.raises(NotImplementedError, match="a list of layers"):
-        Llava(*parts, image_token_id=1, feature_layer=[-2, -1])
+    for bad in ([], [-2, 1.0], 1.0, True, None):
+        with pytest.raises(ValueError, match="feature_layer must be an int or a non-empty list"):
+            Llava(*parts, image_token_id=1, feature_layer=bad)
+    with pytest.raises(ValueError, match=r"feature_layer must be None or an int in \[-3, 2\]"):
+        Llava(*parts, image_token_id=1, feature_layer=[-2, 3])(ids, pixel_values=pixels)
     with pytest.raises(NotImplementedError, match="no vision tower for HF's Linear"):
         vision_tower_from_hf(torch.nn.Linear(2, 2))
     hf.config.model_type = "llava_next"

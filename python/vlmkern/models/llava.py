@@ -33,23 +33,29 @@ def vision_tower_from_hf(tower: nn.Module, **normalization: Any) -> nn.Module:
 class Llava(VisionLanguageModel):
     """``lm_head(LLM(embeds with projector(tower(pixels)[feature_layer]) in the image tokens)))``.
 
-    ``vision_tower(pixels (B, C, H, W), feature_layer=int) -> (B, T, C_v)``; ``select_strategy``
-    "default" drops the CLS row (CLIP), "full" keeps every row; each image gives T (or T - 1)
-    features for as many ``image_token_id`` placeholders. ``forward(input_ids,
+    ``vision_tower.hidden_states(pixels (B, C, H, W), layers) -> [(B, T, C_v)]``;
+    ``feature_layer``: one layer, or a list whose states are concatenated along the channels (as
+    HF, the projector then takes n C_v); ``select_strategy`` "default" drops the CLS row (CLIP),
+    "full" keeps every row; each image gives T (or T - 1) features for as many
+    ``image_token_id`` placeholders. ``forward(input_ids,
     pixel_values=None, ...)``: see :meth:`VisionLanguageModel.forward`."""
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, language_model: nn.Module,
-                 lm_head: nn.Module, *, image_token_id: int, feature_layer: int = -2,
+                 lm_head: nn.Module, *, image_token_id: int,
+                 feature_layer: int | Sequence[int] = -2,
                  select_strategy: str = "default") -> None:
         super().__init__(language_model, lm_head)
         if select_strategy not in _STRATEGIES:
             raise ValueError(f"vlmkern.models.Llava: select_strategy must be one of "
                              f"{_STRATEGIES}, got {select_strategy!r}")
-        if not isinstance(feature_layer, int):
-            raise NotImplementedError("vlmkern.models.Llava: feature_layer must be one int (a "
-                                      f"list of layers is not supported), got {feature_layer!r}")
+        layers = (list(feature_layer) if isinstance(feature_layer, (list, tuple))
+                  else [feature_layer])
+        if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"vlmkern.models.Llava: feature_layer must be an int or a non-empty "
+                             f"list of ints, got {feature_layer!r}")
         self.vision_tower, self.multi_modal_projector = vision_tower, projector
         self.image_token_id, self.feature_layer = image_token_id, feature_layer
+        self._layers = layers
         self.select_strategy = select_strategy
 
     @classmethod
@@ -82,7 +88,8 @@ class Llava(VisionLanguageModel):
             return {}
         if pixel_values.is_floating_point():
             pixel_values = pixel_values.to(self.multi_modal_projector.linear_1.weight.dtype)
-        h = self.vision_tower(pixel_values, feature_layer=self.feature_layer)  # (B, T, C_v)
+        states = self.vision_tower.hidden_states(pixel_values, self._layers)  # [(B, T, C_v)]
         if self.select_strategy == "default":
-            h = h[:, 1:]
+            states = [h[:, 1:] for h in states]
+        h = states[0] if len(states) == 1 else torch.cat(states, -1)  # (B, T, n C_v), as HF
         return {self.image_token_id: self.multi_modal_projector(h).flatten(0, 1)}

@@ -148,11 +148,28 @@ class _VisionTransformer(nn.Module):
         ``hidden_states[feature_layer]`` (0 the embeddings, i layer i's output, negative from
         the end as LLaVA's -2), without running the layers after it.
         ``interpolate_pos_encoding``: bicubic-resize the positions to another image size."""
-        stop = layers_to_run(type(self).__name__, len(self.encoder.layers), feature_layer)
+        if feature_layer is not None:
+            return self.hidden_states(pixel_values, [feature_layer],
+                                      interpolate_pos_encoding=interpolate_pos_encoding)[0]
         hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
-        for layer in self.encoder.layers[:stop]:
+        for layer in self.encoder.layers:
             hidden_states = layer(hidden_states)
-        return self._final(hidden_states) if feature_layer is None else hidden_states
+        return self._final(hidden_states)
+
+    def hidden_states(self, pixel_values: torch.Tensor, layers: Sequence[int], *,
+                      interpolate_pos_encoding: bool = False) -> list[torch.Tensor]:
+        """HF's ``hidden_states[i]`` ``(B, S, D)`` for each ``i`` of ``layers`` (as
+        :meth:`forward`'s ``feature_layer``), in that order; the layers after the deepest one
+        asked for are not run, and only the states asked for are kept."""
+        name, n = type(self).__name__, len(self.encoder.layers)
+        stops = [layers_to_run(name, n, i) for i in layers]
+        hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
+        kept = {0: hidden_states} if 0 in stops else {}
+        for i, layer in enumerate(self.encoder.layers[:max(stops, default=0)], 1):
+            hidden_states = layer(hidden_states)
+            if i in stops:
+                kept[i] = hidden_states
+        return [kept[s] for s in stops]
 
     def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
         """HF's ``pooler_output`` ``(B, D)`` from :meth:`forward`'s ``(B, S, D)`` output."""
