@@ -1,6 +1,7 @@
 """Complete vision towers and VLMs assembled from vlmkern's ops and modules; they load HF state
 dicts unchanged (``from_hf``) and equal HF's outputs."""
 
+from .idefics3 import Idefics3, Idefics3VisionTransformer
 from .internvl import InternVL, InternVLVisionTransformer
 from .llava import Llava, vision_tower_from_hf
 from .qwen_vision import (
@@ -14,6 +15,8 @@ from .vlm import VisionLanguageModel, VLMOutput, scatter_features
 
 __all__ = [
     "CLIPVisionTransformer",
+    "Idefics3",
+    "Idefics3VisionTransformer",
     "InternVL",
     "InternVLVisionTransformer",
     "Llava",
