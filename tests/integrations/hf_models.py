@@ -293,3 +293,16 @@ def assert_grads_close(got: dict, expected: dict, rtol: float = 1e-4) -> None:
     for n, g in expected.items():
         err = (got[n].double() - g.double()).abs().max().item()
         assert err <= rtol * max(g.abs().max().item(), floor), n
+
+
+def assert_generate_equals_hf(hf, vk, inputs: dict, steps: int = 6) -> None:
+    """vlmkern.models VLM ``vk``'s greedy tokens equal HF's ``generate`` on ``inputs`` (HF's
+    keyword arguments; ``vk`` gets the same), and so do the logits of every step (1e-5 of their
+    max: a wrong decode position shows there before it flips a token)."""
+    hf.generation_config.pad_token_id = 0
+    expected = hf.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                           output_logits=True, return_dict_in_generate=True)
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    got, logits = vk.generate(inputs["input_ids"], steps, output_logits=True, **rest)
+    assert torch.equal(got, expected.sequences), (got, expected.sequences)
+    assert rel(logits, torch.stack(expected.logits, 1)) <= 1e-5

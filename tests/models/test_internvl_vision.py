@@ -21,8 +21,9 @@ from vlmkern.models import vision_transformer as vt
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             image_size=28, patch_size=14)
 VARIANTS = {
-    "300m": {},
-    "6b": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
+    "300m": dict(attention_bias=True),  # InternViT-300M's q / k / v have biases
+    # qk-norm at HF's RMSNorm default eps (1e-6), not layer_norm_eps
+    "6b": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False, layer_norm_eps=1e-2),
     "final-norm": dict(use_mean_pooling=False, hidden_act="gelu_pytorch_tanh"),
 }
 LAYERS = (0, 1, -2, 3, -1, -4)

@@ -182,9 +182,10 @@ def _internvl(label: str, images: int, cfg: Config) -> Case:
     gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
     vision = T.InternVLVisionConfig(hidden_size=1024, intermediate_size=4096,
                                     num_hidden_layers=24, num_attention_heads=16,
-                                    image_size=448, patch_size=14) if gpu \
+                                    image_size=448, patch_size=14, attention_bias=True) if gpu \
         else T.InternVLVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                    num_attention_heads=2, image_size=112, patch_size=14)
+                                    num_attention_heads=2, image_size=112, patch_size=14,
+                                    attention_bias=True)
     text = T.Qwen2Config(hidden_size=4096 if gpu else 256, num_attention_heads=32 if gpu else 4)
     config = T.InternVLConfig(vision_config=vision, text_config=text)
     with torch.device(cfg.device):

@@ -4,6 +4,7 @@ dicts unchanged (``from_hf``) and equal HF's outputs."""
 from .idefics3 import Idefics3, Idefics3VisionTransformer
 from .internvl import InternVL, InternVLVisionTransformer
 from .llava import Llava, vision_tower_from_hf
+from .paligemma import PaliGemma
 from .qwen_vision import (
     Qwen2_5_VLVisionTransformer,
     Qwen2VLVisionTransformer,
@@ -20,6 +21,7 @@ __all__ = [
     "InternVL",
     "InternVLVisionTransformer",
     "Llava",
+    "PaliGemma",
     "Qwen2VLVisionTransformer",
     "Qwen2_5_VLVisionTransformer",
     "Qwen3VLVisionTransformer",

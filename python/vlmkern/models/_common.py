@@ -50,6 +50,12 @@ def layers_to_run(owner: str, n: int, feature_layer: int | None) -> int:
     return feature_layer % (n + 1)
 
 
+def pixel_dtype(tower: nn.Module) -> torch.dtype:
+    """The dtype float pixels are cast to for ``tower``: its patch embedding's (HF casts to the
+    model's dtype; a projector quantized or wrapped elsewhere does not change it)."""
+    return next(tower.embeddings.parameters()).dtype
+
+
 def check_pixels(owner: str, pixel_values: torch.Tensor, channels: int,
                  embeddings: nn.Module) -> None:
     """Image pixels must be (B, channels, H, W); uint8 ones need the processor's normalization

@@ -14,7 +14,7 @@ from torch import nn
 from ..nn.patch_embed import _check_fusable, _Normalizing, _run_hooks
 from ..nn.projector import Idefics3Connector
 from ..ops.patch_embed import patch_embed
-from ._common import check_pixels, copy_of
+from ._common import check_pixels, copy_of, pixel_dtype
 from .vision_transformer import ViTEncoderLayer
 from .vlm import VisionLanguageModel
 
@@ -246,7 +246,7 @@ class Idefics3(VisionLanguageModel):
                              f"{height // p} x {width // p} patches of {p} from {height} x "
                              f"{width} pixels")
         if pixel_values.is_floating_point():
-            pixel_values = pixel_values.to(self.connector.modality_projection.proj.weight.dtype)
+            pixel_values = pixel_values.to(pixel_dtype(tower))
         pixels = pixel_values.flatten(0, 1)  # (B·N, C, H, W)
         real = pixels.flatten(1).ne(0).any(1)  # (B·N,)
         if self.model_type == "smolvlm":  # no real image at all: HF keeps the first
@@ -283,7 +283,7 @@ class Idefics3(VisionLanguageModel):
         """(``inputs_embeds`` (B, S, D) with the real images' features in the placeholder rows,
         {}), without a host sync."""
         self._check(unused)
-        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, S, D)
+        embeds = self.embed_tokens(input_ids)  # (B, S, D)
         if pixel_values is None:
             return embeds, {}
         features, real = self.encode_images(pixel_values, pixel_attention_mask)

@@ -1,6 +1,6 @@
 """InternVL (2.5 / 3 / 3.5 in transformers' format) from vlmkern pieces: the InternViT tower
 (fused patch embedding with CLS and positions, cross_attention, the norm-prologue mlp_projector,
-layer scale), InternVL's projector with the pixel shuffle read inside its first GEMM, and HF's
+layer scale), InternVL's projector with the pixel shuffle fused into its LayerNorm, and HF's
 language model, built from a ``transformers`` ``InternVLForConditionalGeneration``."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..nn.patch_embed import InternVLVisionEmbeddings
 from ..nn.projector import InternVLMultiModalProjector, QwenRMSNorm, activation_from_hf
-from ._common import check_pixels, copy_of, layers_to_run, norm_mlp
+from ._common import check_pixels, copy_of, layers_to_run, norm_mlp, pixel_dtype
 from .vision_transformer import attend
 from .vlm import VisionLanguageModel
 
@@ -141,7 +141,7 @@ class InternVLVisionTransformer(nn.Module):
         stop = layers_to_run(name, len(self.encoder.layer), feature_layer)
         check_pixels(name, pixel_values, self.config.num_channels, self.embeddings)
         if pixel_values.is_floating_point():
-            pixel_values = pixel_values.to(self.embeddings.cls_token.dtype)
+            pixel_values = pixel_values.to(pixel_dtype(self))
         hidden_states = self.embeddings(pixel_values)  # (B, 1 + N, D)
         for layer in self.encoder.layer[:stop]:
             hidden_states = layer(hidden_states)
@@ -150,9 +150,10 @@ class InternVLVisionTransformer(nn.Module):
 
 class InternVL(VisionLanguageModel):
     """``lm_head(LLM(embeds with projector(shuffle(tower(pixels)[feature_layer][:, 1:])) in the
-    image tokens))``: each image (tile) of ``(H/P) x (W/P)`` patches gives ``(H/P)(W/P) r⁻²``
-    features (r = ``downsample_ratio``) for as many ``image_token_id`` placeholders, InternVL's
-    pixel shuffle read inside the projector's first GEMM (never materialized on CUDA).
+    image tokens))``: each image (tile) of ``(H/P) x (W/P)`` patches gives ``(H/P)(W/P) / r²``
+    features (r = 1 / ``downsample_ratio``, 2 for InternVL) for as many ``image_token_id``
+    placeholders. The projector takes the tower's rows as they are: InternVL's pixel shuffle
+    and the LayerNorm after it run as one kernel on CUDA (no separate shuffled copy).
     ``forward(input_ids, pixel_values=None, ...)``: see :meth:`VisionLanguageModel.forward`;
     video frames are images to InternVL."""
 
@@ -194,7 +195,7 @@ class InternVL(VisionLanguageModel):
     def vision_features(self, pixel_values: torch.Tensor | None = None,
                         **unused: Any) -> dict[int, torch.Tensor]:
         """pixel_values (B, C, H, W), square grids of patches divisible by the shuffle factor,
-        float (cast to the projector's dtype) or uint8 (given the normalization at
+        float (cast to the tower's dtype) or uint8 (given the normalization at
         construction) -> {image_token_id: (B · T, D)}."""
         if unused:
             raise TypeError(f"vlmkern.models.InternVL: unexpected inputs {sorted(unused)}")
@@ -208,8 +209,6 @@ class InternVL(VisionLanguageModel):
             raise ValueError(f"vlmkern.models.InternVL: images must give a square grid of "
                              f"patches divisible by {proj.scale} (HF's reshape and pixel "
                              f"shuffle), got {grid} from {tuple(pixel_values.shape[2:])} pixels")
-        if pixel_values.is_floating_point():
-            pixel_values = pixel_values.to(proj.linear_1.weight.dtype)
         layer = None if self.feature_layer == -1 else self.feature_layer  # HF: -1 = last state
         h = tower(pixel_values, feature_layer=layer)[:, 1:]  # (B, N, C_v), CLS dropped
         return {self.image_token_id: proj(h, grid=grid).flatten(0, 1)}  # (B · N r⁻², D)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..nn.projector import LlavaMultiModalProjector
-from ._common import copy_of
+from ._common import copy_of, pixel_dtype
 from .vision_transformer import CLIPVisionTransformer, SiglipVisionTransformer
 from .vlm import VisionLanguageModel
 
@@ -80,14 +80,14 @@ class Llava(VisionLanguageModel):
 
     def vision_features(self, pixel_values: torch.Tensor | None = None,
                         **unused: Any) -> dict[int, torch.Tensor]:
-        """pixel_values (B, C, H, W) float (cast to the projector's dtype) or uint8 (given the
+        """pixel_values (B, C, H, W) float (cast to the tower's dtype) or uint8 (given the
         normalization at construction) -> {image_token_id: (B · T, D)}."""
         if unused:
             raise TypeError(f"vlmkern.models.Llava: unexpected inputs {sorted(unused)}")
         if pixel_values is None:
             return {}
         if pixel_values.is_floating_point():
-            pixel_values = pixel_values.to(self.multi_modal_projector.linear_1.weight.dtype)
+            pixel_values = pixel_values.to(pixel_dtype(self.vision_tower))
         states = self.vision_tower.hidden_states(pixel_values, self._layers)  # [(B, T, C_v)]
         if self.select_strategy == "default":
             states = [h[:, 1:] for h in states]

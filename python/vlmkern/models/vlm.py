@@ -64,9 +64,13 @@ class VisionLanguageModel(nn.Module):
         """token id → (n, D) features for that token's placeholders, in order; {} for none."""
         raise NotImplementedError
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) the LLM's token embeddings of ``input_ids`` (placeholders included)."""
+        return self.language_model.get_input_embeddings()(input_ids)
+
     def embed(self, input_ids: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """(B, S, D) token embeddings, each placeholder row replaced by its feature row."""
-        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, S, D)
+        embeds = self.embed_tokens(input_ids)  # (B, S, D)
         for token_id, feats in features.items():
             embeds = scatter_features(embeds, input_ids, token_id, feats)
         return embeds
@@ -84,6 +88,18 @@ class VisionLanguageModel(nn.Module):
         b, s = input_ids.shape
         return text_positions(attention_mask, b, s, past, input_ids.device), None
 
+    def language_mask(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                      past_key_values: Any, position_ids: torch.Tensor,
+                      vision_inputs: dict[str, Any]) -> Any:
+        """What the LLM gets as ``attention_mask``: the (B, past + S) padding mask itself here
+        (the LLM makes its causal mask); subclasses with other attention patterns (PaliGemma's
+        bidirectional prefix) build the LLM's mask from it."""
+        return attention_mask
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, S, vocab) logits of the LLM's last hidden states (B, S, D): ``lm_head``."""
+        return self.lm_head(hidden)
+
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 past_key_values: Any = None, use_cache: bool = False,
                 rope_deltas: torch.Tensor | None = None, logits_to_keep: int = 0,
@@ -96,13 +112,15 @@ class VisionLanguageModel(nn.Module):
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
         position_ids, rope_deltas = self.positions(input_ids, attention_mask, past, rope_deltas,
                                                    vision_inputs)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+        mask = self.language_mask(embeds, attention_mask, past_key_values, position_ids,
+                                  vision_inputs)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   use_cache=use_cache, **extra)
         hidden = out.last_hidden_state  # (B, S, D)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return VLMOutput(self.lm_head(hidden), out.past_key_values if use_cache else None,
+        return VLMOutput(self.logits(hidden), out.past_key_values if use_cache else None,
                          rope_deltas)
 
     @torch.no_grad()

@@ -87,7 +87,11 @@ class InternVLMultiModalProjector(nn.Module):
         fuse_pixel_shuffle: bool = True,
     ) -> None:
         super().__init__()
-        self.scale = int(1 / downsample_ratio)
+        self.scale = round(1 / downsample_ratio)
+        if self.scale < 1 or abs(1 / downsample_ratio - self.scale) > 1e-6:
+            raise ValueError(f"vlmkern.nn.InternVLMultiModalProjector: downsample_ratio must be "
+                             f"1 / an integer (the pixel shuffle's factor), got "
+                             f"{downsample_ratio}")
         features = vision_hidden_size * self.scale**2
         self.layer_norm = nn.LayerNorm(features)
         self.linear_1 = nn.Linear(features, text_hidden_size)
