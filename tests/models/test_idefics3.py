@@ -173,7 +173,8 @@ def test_uint8_pixels_equal_normalized_floats(family):
     hf, vk = _build(family, mean=MEAN, std=STD, rescale=1 / 255)
     inputs = _batch()
     raw = torch.randint(1, 256, (2, 2, 3, 56, 56), dtype=torch.uint8)
-    raw[0, 1] = 0  # the padding image, all zero as passed
+    raw[0, 1] = 0  # the padding image (its mask all zero)
+    raw[1, 0] = 0  # a black image: real (its mask is not 0; -1 everywhere after normalizing)
     norm = (raw / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     norm[0, 1] = 0  # as the processor pads
     mask = inputs["pixel_attention_mask"]
@@ -188,6 +189,12 @@ def test_uint8_pixels_equal_normalized_floats(family):
         assert rel(out, expected) <= 1e-5
     with pytest.raises(ValueError, match="uint8 pixels need"):
         Idefics3.from_hf(hf)(ids, pixel_values=raw)
+    # raw pixels without a mask: every image is real (the black padding image too)
+    ids2 = torch.tensor([_row(2)] * 2)
+    with torch.no_grad():
+        expected = hf(input_ids=ids2, pixel_values=(raw / 255 - 0.5) / 0.5).logits
+        got = vk(ids2, pixel_values=raw).logits
+    assert rel(got, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -342,7 +349,7 @@ def test_bad_inputs():
     with pytest.raises(NotImplementedError, match="is not one of Idefics3VisionTransformer"):
         Idefics3VisionTransformer.from_hf(torch.nn.Linear(2, 2))
     hf.config.model_type = "idefics2"
-    with pytest.raises(NotImplementedError, match="only model_type 'idefics3' or 'smolvlm'"):
+    with pytest.raises(NotImplementedError, match="only Idefics3 / SmolVLM ForConditional"):
         Idefics3.from_hf(hf)
 
 
@@ -369,3 +376,25 @@ def test_cuda_bf16_logits_follow_hf(family):
             vk16.language_inputs(ids, pixel_values=args["pixel_values"])  # unmasked: fused
         err = (vk16(ids, **args).logits.float() - ref).abs().max()
     assert ref.abs().max() > 0 and err <= 2 * pt_err + 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("patch, side, scale", [(16, 48, 3), (14, 58, 2)])
+def test_other_geometries_equal_hf(family, patch, side, scale):
+    """SmolVLM's patch 16 with a 3x3 shuffle, and a size the patch does not divide (cropped)."""
+    config = T.Idefics3Config if family == "idefics3" else T.SmolVLMConfig
+    model = (T.Idefics3ForConditionalGeneration if family == "idefics3"
+             else T.SmolVLMForConditionalGeneration)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=side, patch_size=patch)
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=160, model_type="llama")
+    hf = model(config(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      scale_factor=scale)).eval()
+    per_image = (side // patch) ** 2 // scale**2
+    ids = torch.tensor([[1, 5] + [IMAGE_TOKEN] * 2 * per_image + [7, 8]])
+    pixels = torch.randn(1, 2, 3, side, side)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels).logits
+        got = Idefics3.from_hf(hf)(ids, pixel_values=pixels).logits
+    assert rel(got, expected) <= 1e-5

@@ -175,10 +175,13 @@ class Idefics3(VisionLanguageModel):
     row, shorter rows padded with all-zero images) and optionally ``pixel_attention_mask``
     ``(B, N, H, W)`` (nonzero = real pixel; a patch with any real pixel is real). Each real image
     gives ``T = (H/P)·(W/P) / scale_factor²`` features for as many ``image_token_id``
-    placeholders, images in row-major order. An image is padding when all its values *as
-    passed* are 0 (HF's rule for its normalized floats; with raw pixels, uint8 or float given
-    ``mean`` / ``std``, an all-black image is therefore padding too). SmolVLM keeps the first
-    image when every image is padding, as HF does.
+    placeholders, images in row-major order. An image is padding when all its values are 0
+    after the cast to the model's dtype (HF's rule for its normalized floats). With raw pixels
+    (uint8, or floats given ``mean`` / ``std``), where 0 is black, an image is padding when its
+    ``pixel_attention_mask`` is all 0, and without a mask every image is real. Raw pixels
+    match HF's result where no real image has padded pixels (what the stock processors give:
+    full squares); HF's padded pixels are 0 after normalization, which a uint8 canvas cannot
+    hold. SmolVLM keeps the first image when every image is padding, as HF does.
 
     HF drops padding images before the tower (a data-dependent count: a host sync).
     :meth:`forward` (through :meth:`language_inputs`) does not: every image runs the tower and
@@ -192,7 +195,7 @@ class Idefics3(VisionLanguageModel):
     real patches, SDPA with a key mask), even when the mask is all ones, as the processor's
     usually is: telling that apart would be a host sync. Without it (every patch real, HF's
     default) the fused path runs; leave the mask out when every image is known to fill its
-    ``H × W`` (its mask all ones): the result is the same."""
+    ``H × W`` (its mask all ones): the result is the same up to rounding."""
 
     def __init__(self, vision_model: nn.Module, connector: nn.Module, language_model: nn.Module,
                  lm_head: nn.Module, *, image_token_id: int, model_type: str = "idefics3") -> None:
@@ -212,10 +215,11 @@ class Idefics3(VisionLanguageModel):
         processor's normalization, folded into the patch embedding; the model then takes raw
         pixels (uint8, or floats of the same values). Without them it takes normalized float
         pixels, as HF."""
-        config, inner = model.config, model.model
-        if config.model_type not in _MODEL_TYPES:
-            raise NotImplementedError(f"vlmkern.models.Idefics3: only model_type 'idefics3' or "
-                                      f"'smolvlm', got {config.model_type!r}")
+        config, inner = model.config, getattr(model, "model", None)
+        if config.model_type not in _MODEL_TYPES or inner is None:
+            raise NotImplementedError(f"vlmkern.models.Idefics3: only Idefics3 / SmolVLM "
+                                      f"ForConditionalGeneration models, got "
+                                      f"{type(model).__name__} ({config.model_type!r})")
         tower = Idefics3VisionTransformer.from_hf(inner.vision_model, mean=mean, std=std,
                                                   rescale=rescale)
         connector = copy_of(lambda: Idefics3Connector.from_config(config), inner.connector)
@@ -248,20 +252,27 @@ class Idefics3(VisionLanguageModel):
         if pixel_values.is_floating_point():
             pixel_values = pixel_values.to(pixel_dtype(tower))
         pixels = pixel_values.flatten(0, 1)  # (B·N, C, H, W)
-        real = pixels.flatten(1).ne(0).any(1)  # (B·N,)
+        if pixel_attention_mask is not None and pixel_attention_mask.shape != (b, n, height,
+                                                                                width):
+            raise ValueError(f"{name}: pixel_attention_mask must be (B, N_images, H, W) = "
+                             f"{(b, n, height, width)}, got {tuple(pixel_attention_mask.shape)}")
+        emb = tower.embeddings
+        if emb.pixel_mean is None and emb.pixel_std is None and emb.rescale == 1.0:
+            real = pixels.flatten(1).ne(0).any(1)  # (B·N,): HF's rule on normalized pixels
+        elif pixel_attention_mask is not None:  # raw pixels: a black image is real
+            real = pixel_attention_mask.flatten(0, 1).flatten(1).ne(0).any(1)
+        else:
+            real = torch.ones(b * n, dtype=torch.bool, device=pixels.device)
         if self.model_type == "smolvlm":  # no real image at all: HF keeps the first
             real = torch.cat([real[:1] | ~real.any(), real[1:]])
         patches = None
         if pixel_attention_mask is not None:
-            if pixel_attention_mask.shape != (b, n, height, width):
-                raise ValueError(f"{name}: pixel_attention_mask must be (B, N_images, H, W) = "
-                                 f"{(b, n, height, width)}, got "
-                                 f"{tuple(pixel_attention_mask.shape)}")
             mask = pixel_attention_mask.flatten(0, 1)[:, : side * p, : side * p] != 0
             patches = mask.reshape(b * n, side, p, side, p).any(4).any(2)  # (B·N, h, w)
             # padding images (their features are dropped) run unmasked: a query row that sees
             # no key is 0 in torch's CPU SDPA, but not every CUDA backend promises it, and a NaN
-            # there would reach the weights' gradients
+            # there would reach the weights' gradients. (SmolVLM's kept first image, when all
+            # are padding, runs with its all-zero mask, as in HF.)
             patches = patches | ~real[:, None, None]
         return self.connector(tower(pixels, patches)), real
 
