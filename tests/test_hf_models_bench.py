@@ -1,6 +1,6 @@
 """The hf_models bench on its CPU cases: patched, vlmkern.models and HF models agree within the
 bench's gate, the patched side really holds vlmkern modules, the vlmkern.models side is there
-for the Qwen ViTs, LLaVA and InternVL, and every case asks for eager CUDA timing."""
+for the Qwen ViTs, LLaVA, InternVL and SmolVLM, and every case asks for eager CUDA timing."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ bench = load("hf_models")
 def test_cases_agree_and_are_patched():
     cfg = Config("cpu", torch.float32, quick=False, compile=False)
     cases = bench.cases(cfg)
-    assert len(cases) == 7
+    assert len(cases) == 8
     providers = bench.providers(cfg)
     for case in cases:
         assert not case.cuda_graph
@@ -28,7 +28,7 @@ def test_cases_agree_and_are_patched():
         inputs = case.make_inputs()
         ref = bench.reference()(*inputs, **case.kwargs)
         assert ref.abs().sum() > 0
-        has_models = any(k in case.shape for k in ("vit", "llava", "internvl"))
+        has_models = any(k in case.shape for k in ("vit", "llava", "internvl", "smolvlm"))
         assert (spec.models is not None) == has_models, case.shape
         for name, fn in providers.items():
             if name == "vlmkern.models" and not has_models:
@@ -45,6 +45,7 @@ def test_gpu_sized_cases_build_and_patch():
     cases = [bench._qwen_vit("q2", "qwen2_vl", 8, 448, cfg),
              bench._qwen_vit("q25", "qwen2_5_vl", 1, 896, cfg),
              bench._llava("llava", 4, cfg), bench._internvl("internvl", 4, cfg),
+             bench._smolvlm("smolvlm", 8, cfg),
              bench._mllama("mllama", 1024, 4, cfg),
              bench._mllama("decode", 1, 4, cfg, decode_batch=16),
              bench._qformer("qformer", 64, cfg)]

@@ -1,7 +1,8 @@
 """Drop-in bench: pieces of HF transformers VLMs (random weights; real widths on the GPU, tiny
 ones on the CPU) as HF runs them, after ``vlmkern.integrations.hf.patch_model`` ("vlmkern") and,
 where it has them, as ``vlmkern.models``' own towers ("vlmkern.models": the Qwen ViTs, LLaVA's
-CLIP + projector, InternVL's InternViT + projector with the shuffle fused):
+CLIP + projector, InternVL's InternViT + projector with the shuffle fused, SmolVLM's tower +
+connector):
 
 - Qwen2-VL's ViT (widths of Qwen2-VL-7B, 8 of its 32 blocks) on 8 images of 448² and on one
   1344² image; Qwen2.5-VL-7B's ViT (8 blocks, window attention in 6) on one 896² image;
@@ -9,6 +10,9 @@ CLIP + projector, InternVL's InternViT + projector with the shuffle fused):
 - InternVL2.5-8B's image features: InternViT-300M (24 layers, 448² tiles), pixel shuffle,
   LayerNorm + MLP projector, 4 tiles (the patched side runs HF's shuffle function: the drop-in
   replaces it on InternVLModel instances, which this bench does not build);
+- SmolVLM2-2.2B's image features: its SigLIP-so400m-shaped tower (27 layers, 384² tiles) and
+  the 3x3 pixel-shuffle connector, 8 full tiles (no patch mask; the drop-in replaces only the
+  connector);
 - Mllama-11B's gated cross-attention decoder layer, 1024 text tokens x one 4-tile image, and a
   decode step of 16 rows reading the image's cached keys;
 - BLIP-2's Q-Former (32 learned queries, 12 layers, cross-attention to ViT-g's 257 tokens) on
@@ -219,6 +223,45 @@ def _internvl(label: str, images: int, cfg: Config) -> Case:
     return _case(label, root, call, make, cfg, models=models)
 
 
+# ---- SmolVLM2-2.2B image features --------------------------------------------------------------
+
+
+def _smolvlm(label: str, tiles: int, cfg: Config) -> Case:
+    import transformers as T
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
+
+    gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                  num_attention_heads=16, image_size=384, patch_size=14) if gpu \
+        else dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=112, patch_size=14)
+    text = dict(hidden_size=2048 if gpu else 256, num_attention_heads=32 if gpu else 4,
+                num_hidden_layers=1, vocab_size=1000, model_type="llama")
+    config = T.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=3 if gpu else 2)
+    with torch.device(cfg.device):
+        root = _Holder(config, vision_model=T.SmolVLMVisionTransformer(config.vision_config),
+                       connector=SmolVLMConnector(config))
+    side = vision["image_size"]
+
+    def make() -> tuple:
+        return (_randn(tiles, 3, side, side, cfg=cfg),)
+
+    def call(m, pixels):  # HF SmolVLMModel.get_image_features for full (unpadded) tiles
+        return m.connector(m.vision_model(pixels).last_hidden_state)
+
+    def models(hf: nn.Module) -> tuple[nn.Module, Callable]:
+        from vlmkern.models import Idefics3VisionTransformer
+        from vlmkern.nn import SmolVLMConnector as Ours
+
+        connector = Ours.from_config(config).to(cfg.device, cfg.dtype)
+        connector.load_state_dict(hf.connector.state_dict())
+        root = _Holder(config, connector=connector,
+                       vision_model=Idefics3VisionTransformer.from_hf(hf.vision_model))
+        return root, lambda m, pixels: m.connector(m.vision_model(pixels))
+
+    return _case(label, root, call, make, cfg, models=models)
+
+
 # ---- BLIP-2 Q-Former ----------------------------------------------------------------------------
 
 
@@ -312,6 +355,7 @@ def cases(cfg: Config) -> list[Case]:
                               graph=True),
                     _llava("llava-1.5 clip-l336+proj B4", 4, cfg),
                     _internvl("internvl2.5-8b vit-300m+shuffle+proj B4", 4, cfg),
+                    _smolvlm("smolvlm2-2.2b siglip+shuffle+proj 8 tiles", 8, cfg),
                     _qformer("blip-2 q-former 32 queries B64", 64, cfg)]
         return out
     out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
@@ -321,6 +365,7 @@ def cases(cfg: Config) -> list[Case]:
         out += [_qwen_vit("tiny qwen2.5-vl vit 1x224²", "qwen2_5_vl", 1, 224, cfg),
                 _llava("tiny llava clip+proj B4", 4, cfg),
                 _internvl("tiny internvl vit+shuffle+proj B4", 4, cfg),
+                _smolvlm("tiny smolvlm vit+shuffle+proj 4 tiles", 4, cfg),
                 _qformer("tiny blip-2 q-former B8", 8, cfg)]
     return out
 
