@@ -14,7 +14,6 @@ from integrations.hf_models import vlmkern_calls as _calls
 from projector_testing import assert_lowprec_tier
 from testing_utils import compile_recording, no_host_sync, sync_points
 
-from vlmkern.models import vision_transformer as vt
 from vlmkern.models.idefics3 import Idefics3, Idefics3VisionTransformer
 
 FAMILIES = ["idefics3", "smolvlm"]
@@ -58,13 +57,6 @@ def _batch(pad_image: bool = True, mask: bool = True) -> dict:
 
 def _vk_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-
-
-@pytest.fixture(params=["sdpa", "kernel"])
-def path(request, monkeypatch):
-    """Which CPU attention the unmasked tower runs: torch SDPA or vlmkern.ops.cross_attention."""
-    monkeypatch.setattr(vt, "CPU_KERNEL", request.param == "kernel")
-    return request.param
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,6 +12,7 @@ import torch
 import transformers as T
 from projector_testing import assert_lowprec_tier, fp32_rel_err
 from testing_utils import compile_recording, profiled_names, sync_points
+from tower_testing import assert_bf16_within_twice_hfs_error, assert_gradients_match, loss_of
 
 from vlmkern.models import vision_transformer as vt
 
@@ -68,13 +69,6 @@ def _hf_outputs(hf, x, layers, **kw) -> dict:
 
 
 LAYERS = (0, 1, -2, 3, -1, -4)
-
-
-@pytest.fixture(params=["sdpa", "kernel"])
-def path(request, monkeypatch):
-    """Which CPU attention runs: torch SDPA (the default) or vlmkern.ops.cross_attention."""
-    monkeypatch.setattr(vt, "CPU_KERNEL", request.param == "kernel")
-    return request.param
 
 
 @pytest.mark.parametrize("name", [*MAIN, "clip-gelu"])
@@ -172,43 +166,17 @@ def test_from_hf_copies_weights_buffers_dtype_and_mode(name, dtype):
 
 @pytest.mark.parametrize("name", MAIN)
 def test_bf16_within_twice_hfs_error(name, path):
-    hf = _hf(name)
-    x = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        ref = _hf_outputs(copy.deepcopy(hf).double(), x.double(), (-2,))
-        hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-        pt = _hf_outputs(hf16, x, (-2,))
-        got = _ours_outputs(FAMILIES[name][1].from_hf(hf16), x, (-2,))
-    for key, r in ref.items():
-        assert r.abs().max() > 0 and got[key].dtype == torch.bfloat16
-        assert fp32_rel_err(got[key], r) > 1e-4  # bf16 really ran
-        assert_lowprec_tier(got[key], pt[key], r, what=str(key))
-
-
-def _loss(out: dict, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return sum((t * torch.randn(t.shape, generator=gen)).sum() for t in out.values())
+    assert_bf16_within_twice_hfs_error(
+        _hf(name), FAMILIES[name][1].from_hf, lambda m, x: _hf_outputs(m, x, (-2,)),
+        lambda m, x: _ours_outputs(m, x, (-2,)), torch.randn(2, 3, 28, 28))
 
 
 @pytest.mark.parametrize("name", MAIN)
 def test_gradients_match_hf(name, path):
     hf = _hf(name)
-    ours = FAMILIES[name][1].from_hf(hf)
-    x = torch.randn(2, 3, 28, 28)
-    grads = []
-    for model, outputs in ((hf, _hf_outputs), (ours, _ours_outputs)):
-        xi = x.clone().requires_grad_()
-        _loss(outputs(model, xi, (-2,))).backward()
-        grads.append({"pixels": xi.grad, **{n: p.grad for n, p in model.named_parameters()}})
-    want, got = grads
-    assert got.keys() == want.keys()
-    # a gradient that is 0 in exact math (k_proj's bias under softmax) is rounding noise in both:
-    # measured against a hundredth of the largest gradient (1e-6 of it: a few fp32 ulps)
-    floor = 1e-2 * max(g.abs().max().item() for g in want.values())
-    for key, g in want.items():
-        err = (got[key].double() - g.double()).abs().max().item()
-        assert err <= 1e-4 * max(g.abs().max().item(), floor), key
-    assert want["pixels"].abs().max() > 0
+    assert_gradients_match(hf, FAMILIES[name][1].from_hf(hf),
+                           lambda m, x: _hf_outputs(m, x, (-2,)),
+                           lambda m, x: _ours_outputs(m, x, (-2,)), torch.randn(2, 3, 28, 28))
 
 
 @pytest.mark.parametrize("name", MAIN)
@@ -224,7 +192,7 @@ def test_compiled_fullgraph_equals_eager(name, path):
     for fn in (run, torch.compile(run, fullgraph=True, backend="aot_eager")):
         xi = x.clone().requires_grad_()
         out = fn(xi)
-        _loss(out).backward()
+        loss_of(out).backward()
         results.append((out, xi.grad))
     (want, want_grad), (got, got_grad) = results
     for key, ref in want.items():

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..nn.patch_embed import InternVLVisionEmbeddings
-from ..nn.projector import InternVLMultiModalProjector, QwenRMSNorm, activation_from_hf
+from ..nn.projector import InternVLMultiModalProjector, QwenRMSNorm
 from ._common import check_pixels, copy_of, layers_to_run, norm_mlp, pixel_dtype
-from .vision_transformer import attend
+from .vision_transformer import ViTMLP, attend
 from .vlm import VisionLanguageModel
 
 
@@ -62,15 +62,10 @@ class InternViTAttention(nn.Module):
         return self.projection_dropout(out)
 
 
-class InternViTMLP(nn.Module):
-    """HF ``InternVLVisionMLP`` (``fc1``, ``fc2``, ``config.hidden_act``) with its pre-norm:
+class InternViTMLP(ViTMLP):
+    """HF ``InternVLVisionMLP`` (``fc1``, ``fc2``, ``config.hidden_act``, as CLIP's) with its
+    pre-norm but no residual (the layer scales the output first):
     ``forward(x (..., D), norm) = fc2(act(fc1(norm(x))))``, one mlp_projector call."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.activation = activation_from_hf(config.hidden_act)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         return norm_mlp(x, norm, self.fc1, self.fc2, self.activation)
