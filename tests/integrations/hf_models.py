@@ -306,3 +306,47 @@ def assert_generate_equals_hf(hf, vk, inputs: dict, steps: int = 6) -> None:
     got, logits = vk.generate(inputs["input_ids"], steps, output_logits=True, **rest)
     assert torch.equal(got, expected.sequences), (got, expected.sequences)
     assert rel(logits, torch.stack(expected.logits, 1)) <= 1e-5
+
+
+def prefill_host_reads(vk, input_ids: torch.Tensor, args: dict) -> list[str]:
+    """Compiles the VLM ``vk``'s prefill (``vk(input_ids, **args).logits``) with fullgraph:
+    one graph whose logits equal eager's (1e-6); returns the stack traces of its host reads
+    (item / tolist and their asserts: each a host sync on CUDA)."""
+    from testing_utils import compile_recording, sync_points
+
+    def prefill(ids):
+        return vk(ids, **args).logits
+
+    # HF's RMSNorm eps, seen with other values by earlier compiles of the same code, would come
+    # in as a dynamic float (an item() of a CPU scalar, not a device read): start afresh
+    torch._dynamo.reset()
+    compiled, graphs = compile_recording(prefill)
+    with torch.no_grad():
+        got, expected = compiled(input_ids), prefill(input_ids)
+    assert len(graphs) == 1, len(graphs)
+    assert rel(got, expected) <= 1e-6
+    nodes = {n.name: n for n in graphs[0].graph.nodes}
+    return [nodes[n].meta.get("stack_trace", n) for n in sync_points(graphs[0])]
+
+
+def assert_cuda_bf16_follows_hf(hf32, from_hf, inputs: dict, sync_free) -> None:
+    """On CUDA: the VLM ``from_hf(bf16 copy of hf32)``'s logits on ``inputs`` (HF's keyword
+    arguments, fp32) are within 2x the error of HF's own bf16 model vs ``hf32`` (+1e-3 of the
+    max); ``sync_free(vk16, input_ids, bf16 args)`` (vlmkern's side of the forward) runs
+    without a host sync."""
+    import copy
+
+    from testing_utils import no_host_sync
+
+    hf16 = copy.deepcopy(hf32).bfloat16()
+    vk16 = from_hf(hf16)
+    inputs16 = on(inputs, "cuda", torch.bfloat16)
+    ids = inputs["input_ids"]
+    args = {k: v for k, v in inputs16.items() if k != "input_ids"}
+    with torch.no_grad():
+        ref = hf32(**inputs).logits
+        pt_err = (hf16(**inputs16).logits.float() - ref).abs().max()
+        with no_host_sync():
+            sync_free(vk16, ids, args)
+        err = (vk16(ids, **args).logits.float() - ref).abs().max()
+    assert ref.abs().max() > 0 and err <= 2 * pt_err + 1e-3 * ref.abs().max()

@@ -9,10 +9,17 @@ import copy
 import pytest
 import torch
 import transformers as T
-from integrations.hf_models import IMAGE_TOKEN, _idefics3, assert_grads_close, on, rel
+from integrations.hf_models import (
+    IMAGE_TOKEN,
+    _idefics3,
+    assert_cuda_bf16_follows_hf,
+    assert_grads_close,
+    on,
+    prefill_host_reads,
+    rel,
+)
 from integrations.hf_models import vlmkern_calls as _calls
 from projector_testing import assert_lowprec_tier
-from testing_utils import compile_recording, no_host_sync, sync_points
 
 from vlmkern.models.idefics3 import Idefics3, Idefics3VisionTransformer
 
@@ -275,18 +282,8 @@ def test_compile_one_graph_without_host_reads():
     forward drops the padding image by a boolean index)."""
     _, vk = _build("idefics3")
     inputs = _batch()
-    args = _vk_inputs(inputs)
-
-    def prefill(ids):
-        return vk(ids, **args).logits
-
-    torch._dynamo.reset()
-    compiled, graphs = compile_recording(prefill)
-    with torch.no_grad():
-        got, expected = compiled(inputs["input_ids"]), prefill(inputs["input_ids"])
-    assert len(graphs) == 1, len(graphs)
-    assert not sync_points(graphs[0]), sync_points(graphs[0])
-    assert rel(got, expected) <= 1e-6
+    reads = prefill_host_reads(vk, inputs["input_ids"], _vk_inputs(inputs))
+    assert not reads, reads
 
 
 def test_state_dicts_load_both_ways_and_the_llm_is_shared():
@@ -355,19 +352,12 @@ def test_cuda_bf16_logits_follow_hf(family):
     cfg = small.config
     cfg.vision_config.hidden_size, cfg.vision_config.intermediate_size = 256, 512
     hf32 = type(small)(cfg).to("cuda").eval()
-    hf16 = copy.deepcopy(hf32).bfloat16()
-    vk16 = Idefics3.from_hf(hf16)
-    inputs = on(_batch(), "cuda")
-    inputs16 = on(inputs, "cuda", torch.bfloat16)
-    ids, args = inputs["input_ids"], _vk_inputs(inputs16)
-    with torch.no_grad():
-        ref = hf32(**inputs).logits
-        pt_err = (hf16(**inputs16).logits.float() - ref).abs().max()
-        with no_host_sync():
-            vk16.language_inputs(ids, **args)
-            vk16.language_inputs(ids, pixel_values=args["pixel_values"])  # unmasked: fused
-        err = (vk16(ids, **args).logits.float() - ref).abs().max()
-    assert ref.abs().max() > 0 and err <= 2 * pt_err + 1e-3 * ref.abs().max()
+
+    def sync_free(vk16, ids, args):
+        vk16.language_inputs(ids, **args)
+        vk16.language_inputs(ids, pixel_values=args["pixel_values"])  # unmasked: fused
+
+    assert_cuda_bf16_follows_hf(hf32, Idefics3.from_hf, on(_batch(), "cuda"), sync_free)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
