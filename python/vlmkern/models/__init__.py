@@ -4,6 +4,7 @@ dicts unchanged (``from_hf``) and equal HF's outputs."""
 from .idefics3 import Idefics3, Idefics3VisionTransformer
 from .internvl import InternVL, InternVLVisionTransformer
 from .llava import Llava, vision_tower_from_hf
+from .llava_next import LlavaNext
 from .paligemma import PaliGemma
 from .qwen_vision import (
     Qwen2_5_VLVisionTransformer,
@@ -21,6 +22,7 @@ __all__ = [
     "InternVL",
     "InternVLVisionTransformer",
     "Llava",
+    "LlavaNext",
     "PaliGemma",
     "Qwen2VLVisionTransformer",
     "Qwen2_5_VLVisionTransformer",
