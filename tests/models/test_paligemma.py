@@ -22,7 +22,7 @@ from integrations.hf_models import vlmkern_calls as _calls
 
 from vlmkern.models import PaliGemma
 
-VERSIONS = [1, 2]
+VERSIONS = [1, 2, 3]  # the text model: Gemma, Gemma 2, Gemma 3
 IMAGE_TOKENS = 4  # a 28 x 28 image in patches of 14
 
 
@@ -34,8 +34,8 @@ def _build(version: int, vision_head_dim: int = 8, image_token_id: int = IMAGE_T
               num_attention_heads=4, image_size=28, patch_size=14, projection_dim=48)
     tc = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=1, head_dim=12, vocab_size=160,
-              model_type="gemma" if version == 1 else "gemma2")
-    if version == 2:
+              model_type={1: "gemma", 2: "gemma2", 3: "gemma3_text"}[version])
+    if version > 1:
         tc.update(sliding_window=4, query_pre_attn_scalar=12)
     cfg = T.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
                             projection_dim=48)
@@ -65,20 +65,45 @@ def _left_padded(inputs: dict) -> dict:
                 token_type_ids=pad(inputs["token_type_ids"][:1], 0))
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version, attention", [(1, "sdpa"), (1, "eager"), (2, "eager"),
+                                                (3, "sdpa")])
 @pytest.mark.parametrize("prefix", [True, False])
-def test_logits_equal_hf(version, prefix):
+def test_logits_equal_hf(version, attention, prefix):
+    """Without token_type_ids the mask is HF's: none under SDPA for PaliGemma's bidirectional
+    Gemma (an unpadded prompt), causal under eager."""
     hf, vk = _build(version)
+    hf.config.get_text_config()._attn_implementation = attention
     inputs = _inputs(2, prefix=prefix)
     args = {k: v for k, v in inputs.items() if k != "input_ids"}
     with torch.no_grad():
         expected = hf(**inputs).logits
         got = vk(inputs["input_ids"], **args).logits
-        causal = vk(inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+        untyped = vk(inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
     assert expected.abs().max() > 0 and got.shape == expected.shape
     assert rel(got, expected) <= 1e-5
-    # the bidirectional prefix changes the prompt's logits (a causal mask would not pass)
-    assert (rel(causal, expected) > 1e-3) == prefix
+    # the prefix pattern changes the prompt's logits (the mask without it would not pass)
+    assert (rel(untyped, expected) > 1e-3) == prefix
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_later_chunk_with_token_types_is_causal_and_later_images_raise(version):
+    """With a cache, token_type_ids without pixels no longer make a prefix (HF's first-iteration
+    rule); pixels with a cache raise (HF's mask would be shifted by the cache length)."""
+    from transformers import DynamicCache
+
+    hf, vk = _build(version)
+    inputs = _inputs()
+    more = torch.arange(11, 25)[None]  # longer than the cache: HF pads the ids on the right
+    types = torch.zeros_like(more)
+    with torch.no_grad():
+        hf_cache, vk_cache = DynamicCache(config=hf.config.get_text_config()), DynamicCache()
+        hf(**inputs, past_key_values=hf_cache, use_cache=True)
+        vk(**inputs, past_key_values=vk_cache, use_cache=True)
+        expected = hf(input_ids=more, token_type_ids=types, past_key_values=hf_cache).logits
+        got = vk(more, token_type_ids=types, past_key_values=vk_cache).logits
+        with pytest.raises(NotImplementedError, match="images after the first turn"):
+            vk(**inputs, past_key_values=vk_cache)
+    assert rel(got, expected) <= 1e-5
 
 
 def test_image_token_outside_the_vocabulary():
@@ -176,6 +201,8 @@ def test_bad_inputs():
         vk(ids, pixel_values=pixels[0])
     with pytest.raises(ValueError, match="uint8 pixels need"):
         vk(ids, pixel_values=pixels.to(torch.uint8))
+    with pytest.raises(NotImplementedError, match=r"from_hf takes an HF \*ForConditionalGen"):
+        PaliGemma.from_hf(hf.model)
     hf.config.model_type = "gemma3"
     with pytest.raises(NotImplementedError, match="only PaliGemma models"):
         PaliGemma.from_hf(hf)

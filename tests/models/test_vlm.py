@@ -302,6 +302,9 @@ def test_bad_inputs():
         Llava(*parts, image_token_id=1, feature_layer=[-2, 3])(ids, pixel_values=pixels)
     with pytest.raises(NotImplementedError, match="no vision tower for HF's Linear"):
         vision_tower_from_hf(torch.nn.Linear(2, 2))
+    for cls in (Llava, InternVL, QwenVL):  # the inner *Model given by mistake
+        with pytest.raises(NotImplementedError, match=r"from_hf takes an HF \*ForConditional"):
+            cls.from_hf(hf.model)
     hf.config.model_type = "llava_next"
     with pytest.raises(NotImplementedError, match="only LLaVA-1.5-style"):
         Llava.from_hf(hf)

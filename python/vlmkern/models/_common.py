@@ -50,6 +50,18 @@ def layers_to_run(owner: str, n: int, feature_layer: int | None) -> int:
     return feature_layer % (n + 1)
 
 
+def hf_parts(owner: str, model: nn.Module) -> tuple:
+    """(config, inner model) of an HF ``*ForConditionalGeneration`` VLM (its ``.model`` holds
+    the tower and language model, ``.lm_head`` the head); anything else raises
+    NotImplementedError naming ``owner`` (e.g. the inner ``*Model`` given by mistake)."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(model, "lm_head") or not hasattr(model, "config"):
+        raise NotImplementedError(f"vlmkern.models.{owner}.from_hf takes an HF "
+                                  f"*ForConditionalGeneration model (with .model and .lm_head), "
+                                  f"got {type(model).__name__}")
+    return model.config, inner
+
+
 def pixel_dtype(tower: nn.Module) -> torch.dtype:
     """The dtype float pixels are cast to for ``tower``: its patch embedding's (HF casts to the
     model's dtype; a projector quantized or wrapped elsewhere does not change it)."""

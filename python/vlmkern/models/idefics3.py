@@ -14,7 +14,7 @@ from torch import nn
 from ..nn.patch_embed import _check_fusable, _Normalizing, _run_hooks
 from ..nn.projector import Idefics3Connector
 from ..ops.patch_embed import patch_embed
-from ._common import check_pixels, copy_of, pixel_dtype
+from ._common import check_pixels, copy_of, hf_parts, pixel_dtype
 from .vision_transformer import ViTEncoderLayer
 from .vlm import VisionLanguageModel
 
@@ -215,8 +215,8 @@ class Idefics3(VisionLanguageModel):
         processor's normalization, folded into the patch embedding; the model then takes raw
         pixels (uint8, or floats of the same values). Without them it takes normalized float
         pixels, as HF."""
-        config, inner = model.config, getattr(model, "model", None)
-        if config.model_type not in _MODEL_TYPES or inner is None:
+        config, inner = hf_parts("Idefics3", model)
+        if config.model_type not in _MODEL_TYPES:
             raise NotImplementedError(f"vlmkern.models.Idefics3: only Idefics3 / SmolVLM "
                                       f"ForConditionalGeneration models, got "
                                       f"{type(model).__name__} ({config.model_type!r})")

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..nn.patch_embed import InternVLVisionEmbeddings
 from ..nn.projector import InternVLMultiModalProjector, QwenRMSNorm
-from ._common import check_pixels, copy_of, layers_to_run, norm_mlp, pixel_dtype
+from ._common import check_pixels, copy_of, hf_parts, layers_to_run, norm_mlp, pixel_dtype
 from .vision_transformer import ViTMLP, attend
 from .vlm import VisionLanguageModel
 
@@ -174,7 +174,7 @@ class InternVL(VisionLanguageModel):
         ``mean`` / ``std`` / ``rescale``: the image processor's normalization, folded into the
         patch embedding; the model then takes raw pixels (uint8, or floats of the same values).
         Without them it takes normalized float pixels, as HF."""
-        config, inner = model.config, model.model
+        config, inner = hf_parts("InternVL", model)
         if config.model_type != "internvl":
             raise NotImplementedError(f"vlmkern.models.InternVL: only InternVL models "
                                       f"(model_type 'internvl'), got {config.model_type!r}")

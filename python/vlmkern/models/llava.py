@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..nn.projector import LlavaMultiModalProjector
-from ._common import copy_of, pixel_dtype
+from ._common import copy_of, hf_parts, pixel_dtype
 from .vision_transformer import CLIPVisionTransformer, SiglipVisionTransformer
 from .vlm import VisionLanguageModel
 
@@ -66,7 +66,7 @@ class Llava(VisionLanguageModel):
         ``mean`` / ``std`` / ``rescale``: the image processor's normalization, folded into the
         patch embedding; the model then takes raw pixels (uint8, or floats of the same values).
         Without them it takes normalized float pixels, as HF."""
-        config, inner = model.config, model.model
+        config, inner = hf_parts("Llava", model)
         if config.model_type != "llava":  # -NeXT / -OneVision: any-res tiles, image_newline
             raise NotImplementedError(f"vlmkern.models.Llava: only LLaVA-1.5-style models "
                                       f"(model_type 'llava'), got {config.model_type!r}")

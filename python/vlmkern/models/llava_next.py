@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.projector import LlavaMultiModalProjector
-from ._common import copy_of
+from ._common import copy_of, hf_parts
 from .llava import Llava, vision_tower_from_hf
 
 _MODEL_TYPES = ("llava_next", "llava_onevision")
@@ -137,7 +137,7 @@ class LlavaNext(Llava):
         modules themselves (shared). ``mean`` / ``std`` / ``rescale``: the image processor's
         normalization, folded into the patch embedding; the model then takes raw pixels (uint8,
         or floats of the same values). Without them it takes normalized float pixels, as HF."""
-        config, inner = model.config, model.model
+        config, inner = hf_parts("LlavaNext", model)
         if config.model_type not in _MODEL_TYPES:
             raise NotImplementedError(f"vlmkern.models.LlavaNext: only model_type 'llava_next' "
                                       f"or 'llava_onevision', got {config.model_type!r}")

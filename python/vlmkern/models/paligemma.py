@@ -1,7 +1,8 @@
-"""PaliGemma (1 and 2) from vlmkern pieces: the SigLIP tower (:mod:`vlmkern.models.
-vision_transformer`), vlmkern's PaliGemma projector and HF's Gemma language model, with
-PaliGemma's prefix-LM attention (the image and prompt see each other; the answer is causal) and
-its 1-based positions, built from a ``transformers`` ``PaliGemmaForConditionalGeneration``."""
+"""PaliGemma (1 and 2; a Gemma 3 text model works too) from vlmkern pieces: the SigLIP tower
+(:mod:`vlmkern.models.vision_transformer`), vlmkern's PaliGemma projector and HF's Gemma
+language model, with PaliGemma's prefix-LM attention (the image and prompt see each other; the
+answer is causal) and its 1-based positions, built from a ``transformers``
+``PaliGemmaForConditionalGeneration``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn.projector import PaliGemmaMultiModalProjector
-from ._common import copy_of, pixel_dtype
+from ._common import copy_of, hf_parts, pixel_dtype
 from .vision_transformer import SiglipVisionTransformer
 from .vlm import VisionLanguageModel, text_positions
 
@@ -24,9 +25,13 @@ class PaliGemma(VisionLanguageModel):
 
     ``forward(input_ids, pixel_values=None, token_type_ids=None, ...)``: ``token_type_ids``
     (B, S), 0 for the prefix (image and prompt, attending to each other both ways) and 1 for
-    the suffix (causal), as the processor gives them; without them the whole prompt is causal,
-    as HF. The prefix pattern applies to the prompt's forward (no cache yet, or with pixels);
-    decode steps are causal over the cache, as in HF's ``generate``. Positions are 1-based."""
+    the suffix (causal), as the processor gives them. Without them the mask is HF's, which
+    depends on the attention implementation: PaliGemma's Gemma is bidirectional, so an unpadded
+    prompt under SDPA gets no mask at all (every token sees every other), a padded one or eager
+    attention a causal mask. The prefix pattern applies to the prompt's forward (no cache
+    yet); decode steps are causal over the cache, as in HF's ``generate``. Images after the
+    first turn (pixels with a non-empty cache) raise: HF's mask for them is shifted by the
+    cache length. Positions are 1-based, as HF's."""
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, language_model: nn.Module,
                  lm_head: nn.Module, *, image_token_id: int, text_config: Any) -> None:
@@ -41,7 +46,7 @@ class PaliGemma(VisionLanguageModel):
         copies of HF's weights; the language model and LM head are HF's modules (shared).
         ``mean`` / ``std`` / ``rescale``: the image processor's normalization, folded into the
         patch embedding (raw uint8 pixels then); without them, normalized floats as HF."""
-        config, inner = model.config, model.model
+        config, inner = hf_parts("PaliGemma", model)
         if config.model_type != "paligemma":
             raise NotImplementedError(f"vlmkern.models.PaliGemma: only PaliGemma models "
                                       f"(model_type 'paligemma'), got {config.model_type!r}")
@@ -56,8 +61,9 @@ class PaliGemma(VisionLanguageModel):
     def vision_features(self, pixel_values: torch.Tensor | None = None,
                         token_type_ids: torch.Tensor | None = None,
                         **unused: Any) -> dict[int, torch.Tensor]:
-        """pixel_values (B, C, H, W) float (cast to the tower's dtype) or uint8 (given the
-        normalization at construction) -> {image_token_id: (B · T, D)}."""
+        """pixel_values (N, C, H, W) float (cast to the tower's dtype) or uint8 (given the
+        normalization at construction) -> {image_token_id: (N · T, D)}, the images in order
+        (one per row as the processor gives them, or several)."""
         if unused:
             raise TypeError(f"vlmkern.models.PaliGemma: unexpected inputs {sorted(unused)}")
         if pixel_values is None:
@@ -93,7 +99,7 @@ class PaliGemma(VisionLanguageModel):
                       past_key_values: Any, position_ids: torch.Tensor,
                       vision_inputs: dict[str, Any]) -> Any:
         """transformers' masks for the Gemma model (its attention implementation's kind: a
-        boolean or additive 4D tensor, a BlockMask, or None where causal suffices): causal over
+        boolean or additive 4D tensor, a BlockMask, or None where none is needed): causal over
         the cache and the padding, the prefix (``token_type_ids`` == 0) bidirectional on the
         prompt's forward; with a sliding window (PaliGemma 2's Gemma 2) also the sliding one."""
         from transformers.masking_utils import (
@@ -102,12 +108,14 @@ class PaliGemma(VisionLanguageModel):
         )
 
         types = vision_inputs.get("token_type_ids")
+        cached = past_key_values is not None and past_key_values.is_initialized
+        if cached and vision_inputs.get("pixel_values") is not None:
+            raise NotImplementedError("vlmkern.models.PaliGemma: images after the first turn "
+                                      "(pixel_values with a non-empty cache) are not supported")
         kwargs = dict(config=self.text_config, inputs_embeds=embeds,
                       attention_mask=attention_mask, past_key_values=past_key_values,
                       position_ids=position_ids)
-        first = (past_key_values is None or not past_key_values.is_initialized
-                 or vision_inputs.get("pixel_values") is not None)
-        if types is not None and first:
+        if types is not None and not cached:
             kwargs["block_sequence_ids"] = torch.where(types == 0, 0, -1)  # (B, S)
         mask = create_causal_mask(**kwargs)
         if getattr(self.text_config, "sliding_window", None) is None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..ops.mrope_position_ids import mrope_position_ids
+from ._common import hf_parts
 from .qwen_vision import (
     Qwen2_5_VLVisionTransformer,
     Qwen2VLVisionTransformer,
@@ -54,7 +55,7 @@ class QwenVL(VisionLanguageModel):
         """From a ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VL...`` / ``Qwen3VL...`` /
         ``Qwen3VLMoeForConditionalGeneration``:
         the tower holds copies of HF's weights; the language model and LM head are HF's."""
-        config, inner = model.config, model.model
+        config, inner = hf_parts("QwenVL", model)
         family = config.model_type
         if family not in _TOWERS:
             raise NotImplementedError(f"vlmkern.models.QwenVL: no support for {family!r}")

@@ -141,7 +141,9 @@ class VisionLanguageModel(nn.Module):
         eos_ids = ([] if eos_token_id is None else
                    [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
-        cache, deltas, mask, step = DynamicCache(), None, attention_mask, input_ids
+        # with the LLM's config, as HF's generate: sliding-window layers keep their window only
+        cache = DynamicCache(config=getattr(self.language_model, "config", None))
+        deltas, mask, step = None, attention_mask, input_ids
         tokens, logits = [], []
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
