@@ -311,6 +311,22 @@ def test_compile_one_graph_without_host_reads_given_list_sizes(family):
     assert rel(got, expected) <= 1e-5
 
 
+def test_compiled_features_follow_new_image_sizes():
+    """Sizes that change between calls of a fullgraph-compiled function come in as symbolic
+    ints: they are made constants (a recompile per size), not a trace error."""
+    _, vk = _build("llava_next")
+
+    def features(pixels, sizes):
+        return vk.vision_features(pixel_values=pixels, image_sizes=sizes)[IMAGE_TOKEN]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(features, fullgraph=True, backend="eager")
+    for size in ([30, 70], [90, 40], [50, 50], [40, 64]):
+        pixels = torch.randn(1, _tiles([size], PINPOINTS[1:])[0], 3, 28, 28)
+        with torch.no_grad():
+            assert rel(compiled(pixels, [size]), features(pixels, [size])) <= 1e-6
+
+
 def test_vlmkern_ops_run_and_the_llm_is_shared():
     hf, vk = _build("llava_next")
     inputs = _batch(hf, "llava_next")
@@ -402,11 +418,12 @@ def test_cuda_bf16_logits_follow_hf(family):
     """Vision head dim 64 (the CUDA attention kernel's): bf16 logits within 2x HF's bf16 error
     vs HF in fp32; with the sizes as lists, vlmkern's side runs without a host sync."""
     hf32 = _hf(family, vision_head_dim=64)
-    inputs = on(_batch(hf32, family), "cuda")
+    batch = _batch(hf32, family)
+    sizes = {k: batch[k].tolist() for k in ("image_sizes", "batch_num_images") if k in batch}
+    inputs = on(batch, "cuda")
 
-    def sync_free(vk16, ids, args):
-        lists = {k: v.tolist() if k in ("image_sizes", "batch_num_images") else v
-                 for k, v in args.items() if k != "attention_mask"}
-        vk16.language_inputs(ids, **lists)
+    def sync_free(vk16, ids, args):  # with the sizes as lists, read on the CPU before
+        vision = {k: v for k, v in args.items() if k != "attention_mask"}
+        vk16.language_inputs(ids, **{**vision, **sizes})
 
     assert_cuda_bf16_follows_hf(hf32.cuda(), LlavaNext.from_hf, inputs, sync_free)

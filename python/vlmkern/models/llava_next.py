@@ -51,7 +51,14 @@ def unpad_box(rows: int, cols: int, height: int, width: int) -> tuple[int, int, 
 
 def _ints(values: Any) -> Any:
     """Tensors (and arrays) as Python numbers / nested lists (a host read), sequences as lists of
-    the same; Python numbers as they are."""
+    the same; numbers as plain ``int`` / ``float`` (under torch.compile a size that changed
+    between calls comes as a symbolic int: made a constant, so each size recompiles)."""
+    if isinstance(values, bool):
+        return values
+    if isinstance(values, int):
+        return int(values)
+    if isinstance(values, float):
+        return float(values)
     if hasattr(values, "tolist"):
         return values.tolist()
     if isinstance(values, (list, tuple)):
@@ -83,7 +90,8 @@ class LlavaNext(Llava):
     shapes, so ``image_sizes`` and ``batch_num_images`` given as tensors are read on the host
     (``tolist``: a sync for device tensors). Given as Python lists (the processor's CPU tensors'
     ``tolist()``) nothing is read: the prefill is then one graph under ``torch.compile``,
-    specialized on those sizes. Videos need neither.
+    specialized on those sizes (each new set of sizes compiles again, up to torch's recompile
+    limit, past which it runs eagerly). Videos need neither.
 
     ``image_newline`` (D,) is copied into a parameter; S and s come from
     ``vision_tower.config``; ``vision_aspect_ratio`` and ``video_token_id`` are OneVision's
@@ -180,10 +188,13 @@ class LlavaNext(Llava):
         projector), each tile's features checked to be an s x s grid."""
         feats = super().vision_features(pixel_values=pixels)[self.image_token_id]
         feats = feats.unflatten(0, (pixels.shape[0], -1))  # (N, T, D)
-        if feats.shape[1] != self.side**2:
-            raise ValueError(f"vlmkern.models.LlavaNext: a tile gives {feats.shape[1]} features, "
-                             f"not the {self.side} x {self.side} grid of its patches (a "
-                             f"select_strategy 'default' on a tower without a CLS token?)")
+        n, grid = feats.shape[1], self.side**2
+        if n != grid:
+            hint = ({grid + 1: " (select_strategy 'full' keeps the tower's CLS row)",
+                     grid - 1: " (select_strategy 'default' drops a row of a tower without a "
+                               "CLS token)"}).get(n, "")
+            raise ValueError(f"vlmkern.models.LlavaNext: a tile gives {n} features, not the "
+                             f"{self.side} x {self.side} grid of its patches{hint}")
         return feats
 
     def _image_features(self, pixel_values: torch.Tensor, image_sizes: Any,
