@@ -5,6 +5,7 @@ from .idefics3 import Idefics3, Idefics3VisionTransformer
 from .internvl import InternVL, InternVLVisionTransformer
 from .llava import Llava, vision_tower_from_hf
 from .llava_next import LlavaNext
+from .mllama import Mllama, MllamaVisionTransformer
 from .paligemma import PaliGemma
 from .qwen_vision import (
     Qwen2_5_VLVisionTransformer,
@@ -23,6 +24,8 @@ __all__ = [
     "InternVLVisionTransformer",
     "Llava",
     "LlavaNext",
+    "Mllama",
+    "MllamaVisionTransformer",
     "PaliGemma",
     "Qwen2VLVisionTransformer",
     "Qwen2_5_VLVisionTransformer",

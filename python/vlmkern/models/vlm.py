@@ -123,6 +123,11 @@ class VisionLanguageModel(nn.Module):
         return VLMOutput(self.logits(hidden), out.past_key_values if use_cache else None,
                          rope_deltas)
 
+    def decode_inputs(self, vision_inputs: dict[str, Any]) -> dict[str, Any]:
+        """What :meth:`generate` passes at decode steps of the prompt's vision inputs: nothing
+        here (the images are in the prompt's embeddings and cache)."""
+        return {}
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
                  attention_mask: torch.Tensor | None = None,
@@ -144,12 +149,13 @@ class VisionLanguageModel(nn.Module):
         # with the LLM's config, as HF's generate: sliding-window layers keep their window only
         cache = DynamicCache(config=getattr(self.language_model, "config", None))
         deltas, mask, step = None, attention_mask, input_ids
+        later = self.decode_inputs(vision_inputs)
         tokens, logits = [], []
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             out = self(step, attention_mask=mask, past_key_values=cache, use_cache=True,
                        rope_deltas=deltas, logits_to_keep=1, **vision_inputs)
-            cache, deltas, vision_inputs = out.past_key_values, out.rope_deltas, {}
+            cache, deltas, vision_inputs = out.past_key_values, out.rope_deltas, later
             logits.append(out.logits[:, -1])
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             if eos is not None:
