@@ -118,8 +118,8 @@ def mllama():
               bos_token_id=1, eos_token_id=2)
     model = T.MllamaForConditionalGeneration(T.MllamaConfig(vision_config=vc, text_config=tc))
     with torch.no_grad():  # HF initializes the gates to 0, which would hide the branches
-        for name, p in model.named_parameters():
-            if "gate" in name:
+        for name, p in model.named_parameters():  # (the gates, not the gated embeddings)
+            if "gate" in name.rsplit(".", 1)[-1]:
                 p.fill_(0.7)
     b, s, images, tiles = 2, 7, 2, 2
     mask = torch.zeros(b, s, images, tiles, dtype=torch.long)

@@ -1,6 +1,6 @@
 """vlmkern.models.Mllama (Llama-3.2-Vision) vs HF's tiny model: the tiled vision tower, logits in
-fp32 and bf16 (images of 1 and 2 tiles, two aspect ratios, rows that see no image, left padding,
-a fully masked image), gradients, greedy generation, state dicts, bad inputs, CUDA bf16."""
+fp32 (images of 1 and 2 tiles, two aspect ratios, rows that see no image, left padding, a fully
+masked image) and bf16, gradients, greedy generation, state dicts, bad inputs, CUDA bf16."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_image_states_equal_hf():
     assert got.shape == (2, 2 * 2 * 5, 256) and rel(got, want) <= 1e-5
 
 
-def test_gradients_equal_hf():
+def test_gradients_equal_hf(path):
     hf, vk = _build()
     hf.train()
     vk.train()
@@ -272,6 +272,10 @@ def test_bad_inputs():
         MllamaVisionTransformer.from_hf(torch.nn.Linear(2, 2))
     with pytest.raises(NotImplementedError, match="takes an HF"):
         Mllama.from_hf(hf.model)
+    vision = copy.deepcopy(hf.config.vision_config)
+    vision.intermediate_layers_indices = [vision.num_hidden_layers]  # HF: IndexError
+    with pytest.raises(ValueError, match="must index the 2 local layers"):
+        MllamaVisionTransformer(vision)
     hf.config.model_type = "llava"
     with pytest.raises(NotImplementedError, match="only MllamaForConditionalGeneration"):
         Mllama.from_hf(hf)

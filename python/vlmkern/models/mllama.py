@@ -140,9 +140,11 @@ class MllamaVisionTransformer(_Normalizing):
     Attention mask, as HF's ``_prepare_aspect_ratio_attention_mask``: a token is *padding* when
     its tile is masked out or it is one of the pad-to-8 tokens; key ``j`` is hidden from query
     ``i`` only when both are padding (real tokens see every key); a padding row with no real key
-    (an image whose tiles are all masked) gets the mean of the values, which HF's all-``min``
-    row gives in fp32. On CUDA with a kernel dtype / head dim the mask runs as visible key ranges
-    in vlmkern.ops.cross_attention (``vision_transformer.CPU_KERNEL`` selects it on the CPU);
+    (an image whose tiles are all masked; HF's processor always keeps tile 0) gets the mean of
+    the values, which HF's all-``min`` row gives in fp32; no gradient reaches q and k from such
+    rows (HF's eager and SDPA paths differ 360x there: rounding of ``min``). On CUDA with a
+    kernel dtype / head dim the mask runs as visible key ranges in
+    vlmkern.ops.cross_attention (``vision_transformer.CPU_KERNEL`` selects it on the CPU);
     elsewhere SDPA with a boolean mask. Nothing is read back on the host."""
 
     def __init__(self, config: Any, *, mean: Sequence[float] | None = None,
@@ -153,6 +155,11 @@ class MllamaVisionTransformer(_Normalizing):
         self.max_num_tiles, self.hidden_size = config.max_num_tiles, config.hidden_size
         self.num_channels = config.num_channels
         self.intermediate_layers_indices = list(config.intermediate_layers_indices)
+        layers = config.num_hidden_layers
+        if not all(-layers <= i < layers for i in self.intermediate_layers_indices):
+            raise ValueError(f"vlmkern.models.MllamaVisionTransformer: "
+                             f"intermediate_layers_indices {self.intermediate_layers_indices} "
+                             f"must index the {layers} local layers")
         self.num_patches = (self.image_size // self.patch_size) ** 2 + 1
         dim = config.hidden_size
         self.patch_embedding = nn.Conv2d(config.num_channels, dim, kernel_size=self.patch_size,
