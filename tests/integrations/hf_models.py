@@ -350,3 +350,22 @@ def assert_cuda_bf16_follows_hf(hf32, from_hf, inputs: dict, sync_free) -> None:
             sync_free(vk16, ids, args)
         err = (vk16(ids, **args).logits.float() - ref).abs().max()
     assert ref.abs().max() > 0 and err <= 2 * pt_err + 1e-3 * ref.abs().max()
+
+
+def assert_copies_load_both_ways(pairs) -> None:
+    """For each (vlmkern module, HF module) pair: the same state-dict keys; ours loads HF's
+    strictly into copies (not shared storage) and HF's loads ours (perturbed) strictly."""
+    import copy
+
+    for ours, theirs in pairs:
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        back = copy.deepcopy(theirs)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.add_(1.0)
+        back.load_state_dict(ours.state_dict(), strict=True)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        for key, t in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], t)
+            assert torch.equal(back.state_dict()[key], t + 1.0)
+            assert ours.state_dict()[key].data_ptr() != t.data_ptr()

@@ -12,6 +12,7 @@ import transformers as T
 from integrations.hf_models import (
     IMAGE_TOKEN,
     _idefics3,
+    assert_copies_load_both_ways,
     assert_cuda_bf16_follows_hf,
     assert_grads_close,
     on,
@@ -288,19 +289,8 @@ def test_compile_one_graph_without_host_reads():
 
 def test_state_dicts_load_both_ways_and_the_llm_is_shared():
     hf, vk = _build("smolvlm")
-    for ours, theirs in ((vk.vision_model, hf.model.vision_model),
-                         (vk.connector, hf.model.connector)):
-        assert ours.state_dict().keys() == theirs.state_dict().keys()
-        back = copy.deepcopy(theirs)
-        with torch.no_grad():
-            for p in ours.parameters():
-                p.add_(1.0)
-        back.load_state_dict(ours.state_dict(), strict=True)
-        ours.load_state_dict(theirs.state_dict(), strict=True)
-        for key, t in theirs.state_dict().items():
-            assert torch.equal(ours.state_dict()[key], t)
-            assert torch.equal(back.state_dict()[key], t + 1.0)
-            assert ours.state_dict()[key].data_ptr() != t.data_ptr()
+    assert_copies_load_both_ways([(vk.vision_model, hf.model.vision_model),
+                                  (vk.connector, hf.model.connector)])
     assert vk.language_model is hf.model.text_model and vk.lm_head is hf.lm_head
     assert not vk.vision_model.training and Idefics3.from_hf(hf.train()).vision_model.training
 
