@@ -12,7 +12,11 @@ import torch
 import transformers as T
 from projector_testing import assert_lowprec_tier, fp32_rel_err
 from testing_utils import compile_recording, profiled_names, sync_points
-from tower_testing import assert_bf16_within_twice_hfs_error, assert_gradients_match, loss_of
+from tower_testing import (
+    assert_bf16_within_twice_hfs_error,
+    assert_compiled_equals_eager,
+    assert_gradients_match,
+)
 
 from vlmkern.models import vision_transformer as vt
 
@@ -188,18 +192,7 @@ def test_compiled_fullgraph_equals_eager(name, path):
     def run(pixels):
         return _ours_outputs(ours, pixels, (-2,))
 
-    results = []
-    for fn in (run, torch.compile(run, fullgraph=True, backend="aot_eager")):
-        xi = x.clone().requires_grad_()
-        out = fn(xi)
-        loss_of(out).backward()
-        results.append((out, xi.grad))
-    (want, want_grad), (got, got_grad) = results
-    for key, ref in want.items():
-        assert ref.abs().max() > 0
-        torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4,
-                               atol=1e-5 * want_grad.abs().max().item())
+    assert_compiled_equals_eager(run, x)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])

@@ -50,3 +50,20 @@ def assert_gradients_match(hf: torch.nn.Module, ours: torch.nn.Module, hf_output
         err = (got[key].double() - g.double()).abs().max().item()
         assert err <= 1e-4 * max(g.abs().max().item(), floor), key
     assert want["pixels"].abs().max() > 0
+
+
+def assert_compiled_equals_eager(run: Callable, x: torch.Tensor) -> None:
+    """``run(pixels) -> dict`` compiled (fullgraph, aot_eager: the ops' fake kernels and
+    autograd traced) equals eager, forward and the pixels' gradient."""
+    results = []
+    for fn in (run, torch.compile(run, fullgraph=True, backend="aot_eager")):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        loss_of(out).backward()
+        results.append((out, xi.grad))
+    (want, want_grad), (got, got_grad) = results
+    for key, ref in want.items():
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4,
+                               atol=1e-5 * want_grad.abs().max().item())
