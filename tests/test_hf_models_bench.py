@@ -15,7 +15,7 @@ bench = load("hf_models")
 def test_cases_agree_and_are_patched():
     cfg = Config("cpu", torch.float32, quick=False, compile=False)
     cases = bench.cases(cfg)
-    assert len(cases) == 8
+    assert len(cases) == 9
     providers = bench.providers(cfg)
     for case in cases:
         assert not case.cuda_graph
@@ -24,15 +24,23 @@ def test_cases_agree_and_are_patched():
             return [m for m in list(root.modules())[1:]
                     if type(m).__module__.startswith("vlmkern.")]
 
-        assert ours(spec.vk) and not ours(spec.hf), case.shape
+        assert not ours(spec.hf), case.shape
+        # the drop-in patches every case but the Mllama tower's
+        assert (spec.vk is None) == ("mllama vision" in case.shape), case.shape
+        assert spec.vk is None or ours(spec.vk), case.shape
         inputs = case.make_inputs()
         ref = bench.reference()(*inputs, **case.kwargs)
         assert ref.abs().sum() > 0
-        has_models = any(k in case.shape for k in ("vit", "llava", "internvl", "smolvlm"))
+        has_models = any(k in case.shape for k in ("vit", "llava", "internvl", "smolvlm",
+                                                    "mllama vision"))
         assert (spec.models is not None) == has_models, case.shape
         for name, fn in providers.items():
             if name == "vlmkern.models" and not has_models:
                 with pytest.raises(NotImplementedError, match="no vlmkern.models"):
+                    fn(*inputs, **case.kwargs)
+                continue
+            if name == "vlmkern" and spec.vk is None:
+                with pytest.raises(NotImplementedError, match="the drop-in replaces nothing"):
                     fn(*inputs, **case.kwargs)
                 continue
             check_equal(name, case, fn(*inputs, **case.kwargs), ref, exact=False)
@@ -45,7 +53,7 @@ def test_gpu_sized_cases_build_and_patch():
     cases = [bench._qwen_vit("q2", "qwen2_vl", 8, 448, cfg),
              bench._qwen_vit("q25", "qwen2_5_vl", 1, 896, cfg),
              bench._llava("llava", 4, cfg), bench._internvl("internvl", 4, cfg),
-             bench._smolvlm("smolvlm", 8, cfg),
+             bench._smolvlm("smolvlm", 8, cfg), bench._mllama_vision("mllama vision", 2, cfg),
              bench._mllama("mllama", 1024, 4, cfg),
              bench._mllama("decode", 1, 4, cfg, decode_batch=16),
              bench._qformer("qformer", 64, cfg)]
@@ -54,6 +62,6 @@ def test_gpu_sized_cases_build_and_patch():
     for case in [*cases, graph]:
         spec = case.kwargs["spec"]
         assert case.bytes_moved > 100e6, case.shape  # real widths: hundreds of MB of weights
-        assert all(p.is_meta for p in spec.vk.parameters())
+        assert spec.vk is None or all(p.is_meta for p in spec.vk.parameters())
         if spec.models is not None:
             assert all(p.is_meta for p in spec.models.parameters())

@@ -10,6 +10,10 @@ connector):
 - InternVL2.5-8B's image features: InternViT-300M (24 layers, 448² tiles), pixel shuffle,
   LayerNorm + MLP projector, 4 tiles (the patched side runs HF's shuffle function: the drop-in
   replaces it on InternVLModel instances, which this bench does not build);
+- Llama-3.2-11B-Vision's image states: the tiled tower (8 of its 32 local layers, the 8 global
+  ones; 2 images of 2 real tiles out of 4, 560²) + projector; HF attends under a dense
+  aspect-ratio mask, vlmkern.models with key ranges (the drop-in has nothing for this tower, so
+  only vlmkern.models runs against HF);
 - SmolVLM2-2.2B's image features: its SigLIP-so400m-shaped tower (27 layers, 384² tiles) and
   the 3x3 pixel-shuffle connector, 8 full tiles (no patch mask; the drop-in replaces only the
   connector);
@@ -43,7 +47,7 @@ EXACT = False
 @dataclass
 class Spec:
     hf: nn.Module
-    vk: nn.Module
+    vk: nn.Module | None  # patched by the drop-in; None where it replaces nothing
     call: Callable  # (model, *inputs) -> tensor
     models: nn.Module | None = None  # vlmkern.models' equivalent, where there is one
     models_call: Callable | None = None  # (models, *inputs) -> tensor
@@ -55,6 +59,8 @@ def hf_model(*inputs, spec: Spec) -> torch.Tensor:
 
 
 def vlmkern_model(*inputs, spec: Spec) -> torch.Tensor:
+    if spec.vk is None:
+        raise NotImplementedError("the drop-in replaces nothing here")
     with torch.no_grad():
         return spec.call(spec.vk, *inputs)
 
@@ -77,16 +83,19 @@ def models_model(*inputs, spec: Spec) -> torch.Tensor:
 
 
 def _case(label: str, root: nn.Module, call: Callable, make: Callable, cfg: Config,
-          graph: bool = False, models: Callable | None = None) -> Case:
-    """``models(root on the bench's device and dtype) -> (vlmkern.models module, its call)``."""
+          graph: bool = False, models: Callable | None = None, patch: bool = True) -> Case:
+    """``models(root on the bench's device and dtype) -> (vlmkern.models module, its call)``;
+    ``patch=False``: a case the drop-in has nothing for (only vlmkern.models runs)."""
     from vlmkern.integrations.hf import patch_model, unpatch_functions
 
     root = root.to(cfg.device, cfg.dtype).eval()
-    patched = copy.deepcopy(root)
-    report = patch_model(patched, rope=False)  # the ViT attention calls vlmkern's rope itself
-    unpatch_functions()
-    if report.skipped or not report.replaced:
-        raise RuntimeError(f"hf_models bench {label}: nothing or not everything patched\n{report}")
+    patched = copy.deepcopy(root) if patch else None
+    if patch:
+        report = patch_model(patched, rope=False)  # the ViT attention calls vlmkern's rope
+        unpatch_functions()
+        if report.skipped or not report.replaced:
+            raise RuntimeError(f"hf_models bench {label}: nothing or not everything patched\n"
+                               f"{report}")
     weights = sum(p.numel() * p.element_size() for p in root.parameters())
     spec = Spec(root, patched, call, *(models(root) if models else ()))
     return Case(label, make, weights, {"spec": spec}, cuda_graph=graph)
@@ -214,7 +223,7 @@ def _internvl(label: str, images: int, cfg: Config) -> Case:
         root = _Holder(config, multi_modal_projector=projector,
                        vision_tower=InternVLVisionTransformer.from_hf(hf.vision_tower))
 
-        def run(m, pixels):  # the pixel shuffle read inside the projector's first GEMM
+        def run(m, pixels):  # the pixel shuffle fused with the projector's LayerNorm
             features = m.vision_tower(pixels)[:, 1:]
             return m.multi_modal_projector(features, grid=(side, side))  # (B, N / 4, D)
 
@@ -260,6 +269,61 @@ def _smolvlm(label: str, tiles: int, cfg: Config) -> Case:
         return root, lambda m, pixels: m.connector(m.vision_model(pixels))
 
     return _case(label, root, call, make, cfg, models=models)
+
+
+# ---- Llama-3.2-11B-Vision image states ----------------------------------------------------------
+
+
+def _mllama_vision(label: str, images: int, cfg: Config) -> Case:
+    """MllamaModel's image states: the tiled tower (4 tiles of 560² a image, 1601 tokens a tile
+    padded to 1608; HF attends under a dense (B, 1, L, L) aspect-ratio mask) + the projector.
+    The GPU case runs 8 of the 32 local layers and the 8 global ones; two of four tiles real."""
+    import transformers as T
+    from transformers.models.mllama import modeling_mllama as mm
+
+    gpu = cfg.device != "cpu"  # real widths on the GPU (and on "meta", to check them)
+    vision = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=8,
+                  num_global_layers=8, attention_heads=16, image_size=560, patch_size=14,
+                  intermediate_layers_indices=[3, 7], vision_output_dim=3840) if gpu \
+        else dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_global_layers=1,
+                  attention_heads=2, image_size=56, patch_size=14, intermediate_layers_indices=[0],
+                  vision_output_dim=256)
+    text = dict(hidden_size=4096 if gpu else 256, num_attention_heads=32 if gpu else 4,
+                num_key_value_heads=8 if gpu else 2, num_hidden_layers=1, vocab_size=1000)
+    config = T.MllamaConfig(vision_config=vision, text_config=text)
+    config.vision_config._attn_implementation = "sdpa"  # what from_pretrained picks
+    with torch.device(cfg.device):
+        tower = mm.MllamaVisionModel(config.vision_config)
+        root = _Holder(config, vision_model=tower,
+                       multi_modal_projector=nn.Linear(config.vision_config.vision_output_dim,
+                                                       config.text_config.hidden_size))
+    with torch.no_grad():  # HF initializes the gates to 0, which would hide the gated terms
+        for name, p in tower.named_parameters():
+            if "gate" in name.rsplit(".", 1)[-1]:
+                p.fill_(0.7)
+    tiles, side = config.vision_config.max_num_tiles, vision["image_size"]
+    ids = torch.full((images, 1), 2, device=cfg.device)  # aspect ratio 1 x 2: two tiles
+    tile_mask = torch.tensor([[[1, 1] + [0] * (tiles - 2)]] * images, device=cfg.device)
+
+    def make() -> tuple:
+        return (_randn(images, 1, tiles, 3, side, side, cfg=cfg),)
+
+    def call(m, pixels):  # HF MllamaModel.get_image_features + the projector's reshape
+        states = m.vision_model(pixels, aspect_ratio_ids=ids,
+                                aspect_ratio_mask=tile_mask).last_hidden_state
+        return m.multi_modal_projector(states).flatten(1, 3)
+
+    def models(hf: nn.Module) -> tuple[nn.Module, Callable]:
+        from vlmkern.models import Mllama, MllamaVisionTransformer
+
+        projector = nn.Linear(config.vision_config.vision_output_dim,
+                              config.text_config.hidden_size).to(cfg.device, cfg.dtype)
+        projector.load_state_dict(hf.multi_modal_projector.state_dict())
+        root = _Holder(config, multi_modal_projector=projector,
+                       vision_model=MllamaVisionTransformer.from_hf(hf.vision_model))
+        return root, lambda m, pixels: Mllama.image_states(m, pixels, ids, tile_mask)
+
+    return _case(label, root, call, make, cfg, models=models, patch=False)
 
 
 # ---- BLIP-2 Q-Former ----------------------------------------------------------------------------
@@ -356,6 +420,7 @@ def cases(cfg: Config) -> list[Case]:
                     _llava("llava-1.5 clip-l336+proj B4", 4, cfg),
                     _internvl("internvl2.5-8b vit-300m+shuffle+proj B4", 4, cfg),
                     _smolvlm("smolvlm2-2.2b siglip+shuffle+proj 8 tiles", 8, cfg),
+                    _mllama_vision("mllama-11b vision x8+8 B2 2/4 tiles", 2, cfg),
                     _qformer("blip-2 q-former 32 queries B64", 64, cfg)]
         return out
     out = [_qwen_vit("tiny qwen2-vl vit 4x112²", "qwen2_vl", 4, 112, cfg),
@@ -366,6 +431,7 @@ def cases(cfg: Config) -> list[Case]:
                 _llava("tiny llava clip+proj B4", 4, cfg),
                 _internvl("tiny internvl vit+shuffle+proj B4", 4, cfg),
                 _smolvlm("tiny smolvlm vit+shuffle+proj 4 tiles", 4, cfg),
+                _mllama_vision("tiny mllama vision B2", 2, cfg),
                 _qformer("tiny blip-2 q-former B8", 8, cfg)]
     return out
 
