@@ -16,7 +16,7 @@ from ..nn.projector import Idefics3Connector
 from ..ops.patch_embed import patch_embed
 from ._common import check_pixels, copy_of, hf_parts, pixel_dtype
 from .vision_transformer import ViTEncoderLayer
-from .vlm import VisionLanguageModel
+from .vlm import VisionLanguageModel, scatter_features
 
 _HF_TOWERS = ("Idefics3VisionTransformer", "SmolVLMVisionTransformer")
 _MODEL_TYPES = ("idefics3", "smolvlm")
@@ -300,9 +300,7 @@ class Idefics3(VisionLanguageModel):
         features, real = self.encode_images(pixel_values, pixel_attention_mask)
         order = torch.argsort((~real).int(), stable=True)  # real images first, in order
         rows = features[order].flatten(0, 1)  # (B·N·T, D), the first n_real·T used
-        mask = input_ids == self.image_token_id  # (B, S)
-        torch._assert_async(mask.sum() == real.sum() * features.shape[1],
-                            f"vlmkern.models.Idefics3: the number of token id "
-                            f"{self.image_token_id} placeholders in input_ids must equal the "
-                            f"number of real (not all-zero) images times {features.shape[1]}")
-        return embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.dtype)), {}
+        return scatter_features(embeds, input_ids, self.image_token_id, rows,
+                                used=real.sum() * features.shape[1],
+                                what=f"the number of real (not padding) images times "
+                                     f"{features.shape[1]}"), {}

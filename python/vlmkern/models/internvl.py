@@ -14,7 +14,7 @@ from torch import nn
 from ..nn.patch_embed import InternVLVisionEmbeddings
 from ..nn.projector import InternVLMultiModalProjector, QwenRMSNorm
 from ._common import check_pixels, copy_of, hf_parts, layers_to_run, norm_mlp, pixel_dtype
-from .vision_transformer import ViTMLP, attend
+from .vision_transformer import ViTMLP, attend, head_dim_of
 from .vlm import VisionLanguageModel
 
 
@@ -36,10 +36,7 @@ class InternViTAttention(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         dim, self.num_heads = config.hidden_size, config.num_attention_heads
-        if dim % self.num_heads:
-            raise ValueError(f"vlmkern.models: hidden_size {dim} is not divisible by "
-                             f"num_attention_heads {self.num_heads}")
-        self.scale = (dim // self.num_heads) ** -0.5
+        self.scale = head_dim_of(dim, self.num_heads) ** -0.5
         self.dropout = float(config.attention_dropout)
         bias = config.attention_bias
         self.q_proj = nn.Linear(dim, dim, bias=bias)

@@ -14,11 +14,11 @@ from torch import nn
 
 from ..nn.cross_attention import _gated_residual
 from ..nn.patch_embed import _check_fusable, _Normalizing, _run_hooks
-from ..nn.projector import activation_from_hf
 from ..ops.cross_attention import CUDA_DTYPES, CUDA_HEAD_DIMS, cross_attention
 from ..ops.patch_embed import patch_embed
 from . import vision_transformer as _vt
 from ._common import check_pixels, copy_of, hf_parts, norm_mlp
+from .vision_transformer import ViTMLP
 from .vlm import VisionLanguageModel, VLMOutput
 
 _INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
@@ -81,14 +81,6 @@ class _Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, -1)
 
 
-class _MLP(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.activation = activation_from_hf(config.hidden_act)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-
 class MllamaVisionEncoderLayer(nn.Module):
     """HF ``MllamaVisionEncoderLayer``: ``x + g_a · o_proj(attn(ln1(x)))``, then
     ``x + g_f · mlp(ln2(x))``, with ``g = tanh(gate)`` in the gated (global) layers, 1 else.
@@ -98,7 +90,7 @@ class MllamaVisionEncoderLayer(nn.Module):
         super().__init__()
         self.is_gated = is_gated
         self.self_attn = _Attention(config)
-        self.mlp = _MLP(config)
+        self.mlp = ViTMLP(config)  # fc1, fc2, hidden_act: its residual forward is not used
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         if is_gated:

@@ -35,6 +35,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
+def head_dim_of(dim: int, num_heads: int) -> int:
+    """The head dim of ``num_heads`` heads over ``dim`` channels; a dim they do not divide
+    raises ValueError."""
+    if dim % num_heads:
+        raise ValueError(f"vlmkern.models: hidden_size {dim} is not divisible by "
+                         f"num_attention_heads {num_heads}")
+    return dim // num_heads
+
+
 class ViTSelfAttention(nn.Module):
     """HF ``CLIPAttention`` / ``SiglipAttention`` (``q_proj``, ``k_proj``, ``v_proj``,
     ``out_proj``): ``(B, S, D) -> (B, S, D)``, scale ``head_dim ** -0.5``, no mask."""
@@ -42,10 +51,7 @@ class ViTSelfAttention(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         dim, self.num_heads = config.hidden_size, config.num_attention_heads
-        if dim % self.num_heads:
-            raise ValueError(f"vlmkern.models: hidden_size {dim} is not divisible by "
-                             f"num_attention_heads {self.num_heads}")
-        self.head_dim = dim // self.num_heads
+        self.head_dim = head_dim_of(dim, self.num_heads)
         self.scale = self.head_dim**-0.5
         self.dropout = float(getattr(config, "attention_dropout", 0.0))
         self.k_proj = nn.Linear(dim, dim)

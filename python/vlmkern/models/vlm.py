@@ -25,14 +25,19 @@ class VLMOutput:
 
 
 def scatter_features(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int,
-                     features: torch.Tensor) -> torch.Tensor:
+                     features: torch.Tensor, used: torch.Tensor | None = None,
+                     what: str | None = None) -> torch.Tensor:
     """``embeds`` (B, S, D) with the rows where ``input_ids`` (B, S) == ``token_id`` replaced, in
-    order, by the rows of ``features`` (n, D), as HF's ``masked_scatter``. The count check runs
-    on the device (``torch._assert_async``): no host sync, so the caller stays capturable."""
+    order, by the rows of ``features`` (n, D), as HF's ``masked_scatter``. ``used``: a 0-d
+    device tensor, the number of leading rows meant (all n by default; the rest are spare),
+    described by ``what`` in the error. The count check runs on the device
+    (``torch._assert_async``): no host sync, so the caller stays capturable."""
     mask = input_ids == token_id  # (B, S) bool
-    torch._assert_async(mask.sum() == features.shape[0],
+    used = features.shape[0] if used is None else used
+    what = what or f"the number of feature rows ({features.shape[0]})"
+    torch._assert_async(mask.sum() == used,
                         f"vlmkern.models: the number of token id {token_id} placeholders in "
-                        f"input_ids must equal the number of feature rows ({features.shape[0]})")
+                        f"input_ids must equal {what}")
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
