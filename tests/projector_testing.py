@@ -151,3 +151,15 @@ def grads_of(fn, x, weights, opts, grad_out_seed=1):
 
 OURS = vlmkern.ops.mlp_projector
 REF = reference.mlp_projector
+
+
+def cutlass_kernels(fn) -> tuple[object, int]:
+    """fn()'s result and how many CUTLASS GemmUniversal kernels it launched (cuBLAS has none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # CPU activity too: with CUDA alone Kineto has been seen to drop kernel events.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return out, sum(e.device_type == cuda and "GemmUniversal" in e.name for e in prof.events())

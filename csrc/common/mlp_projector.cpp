@@ -213,7 +213,8 @@ ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at:
                                            const OptTensor& norm_weight, const OptTensor& norm_bias,
                                            const at::Tensor& hidden, const at::Tensor& act,
                                            const at::Tensor& mean, const at::Tensor& rstd,
-                                           const ProjectorOptions& opt, std::array<bool, 7> mask) {
+                                           const ProjectorOptions& opt, std::array<bool, 7> mask,
+                                           DenseActBackwardFn dense_act_backward) {
   const auto s = check_mlp_projector(x, w1, std::nullopt, w2, std::nullopt, norm_weight,
                                      norm_bias, opt);
   check_projector_saved(grad_out, hidden, act, mean, rstd, x, s, opt, w2.has_value());
@@ -223,17 +224,22 @@ ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at:
   const bool need_dh = need_dxn || mask[1] || mask[2];
   at::Tensor dx, dw1, db1, dw2, db2, dnw, dnb;
 
-  at::Tensor da = g;
+  const bool identity = opt.activation == ProjectorActivation::kNone;
+  at::Tensor da = g, dh;
   if (w2) {
     if (mask[3]) {
       dw2 = at::mm(g.t(), act.numel() > 0 ? act : activation_forward(hidden, opt.activation));
     }
     if (mask[4]) db2 = g.sum(0);
-    if (need_dh) da = at::mm(g, *w2);
+    if (need_dh && !identity && dense_act_backward != nullptr && s.m > 0) {
+      dh = dense_act_backward(g, *w2, hidden.view({s.m, s.n1}), opt.activation);
+    }
+    if (need_dh && !dh.defined()) da = at::mm(g, *w2);
   }
   if (!need_dh) return {dx, dw1, db1, dw2, db2, dnw, dnb};
-  const bool identity = opt.activation == ProjectorActivation::kNone;
-  const auto dh = identity ? da : activation_backward(da, hidden.view({s.m, s.n1}), opt.activation);
+  if (!dh.defined()) {
+    dh = identity ? da : activation_backward(da, hidden.view({s.m, s.n1}), opt.activation);
+  }
   if (mask[2]) db1 = dh.sum(0);
   at::Tensor rows;
   if (mask[1] || need_dxn) rows = projector_rows(x, s, opt);

@@ -90,7 +90,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
     const ProjectorOptions& opt, FusedDenseFn fused_dense = nullptr,
     ShuffleNormFn shuffle_norm = nullptr, ShuffleGemmFn shuffle_gemm = nullptr);
 
+// A device's second-Linear input gradient with the activation's derivative in its epilogue:
+// dh (M, N1) = act'(pre (M, N1)) * (g (M, D) @ w2 (D, N1)), g @ w2 never written on its own.
+// Undefined: not handled (the composite runs the GEMM, then ATen's activation backward).
+using DenseActBackwardFn = at::Tensor (*)(const at::Tensor& g, const at::Tensor& w2,
+                                          const at::Tensor& pre, ProjectorActivation act);
+
 // Backward: (dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); undefined where output_mask is off.
+// `dense_act_backward` (optional) gives dh where it can.
 using ProjectorGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
@@ -101,6 +108,7 @@ ProjectorGrads mlp_projector_backward_impl(const at::Tensor& grad_out, const at:
                                            const at::Tensor& hidden, const at::Tensor& act,
                                            const at::Tensor& mean, const at::Tensor& rstd,
                                            const ProjectorOptions& opt,
-                                           std::array<bool, 7> output_mask);
+                                           std::array<bool, 7> output_mask,
+                                           DenseActBackwardFn dense_act_backward = nullptr);
 
 }  // namespace vlmkern

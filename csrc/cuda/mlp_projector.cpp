@@ -4,7 +4,9 @@
 // VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused, a norm-free shuffled projector's first Linear reads its
 // rows through the shuffle's index map (cuda/shuffle_gemm.h); with
 // VLMKERN_PROJECTOR_GEMM=cutlass, its two Linears run on the fused CUTLASS GEMM + bias + GELU
-// kernel (cuda/gemm_bias_act.h) where the device and the inputs allow, else on ATen as before.
+// kernel (cuda/gemm_bias_act.h) where the device and the inputs allow, else on ATen as before;
+// with VLMKERN_PROJECTOR_DGELU=fused, the backward's dGELU runs in the epilogue of its g @ w2
+// GEMM (cuda/gemm_dgelu.h).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +20,7 @@
 #include "common/checks.h"
 #include "common/mlp_projector.h"
 #include "cuda/gemm_bias_act.h"
+#include "cuda/gemm_dgelu.h"
 #include "cuda/shuffle_gemm.h"
 #include "cuda/shuffle_layer_norm.h"
 #include "ops.h"
@@ -110,6 +113,55 @@ DenseAct cutlass_pingpong_dense(const at::Tensor& a, const at::Tensor& w,
                                 bool keep_pre) {
   if (act != ProjectorActivation::kGelu) return {};
   return cutlass_dense_with(GemmSchedule::kPingpong, a, w, b, act, keep_pre);
+}
+
+// VLMKERN_PROJECTOR_DGELU, read per call: "aten" (or unset) runs g @ w2 on cuBLAS, then ATen's
+// gelu_backward; "fused" computes dh = gelu'(hidden) * (g @ w2) in one sm_90a CUTLASS GEMM's
+// epilogue (cuda/gemm_dgelu.h). Off by default until a GPU run shows it beats cuBLAS + the
+// elementwise pass (the forward's CUTLASS GEMM did not on the first H100 run).
+bool dgelu_fused() {
+  const char* env = std::getenv("VLMKERN_PROJECTOR_DGELU");
+  const std::string_view v = env ? env : "";
+  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", "mlp_projector_backward",
+                "VLMKERN_PROJECTOR_DGELU must be 'fused' or 'aten', got '", std::string(v), "'");
+  return v == "fused";
+}
+
+// The DenseActBackwardFn of the CUDA composite: exact GELU; g (M, D) with unit column stride,
+// w2 (D, N1) and pre (M, N1) contiguous, all bf16 / fp16 of one dtype; the kernel's alignment
+// rules on a compute-capability-9.0 device; else undefined (nothing allocated).
+at::Tensor cutlass_dgelu(const at::Tensor& g, const at::Tensor& w2, const at::Tensor& pre,
+                         ProjectorActivation act) {
+  const auto dt = g.scalar_type();
+  if (act != ProjectorActivation::kGelu || (dt != at::kBFloat16 && dt != at::kHalf) ||
+      w2.scalar_type() != dt || pre.scalar_type() != dt || g.dim() != 2 || g.stride(1) != 1 ||
+      !w2.is_contiguous() || !pre.is_contiguous()) {
+    return {};
+  }
+  GemmDGeluParams p{};
+  p.dtype = dt == at::kBFloat16 ? GemmDtype::kBFloat16 : GemmDtype::kFloat16;
+  p.m = g.size(0);
+  p.n = w2.size(1);
+  p.k = g.size(1);
+  p.g = g.const_data_ptr();
+  p.ldg = g.size(0) == 1 ? g.size(1) : g.stride(0);  // one row: its stride is never used
+  p.w = w2.const_data_ptr();
+  p.pre = pre.const_data_ptr();
+  p.device = g.get_device();
+  // Eligibility first, so a fallback allocates nothing: dh comes from the caching allocator
+  // (aligned blocks), so pre's address stands in for it in the check.
+  p.out = const_cast<void*>(p.pre);
+  if (gemm_dgelu_unsupported(p) != nullptr) return {};
+  auto dh = at::empty({p.m, p.n}, pre.options());
+  p.out = dh.mutable_data_ptr();
+  const size_t ws_bytes = gemm_dgelu_workspace_size(p);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, g.options().dtype(at::kByte));
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  C10_CUDA_CHECK(gemm_dgelu(p, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr, stream));
+  return dh;
 }
 
 // VLMKERN_PROJECTOR_SHUFFLE_NORM, read per call: "fused" (or unset) runs InternVL's pixel shuffle
@@ -238,7 +290,8 @@ mlp_projector_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
   const auto opt = parse_projector_options(activation, norm, norm_position, eps, shuffle, merge);
   const c10::cuda::CUDAGuard guard(x.device());
   return mlp_projector_backward_impl(grad_out, x, w1, w2, norm_weight, norm_bias, hidden, act,
-                                     mean, rstd, opt, output_mask);
+                                     mean, rstd, opt, output_mask,
+                                     dgelu_fused() ? &cutlass_dgelu : nullptr);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {

@@ -12,6 +12,7 @@ from projector_testing import (
     Mode,
     assert_lowprec_tier,
     cast,
+    cutlass_kernels,
     grads_of,
     make_weights,
     make_x,
@@ -44,18 +45,6 @@ def cutlass(monkeypatch):
         pytest.skip("built without CUTLASS: pip install --no-deps nvidia-cutlass, then rebuild")
     monkeypatch.setenv(ENV, "cutlass")
     return monkeypatch
-
-
-def _cutlass_kernels(fn) -> tuple[object, int]:
-    """fn()'s result and how many CUTLASS GemmUniversal kernels it launched (cuBLAS has none)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    # CPU activity too: with CUDA alone Kineto has been seen to drop kernel events.
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        out = fn()
-        torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    return out, sum(e.device_type == cuda and "GemmUniversal" in e.name for e in prof.events())
 
 
 def _plain(rows, act, bias, dtype, k=K, n1=N1, d=D, second=True):
@@ -106,7 +95,7 @@ def _launches(gemm: str, act: str, second: bool) -> int:
 def test_cutlass_tiers(cutlass, gemm, dtype, act, bias, rows):
     cutlass.setenv(ENV, gemm)
     x, weights, opts = _plain(rows, act, bias, dtype)
-    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    out, launched = cutlass_kernels(lambda: run(OURS, x, weights, opts))
     assert launched == _launches(gemm, act, second=True)
     ref64 = _ref64(x, weights, opts)
     assert_nontrivial(ref64)
@@ -128,7 +117,7 @@ def test_cutlass_every_connector_mode(cutlass, gemm, name):
     x, weights = cast(x, weights, torch.bfloat16)
     x, weights = x.cuda(), {n: (t.cuda() if t is not None else None) for n, t in weights.items()}
     opts = options(mode, grid)
-    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    out, launched = cutlass_kernels(lambda: run(OURS, x, weights, opts))
     assert launched == _launches(gemm, mode.activation, mode.second)
     ref64 = _ref64(x, weights, opts)
     assert_nontrivial(ref64)
@@ -138,7 +127,7 @@ def test_cutlass_every_connector_mode(cutlass, gemm, name):
 @pytest.mark.gpu
 def test_fp32_never_takes_the_cutlass_path(cutlass):
     x, weights, opts = _plain(113, "gelu", True, torch.float32)
-    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    out, launched = cutlass_kernels(lambda: run(OURS, x, weights, opts))
     assert launched == 0
     ref64 = _ref64(x, weights, opts)
     assert max_err(out, ref64) <= 1e-5 * ref64.abs().max().item()
@@ -164,7 +153,7 @@ def test_unaligned_inputs_fall_back_and_stay_right(cutlass, what):
         x = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view_as(x).copy_(x)
     if what == "w1_not_contiguous":
         weights["w1"] = torch.cat([weights["w1"], weights["w1"]], 1)[:, :k]
-    out, launched = _cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    out, launched = cutlass_kernels(lambda: run(OURS, x, weights, opts))
     assert launched == UNALIGNED[what]
     ref64 = _ref64(x, weights, opts)
     assert_nontrivial(ref64)
@@ -178,7 +167,7 @@ def test_cutlass_reads_strided_rows(cutlass, dtype):
     x, weights, opts = _plain(577, "gelu", True, dtype)
     for view in (torch.cat([x[:, :1], x], 1)[:, 1:],  # storage offset K, batch stride (M+1)K
                  torch.cat([x, x[..., :16]], -1)[..., :K]):  # row stride K + 16
-        out, launched = _cutlass_kernels(lambda v=view: run(OURS, v, weights, opts))
+        out, launched = cutlass_kernels(lambda v=view: run(OURS, v, weights, opts))
         assert launched == 2
         assert_lowprec_tier(out, run(REF, x, weights, opts), _ref64(x, weights, opts))
 

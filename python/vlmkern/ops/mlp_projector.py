@@ -83,7 +83,12 @@ def mlp_projector(
     fp64, another GPU, K or N not a multiple of 8, rows not 16-byte aligned or a non-unit column
     stride, non-contiguous weights. ``"cutlass_wide"`` does the same on 128 x 256 tiles,
     ``"cutlass_pingpong"`` runs only GEMM1 + GELU on a pingpong-scheduled kernel (both unmeasured
-    candidates for a GPU sweep). The backward is ATen's in every case.
+    candidates for a GPU sweep). The backward runs on cuBLAS and ATen's elementwise kernels,
+    except that ``VLMKERN_PROJECTOR_DGELU=fused`` (off by default, not yet run on a GPU) computes
+    the exact GELU's derivative in the epilogue of the GEMM that gives the second Linear's input
+    gradient: ``dh = gelu'(hidden) * (grad_out @ w2)`` in one sm_90a CUTLASS kernel that reads
+    ``hidden`` as an auxiliary input and ``w2`` as stored (fp16 / bf16, ``D`` and ``N1`` multiples
+    of 8; else the cuBLAS + ``gelu_backward`` path).
     ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused`` (off by default, not yet run on a GPU) runs a
     norm-free shuffled projector's GEMM1 (Idefics3 / SmolVLM) as one sm_90a kernel that reads its
     rows through the shuffle's index map (no shuffled copy): fp16 / bf16, C a multiple of 8,
