@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from vlmkern.bench import projector as fwd
-from vlmkern.bench.harness import MM, Case, Config
+from vlmkern.bench.harness import MM, Case, Config, env_var
 
 NAME = "projector_train"
 BASELINE = "torch"
@@ -33,6 +33,14 @@ def _step(forward: Callable, inputs: tuple, spec: fwd.Spec) -> tuple:
 
 def vlmkern_train(*inputs, spec: fwd.Spec):
     return _step(fwd.vlmkern_projector, inputs, spec)
+
+
+def vlmkern_dgelu_train(*inputs, spec: fwd.Spec):
+    """vlmkern with ``VLMKERN_PROJECTOR_DGELU=fused``: the backward's exact-GELU derivative in the
+    epilogue of its g @ w2 GEMM (sm_90a CUTLASS); the A/B of that kernel against cuBLAS + ATen's
+    gelu_backward. Connectors without an exact GELU between two Linears take the plain path."""
+    with env_var("VLMKERN_PROJECTOR_DGELU", "fused"):
+        return vlmkern_train(*inputs, spec=spec)
 
 
 def torch_train(*inputs, spec: fwd.Spec):
@@ -65,6 +73,8 @@ def cases(cfg: Config) -> list[Case]:
 
 def providers(cfg: Config) -> dict[str, Callable]:
     out: dict[str, Callable] = {"vlmkern": vlmkern_train, "torch": torch_train}
+    if cfg.device == "cuda" and fwd._has_cutlass_gemm():
+        out["vlmkern.dgelu"] = vlmkern_dgelu_train
     if cfg.compile:  # the forward bench's recompile-per-case wrapper, under autograd
         compiled = fwd._Compiled()
         out["torch.compile"] = lambda *inputs, spec: _step(compiled, inputs, spec)
