@@ -69,6 +69,18 @@ def test_empty_batch(name):
     assert out.shape == ref.shape and out.numel() == 0
 
 
+@pytest.mark.parametrize("name", [n for n, m in MODES.items() if m.shuffle])
+def test_empty_batch_with_grid(name):
+    """(0, N, C) tokens with grid=(H, W): (0, H·W/r², D) like the reference and HF's modules."""
+    mode = MODES[name]
+    r = mode.shuffle
+    x = torch.randn(0, 1 + 8 * r * r, 8)[:, 1:]  # CLS dropped: a grid of 2r x 4r tokens
+    weights, opts = make_weights(mode, 8, 16, 8), options(mode, (2 * r, 4 * r))
+    out = run(OURS, x, weights, opts)
+    ref = run(REF, x, weights, opts)
+    assert out.shape == ref.shape == (0, 8, ref.shape[-1])
+
+
 @pytest.mark.parametrize(
     ("name", "c", "n1", "d", "rows"),
     [

@@ -186,6 +186,17 @@ def test_wrapper_grid_path(grid, r, device):
     assert_bit_equal(vlmkern.ops.pixel_unshuffle(out, r, grid=grid), x)
 
 
+@pytest.mark.parametrize("r", [2, 3])
+def test_wrapper_grid_path_empty_batch(r, device):
+    """B = 0 with a grid: (0, h·w, r²C) both ways, as the reference (a view(B, -1, ·) cannot)."""
+    grid = (2 * r, 4 * r)
+    x = torch.randn(0, 1 + 8 * r * r, 5).to(device)[:, 1:]
+    out = vlmkern.ops.pixel_shuffle(x, r, grid=grid)
+    assert out.shape == reference.pixel_shuffle(x.cpu(), r, grid=grid).shape == (0, 8, r * r * 5)
+    back = vlmkern.ops.pixel_unshuffle(out, r, grid=grid)
+    assert back.shape == x.shape
+
+
 def test_wrapper_4d_path_matches_op():
     x = make_input((2, 6, 4, 3), torch.float32, "transposed")
     assert_bit_equal(vlmkern.ops.pixel_shuffle(x, 2), shuffle_op(x, 2))

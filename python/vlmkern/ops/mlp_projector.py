@@ -117,7 +117,7 @@ def mlp_projector(
         batch = x.shape[0]
         x4 = x.view(batch, height, width, x.shape[-1])
         out = torch.ops.vlmkern.mlp_projector(x4, w1, b1, w2, b2, norm_weight, norm_bias, *args)
-        return out[0].view(batch, -1, out[0].shape[-1])
+        return out[0].flatten(1, 2)  # (B, h·w, D); not view(B, -1, D): B may be 0
     if r > 1 and x.dim() == 3:
         raise ValueError(f"{_OP}: x is 3-D (B, N, C) with shuffle={r}; pass grid=(H, W)")
     return torch.ops.vlmkern.mlp_projector(x, w1, b1, w2, b2, norm_weight, norm_bias, *args)[0]

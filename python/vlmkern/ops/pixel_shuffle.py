@@ -44,7 +44,7 @@ def pixel_shuffle(
     height, width = _check_grid(x, grid, "pixel_shuffle", "x")
     batch, _, channels = x.shape
     out = torch.ops.vlmkern.pixel_shuffle(x.view(batch, height, width, channels), scale)
-    return out.view(batch, -1, out.shape[-1])
+    return out.flatten(1, 2)  # (B, h·w, r²C); flatten, not view(B, -1, ·): B may be 0
 
 
 def pixel_unshuffle(

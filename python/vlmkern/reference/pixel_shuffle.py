@@ -20,7 +20,7 @@ def pixel_shuffle(x: torch.Tensor, scale: int, grid: Sequence[int] | None = None
         b, h, w, c = x.shape
     out = x.reshape(b, h // r, r, w // r, r, c).permute(0, 1, 3, 2, 4, 5)
     out = out.reshape(b, h // r, w // r, r * r * c)
-    return out.reshape(b, -1, r * r * c) if grid is not None else out
+    return out.reshape(b, (h // r) * (w // r), r * r * c) if grid is not None else out
 
 
 def pixel_unshuffle(y: torch.Tensor, scale: int, grid: Sequence[int] | None = None) -> torch.Tensor:
