@@ -14,10 +14,11 @@ namespace {
 
 constexpr const char* kOp = "mlp_projector";
 
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  VLMKERN_CHECK(t.scalar_type() == x.scalar_type(), kOp, name, " has dtype ", t.scalar_type(),
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name,
+                  const char* op = kOp) {
+  VLMKERN_CHECK(t.scalar_type() == x.scalar_type(), op, name, " has dtype ", t.scalar_type(),
                 " but x has ", x.scalar_type());
-  VLMKERN_CHECK(t.device() == x.device(), kOp, name, " is on ", t.device(), " but x is on ",
+  VLMKERN_CHECK(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ",
                 x.device());
 }
 
@@ -176,16 +177,16 @@ void check_projector_saved(const at::Tensor& grad_out, const at::Tensor& hidden,
                            const at::Tensor& x,
                            const ProjectorShape& s, const ProjectorOptions& opt, bool has_w2) {
   const char* op = "mlp_projector_backward";
-  check_like_x(grad_out, x, "grad_out");
+  check_like_x(grad_out, x, "grad_out", op);
   VLMKERN_CHECK(grad_out.sizes() == at::IntArrayRef(s.out_sizes), op, "grad_out must have the ",
                 "output's shape ", at::IntArrayRef(s.out_sizes), ", got ", grad_out.sizes());
-  check_like_x(hidden, x, "hidden");
+  check_like_x(hidden, x, "hidden", op);
   const bool keep_h = has_w2 || opt.activation != ProjectorActivation::kNone;
   const auto h_sizes = keep_h ? std::vector<int64_t>{s.m, s.n1} : std::vector<int64_t>{0};
   VLMKERN_CHECK(hidden.sizes() == at::IntArrayRef(h_sizes), op, "hidden must have shape ",
                 at::IntArrayRef(h_sizes), ", got ", hidden.sizes());
   // act: GEMM2's input as the forward kept it, or (0,) (recomputed from hidden).
-  check_like_x(act, x, "act");
+  check_like_x(act, x, "act", op);
   const bool act_ok = act.sizes() == at::IntArrayRef({0}) ||
                       (has_w2 && opt.activation != ProjectorActivation::kNone &&
                        act.sizes() == at::IntArrayRef({s.m, s.n1}));

@@ -356,3 +356,30 @@ def test_backward_rejects_mismatched_grad():
                 for t in (out[:, :3], x, w1, w2, nw, nb, hidden, act, mean, rstd)]  # fmt: skip
         with pytest.raises(RuntimeError, match=r"grad_out must have the output's shape"):
             backward_op(*args, *opts, [True] * 7)
+
+
+SAVED_ERRORS = {  # id: (which of the backward's inputs is replaced, by what, message)
+    "grad-out-dtype": ("g", lambda t: t.double(), r"grad_out has dtype Double but x has Float"),
+    "hidden-shape": ("hidden", lambda t: t[:, :3], r"hidden must have shape \[4, 7\], got \[4, 3"),
+    "hidden-dtype": ("hidden", lambda t: t.double(), r"hidden has dtype Double but x has Float"),
+    "act-dtype": ("act", lambda t: t.double(), r"act has dtype Double but x has Float"),
+    "mean-shape": ("mean", lambda t: t[:3], r"mean must have shape \[4, 1\], got \[3, 1\]"),
+    "rstd-dtype": ("rstd", lambda t: t.double(), r"rstd must be Float on .*, got Double"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dev", ["cpu", "meta"])
+@pytest.mark.parametrize("case", SAVED_ERRORS)
+def test_backward_rejects_bad_saved_tensors(case, dev):
+    """check_projector_saved: the real and the fake backward raise the same errors."""
+    x, weights, _ = _inputs("internvl", 4, "contiguous")
+    mode = ("gelu", "layernorm", "post", 1e-5, 2, 0)
+    out, hidden, act, mean, rstd = op(x, *weights.values(), *mode)
+    saved = {"g": torch.randn_like(out), "hidden": hidden, "act": act, "mean": mean, "rstd": rstd}
+    which, bad, match = SAVED_ERRORS[case]
+    saved[which] = bad(saved[which])
+    args = (saved["g"], x, weights["w1"], weights["w2"], weights["norm_weight"],
+            weights["norm_bias"], saved["hidden"], saved["act"], saved["mean"], saved["rstd"])
+    moved = [t.to(dev) for t in args]
+    with pytest.raises(RuntimeError, match=rf"^vlmkern\.mlp_projector_backward: {match}"):
+        backward_op(*moved, *mode, [True] * 7)

@@ -134,13 +134,13 @@ def _factor(value: int | None, name: str) -> int:
 # ---- fake (meta) kernels: the checks and messages of csrc/common/mlp_projector_checks.cpp ------
 
 
-def _check(cond, msg: str) -> None:
-    torch._check(cond, lambda: f"{_OP}: {msg}")
+def _check(cond, msg: str, op: str = _OP) -> None:
+    torch._check(cond, lambda: f"{op}: {msg}")
 
 
-def _like_x(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
-    _check(t.dtype == x.dtype, f"{name} has dtype {_name(t.dtype)} but x has {_name(x.dtype)}")
-    _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+def _like_x(t: torch.Tensor, x: torch.Tensor, name: str, op: str = _OP) -> None:
+    _check(t.dtype == x.dtype, f"{name} has dtype {_name(t.dtype)} but x has {_name(x.dtype)}", op)
+    _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}", op)
 
 
 def _vector(t: torch.Tensor, n, name: str, what: str) -> None:
@@ -282,27 +282,43 @@ def _mlp_projector_fake(
     return out, hidden, act, mean, rstd
 
 
+def _check_saved(grad_out, hidden, act, mean, rstd, x, sizes, activation, norm, has_w2) -> None:
+    """check_projector_saved's checks: the forward's saved outputs as the backward needs them."""
+    m, n1, out_sizes, groups = sizes
+    op = "vlmkern.mlp_projector_backward"
+    _like_x(grad_out, x, "grad_out", op)
+    _check(list(grad_out.shape) == list(out_sizes),
+           f"grad_out must have the output's shape {list(out_sizes)}, got {list(grad_out.shape)}",
+           op)  # fmt: skip
+    _like_x(hidden, x, "hidden", op)
+    h_sizes = [m, n1] if has_w2 or activation != "none" else [0]
+    _check(list(hidden.shape) == h_sizes,
+           f"hidden must have shape {h_sizes}, got {list(hidden.shape)}", op)  # fmt: skip
+    _like_x(act, x, "act", op)
+    act_ok = list(act.shape) == [0] or (
+        has_w2 and activation != "none" and list(act.shape) == [m, n1])
+    _check(act_ok, f"act must have shape [{m}, {n1}] (two Linears with an activation) or [0], "
+           f"got {list(act.shape)}", op)  # fmt: skip
+    st = _stat_dtype(x)
+    for t, name, has in ((mean, "mean", norm == "layernorm"), (rstd, "rstd", norm != "none")):
+        _check(t.dtype == st and t.device == x.device,
+               f"{name} must be {_name(st)} on {x.device}, got {_name(t.dtype)} on {t.device}",
+               op)  # fmt: skip
+        want = [m, groups] if has else [0]
+        _check(list(t.shape) == want, f"{name} must have shape {want}, got {list(t.shape)}", op)
+
+
 @torch.library.register_fake("vlmkern::mlp_projector_backward")
 def _mlp_projector_backward_fake(
     grad_out, x, w1, w2, norm_weight, norm_bias, hidden, act, mean, rstd, activation, norm,
     norm_position, eps, shuffle, merge, output_mask,
 ):  # fmt: skip
     r, s = _parse(activation, norm, norm_position, eps, shuffle, merge)
-    m, n1, d, _, features, out_sizes = _shape(
+    m, n1, d, groups, features, out_sizes = _shape(
         x, w1, None, w2, None, norm_weight, norm_bias, norm, norm_position, r, s
     )
-    torch._check(
-        list(grad_out.shape) == list(out_sizes),
-        lambda: f"vlmkern.mlp_projector_backward: grad_out must have the output's shape "
-        f"{list(out_sizes)}, got {list(grad_out.shape)}",
-    )
-    act_ok = list(act.shape) == [0] or (
-        w2 is not None and activation != "none" and list(act.shape) == [m, n1])
-    torch._check(
-        act_ok,
-        lambda: f"vlmkern.mlp_projector_backward: act must have shape [{m}, {n1}] (two Linears "
-        f"with an activation) or [0], got {list(act.shape)}",
-    )
+    _check_saved(grad_out, hidden, act, mean, rstd, x, (m, n1, out_sizes, groups),
+                 activation, norm, w2 is not None)  # fmt: skip
     has_norm = norm != "none"
     shapes = [
         tuple(x.shape), tuple(w1.shape), (n1,),
