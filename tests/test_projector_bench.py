@@ -15,6 +15,8 @@ SPECS = {
     "qwen2_vl": bench.Spec(norm="layernorm", eps=1e-6, merge=2),
     "qwen2_5_vl": bench.Spec(norm="rmsnorm", eps=1e-6, merge=2),
     "idefics3": bench.Spec(activation="none", shuffle=2, grid=(4, 4)),
+    "gelu_tanh": bench.Spec(activation="gelu_tanh"),  # the torch chain applies each activation
+    "quick_gelu": bench.Spec(activation="quick_gelu"),
 }
 
 

@@ -65,6 +65,14 @@ def _norm(t, spec: Spec, nw, nb):
     return t
 
 
+_ACTIVATIONS = {  # HF's GELUActivation, PytorchGELUTanh, QuickGELUActivation, identity
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),
+    "none": lambda h: h,
+}
+
+
 def torch_chain(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: Spec, gemm1=None):
     """The projector as HF's modules run it (``gemm1`` replaces Linear + activation)."""
     t = _norm(x, spec, nw, nb) if spec.norm_position == "pre" else x
@@ -78,7 +86,7 @@ def torch_chain(x, w1, b1, w2, b2, nw, nb, rows=None, *, spec: Spec, gemm1=None)
         h = gemm1(t, w1, b1)
     else:
         h = F.linear(t, w1, b1)
-        h = F.gelu(h) if spec.activation == "gelu" else h
+        h = _ACTIVATIONS[spec.activation](h)
     return F.linear(h, w2, b2) if w2 is not None else h
 
 
