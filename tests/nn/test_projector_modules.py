@@ -74,9 +74,10 @@ def _build(name):
         hf = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=post)
         ours = vnn.Qwen3VLVisionPatchMerger.from_config(cfg, use_postshuffle_norm=post)
         return hf, ours, lambda dt: torch.randn(4 * 97, C, dtype=dt), hf, ours
-    if name in ("idefics3", "smolvlm"):
-        cls, hf_cls, r = ((transformers.Idefics3Config, Idefics3Connector, 2) if name == "idefics3"
-                          else (transformers.SmolVLMConfig, SmolVLMConnector, 3))  # fmt: skip
+    if name in ("idefics3", "smolvlm", "smolvlm_r4"):
+        cls, hf_cls, r = {"idefics3": (transformers.Idefics3Config, Idefics3Connector, 2),
+                          "smolvlm": (transformers.SmolVLMConfig, SmolVLMConnector, 3),
+                          "smolvlm_r4": (transformers.SmolVLMConfig, SmolVLMConnector, 4)}[name]
         cfg = cls(vision_config=_V, text_config=_T, scale_factor=r)
         hf, ours = hf_cls(cfg), vnn.Idefics3Connector.from_config(cfg)
         return hf, ours, lambda dt: torch.randn(2, (6 * r) ** 2, C, dtype=dt), hf, ours
@@ -89,7 +90,8 @@ def _build(name):
 
 
 NAMES = ["llava", "llava_quick_gelu", "llava_no_bias", "internvl", "qwen2_vl", "qwen2_5_vl",
-         "qwen3_vl", "qwen3_vl_deepstack", "idefics3", "smolvlm", "paligemma"]  # fmt: skip
+         "qwen3_vl", "qwen3_vl_deepstack", "idefics3", "smolvlm", "smolvlm_r4",
+         "paligemma"]  # fmt: skip
 
 
 def _loaded(name):

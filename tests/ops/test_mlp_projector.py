@@ -115,6 +115,48 @@ def test_lowprec_within_2x_of_pytorch(name, dtype, layout):
     assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
 
 
+@pytest.mark.parametrize("rows", [1, 577])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["llava", "internvl", "qwen2_5_vl", "idefics3"])
+def test_lowprec_rows_off_the_tile_edges(name, dtype, rows):
+    _, x, weights, opts = _inputs(name, rows, "cls", dtype)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert_lowprec_tier(run(OURS, x, weights, opts), run(REF, x, weights, opts), ref64)
+
+
+@pytest.mark.parametrize("rows", [1023, 2047])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "idefics3"])
+def test_fp32_rows_just_below_powers_of_two(name, rows):
+    _, x, weights, opts = _inputs(name, rows, "contiguous", c=24, n1=40, d=16)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert fp32_rel_err(run(OURS, x, weights, opts), ref64) <= 1e-5
+
+
+# The connectors at their real models' widths (C, N1, D; SEMANTICS.md), a few output rows each.
+REAL_WIDTHS = {
+    "llava-onevision-7b": ("llava", 1152, 3584, 3584),
+    "internvl2.5-8b": ("internvl", 1024, 4096, 4096),
+    "qwen2-vl-7b": ("qwen2_vl", 1280, 5120, 3584),
+    "qwen3-vl-8b-deepstack": ("qwen3_vl_postshuffle", 1152, 4608, 4096),
+    "smolvlm2-2.2b": ("idefics3", 1152, 2048, 2048),  # r = 3: K = 10368
+    "paligemma-3b": ("paligemma", 1152, 2048, 2048),
+}
+
+
+@pytest.mark.parametrize("case", REAL_WIDTHS)
+def test_real_model_widths(case):
+    name, c, n1, d = REAL_WIDTHS[case]
+    _, x, weights, opts = _inputs(name, 5, "cls", c=c, n1=n1, d=d)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert fp32_rel_err(run(OURS, x, weights, opts), ref64) <= 1e-5
+    low, wlow = cast(x, weights, torch.bfloat16)
+    assert_lowprec_tier(run(OURS, low, wlow, opts), run(REF, low, wlow, opts),
+                        _ref64(low, wlow, opts))  # fmt: skip
+
+
 # --- exact erf GELU: the fp32 tier catches a tanh GELU that the low-precision tier lets by -------
 
 
