@@ -39,6 +39,26 @@ def test_providers_agree_with_reference(name):
     assert ran >= 3
 
 
+def test_packed_sdpa_calls_are_4d(monkeypatch):
+    """Every SDPA provider runs the packed segments as HF's Qwen2-VL does, 4-D (1, H, n, D)
+    per segment: CUDA's flash / mem-efficient / cuDNN backends refuse 3-D (math only)."""
+    sdpa, shapes = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recorder(q, k, v, *args, **kw):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorder)
+    case = CASES["packed"]()
+    inputs = case.make_inputs()
+    sdpa_providers = [n for n in bench.providers(CFG) if n.startswith("SDPA")]
+    assert "SDPA" in sdpa_providers and "SDPA math" in sdpa_providers
+    for name in sdpa_providers:
+        shapes.clear()
+        bench.providers(CFG)[name](*inputs, **case.kwargs)
+        assert shapes == [(1, 16, n, 80) for n in (40, 24, 64)], name
+
+
 @pytest.mark.parametrize("name", ["mllama", "packed", "prefix"])
 def test_flex_attention_block_masks(name):
     """The masks the FlexAttention provider builds reproduce each visibility (compiled on CPU)."""

@@ -172,6 +172,18 @@ def test_mllama_cached_kv(hf_mllama):
     assert (step - full[:, -1:]).abs().max() < 1e-5
 
 
+def test_mllama_without_image_keys_raises():
+    """Neither cross_attention_states nor kv: a ValueError naming them, not an AttributeError."""
+    torch.manual_seed(0)
+    kw = {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2}
+    layer = vlmkern.nn.MllamaCrossAttentionDecoderLayer(intermediate_size=64, **kw)
+    x, ranges = torch.randn(1, 5, 64), torch.zeros(1, 5, 1, 2, dtype=torch.int32)
+    for module, name in ((layer, "MllamaCrossAttentionDecoderLayer"),
+                         (vlmkern.nn.MllamaTextCrossAttention(**kw), "MllamaTextCrossAttention")):
+        with pytest.raises(ValueError, match=rf"{name} needs cross_attention_states or kv="):
+            module(x, kv_ranges=ranges)
+
+
 @pytest.fixture(scope="module")
 def hf_blip2():
     pytest.importorskip("transformers", minversion="5.23")

@@ -69,3 +69,20 @@ def test_sdpa_composite_matches_the_op():
     torch.testing.assert_close(_sdpa_segments(q, k, v, cu, 0.2), want, rtol=1e-5, atol=1e-5)
     padded = torch.cat([cu, cu[-1:].repeat(50)])  # vision_grid's fixed length: empty to the end
     torch.testing.assert_close(_sdpa_segments(q, k, v, padded, 0.2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_composite_calls_are_4d(monkeypatch):
+    """One SDPA call per non-empty segment, 4-D (1, H, n, D) as HF's: CUDA's fused backends
+    refuse 3-D inputs (the math backend would run instead)."""
+    sdpa, shapes = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recorder(q, k, v, *args, **kw):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorder)
+    q, k, v = (torch.randn(50, 3, 24) for _ in range(3))
+    for cu, lengths in (([0, 7, 7, 30, 50], (7, 23, 20)), ([0, 50], (50,))):
+        shapes.clear()
+        _sdpa_segments(q, k, v, torch.tensor(cu, dtype=torch.int32), 0.2)
+        assert shapes == [(1, 3, n, 24) for n in lengths]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from testing_utils import assert_bit_equal, deterministic_mode
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
 from xattn_testing import check_all, make_qkv, mllama_mask
 
 import vlmkern
@@ -278,6 +279,44 @@ def test_bad_backward_inputs():
         xattn_backward_op(out, q, k, v, out, lse.double(), None, *rest)
     with pytest.raises(RuntimeError, match=r"grad_out and out must be \(B, Sq, Hq, D\)"):
         xattn_backward_op(out[:1], q, k, v, out, lse, None, *rest)
+
+
+CUDA_BAD = {  # id: ((B, Sq, Sk, Hq, D, dtype), {tensor: device}, message); fake CUDA tensors
+    "fp32": ((1, 4, 6, 2, 64, torch.float32), {}, r"the CUDA kernel takes float16 or bfloat16 q"),
+    "head-dim": ((1, 4, 6, 2, 40, torch.bfloat16), {},
+                 r"head dim D=40 is not supported on CUDA: D must be 64, 72, 80, 96 or 128"),
+    "heads": ((1, 2, 3, 65536, 64, torch.float16), {},
+              r"Hq=65536 q heads exceed the CUDA grid limit 65535"),
+    "out-device": ((1, 4, 6, 2, 64, torch.float16), {"out": "cpu"},
+                   r"grad_out, out and lse must be on q's device cuda:0, got cpu"),
+    "grad-out-device": ((1, 4, 6, 2, 64, torch.float16), {"grad_out": "cpu"},
+                        r"grad_out, out and lse must be on q's device"),
+    "lse-device": ((1, 4, 6, 2, 64, torch.bfloat16), {"lse": "cpu"},
+                   r"grad_out, out and lse must be on q's device"),
+    "grad-lse-device": ((1, 4, 6, 2, 64, torch.bfloat16), {"grad_lse": "cpu"},
+                        r"grad_lse must be on q's device cuda:0, got cpu"),
+    "grid": ((2**31, 1, 6, 1, 64, torch.float16), {},
+             r"B \* ceil\(Sq / 64\) = 2147483648 query windows .* exceed the CUDA grid"),
+}
+
+
+@pytest.mark.parametrize("case", CUDA_BAD)
+def test_bad_cuda_inputs_fake(case):
+    """The CUDA kernels' own limits (check_xattn_cuda, the backward's devices and grid), raised
+    by the fake kernels on fake CUDA tensors: no GPU needed."""
+    (b, sq, sk, hq, d, dtype), devices, match = CUDA_BAD[case]
+    with FakeTensorMode():
+        def make(name, shape, dt=dtype):
+            return torch.empty(shape, dtype=dt, device=devices.get(name, "cuda:0"))
+
+        q, k = make("q", (b, sq, hq, d)), make("k", (b, sk, 1, d))
+        out, grad_out = make("out", (b, sq, hq, d)), make("grad_out", (b, sq, hq, d))
+        lse, grad_lse = (make(n, (b, hq, sq), torch.float32) for n in ("lse", "grad_lse"))
+        if not devices and case != "grid":  # the forward's fake checks the same
+            with pytest.raises(RuntimeError, match=r"vlmkern.cross_attention: " + match):
+                xattn_op(q, k, k)
+        with pytest.raises(RuntimeError, match=r"vlmkern.cross_attention_backward: " + match):
+            xattn_backward_op(grad_out, q, k, k, out, lse, grad_lse)
 
 
 @pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])

@@ -44,6 +44,14 @@ def _gated_residual(linear: nn.Module, x: torch.Tensor, gate: torch.Tensor,
     return residual + gate.tanh() * linear(x)
 
 
+def _need_keys(module: str, cross_attention_states: torch.Tensor | None,
+               kv: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Raise the ValueError of HF's drop-in layer when neither image states nor keys come."""
+    if cross_attention_states is None and kv is None:
+        raise ValueError(f"vlmkern: {module} needs cross_attention_states or kv=(k, v), this "
+                         "layer's image keys and values (from project_kv)")
+
+
 def _sdpa_with_ranges(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       kv_ranges: torch.Tensor | None, masked_rows: str) -> torch.Tensor:
     """The op's function by torch SDPA with a boolean mask built from the ranges: what runs on
@@ -105,6 +113,7 @@ class MllamaTextCrossAttention(nn.Module):
                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
         """The attention output before ``o_proj``, (B, S, heads · head_dim)."""
+        _need_keys("MllamaTextCrossAttention", cross_attention_states, kv)
         b, s, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)
@@ -173,6 +182,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 cross_attention_states: torch.Tensor | None = None, *,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_ranges: torch.Tensor | None = None) -> torch.Tensor:
+        _need_keys("MllamaCrossAttentionDecoderLayer", cross_attention_states, kv)
         # HF's full_text_row_masked_out_mask: the row sees an image.
         row = None if kv_ranges is None else \
             (kv_ranges[..., 1] > kv_ranges[..., 0]).any(-1, keepdim=True)

@@ -16,10 +16,12 @@ from ..ops.rope import apply_rotary_pos_emb_vision
 def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """Packed attention within segments by torch SDPA, one call per segment as HF's SDPA path
-    (whose host sync for the lengths it shares). q, k, v (N, H, D) -> (N, H, D)."""
+    (whose host sync for the lengths it shares). q, k, v (N, H, D) -> (N, H, D). Each call is
+    4-D (1, H, n, D), as HF's: CUDA's fused SDPA backends refuse 3-D inputs."""
     def attend(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        a, b, c = (t.transpose(0, 1) for t in (a, b, c))  # (H, n, D)
-        return nn.functional.scaled_dot_product_attention(a, b, c, scale=scale).transpose(0, 1)
+        a, b, c = (t.transpose(0, 1).unsqueeze(0) for t in (a, b, c))  # (1, H, n, D)
+        out = nn.functional.scaled_dot_product_attention(a, b, c, scale=scale)
+        return out[0].transpose(0, 1)
 
     if cu_seqlens.numel() <= 2:
         return attend(q, k, v)
@@ -37,10 +39,11 @@ class QwenVisionAttention(nn.Module):
     ``forward(hidden_states (N, dim), cu_seqlens (S + 1,) int, position_embeddings=(cos, sin)
     (N, head_dim) fp32, max_seqlen=None) -> (N, dim)``. The segments (images, video frames,
     Qwen2.5-VL's windows) run as one packed cross_attention. On CUDA that replaces HF's SDPA
-    call per segment, which on the last H100 run took 11.7× the kernel's time, as long as with
-    SDPA's math backend forced (bench/results, ``qwen2vl-vit 8x1024``); CUDA inputs the kernels
-    do not take (fp32, other head dims) run HF's way, one SDPA call per segment. On the CPU a
-    single segment runs SDPA, whose flash kernel is the faster one there.
+    call per segment (the last H100 run's 11.7× over it, bench/results ``qwen2vl-vit 8x1024``,
+    was against SDPA's math backend: the bench passed 3-D tensors; against the fused backends it
+    is not yet measured); CUDA inputs the kernels do not take (fp32, other head dims) run HF's
+    way, one 4-D SDPA call per segment. On the CPU a single segment runs SDPA, whose flash
+    kernel is the faster one there.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,

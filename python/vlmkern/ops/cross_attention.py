@@ -217,6 +217,21 @@ def _check_cuda(op, q) -> None:
                  "CUDA grid limit 65535")
 
 
+def _check_cuda_backward(op, q, k, grad_out, out, lse, grad_lse) -> None:
+    """The CUDA backward's extra limits: check_xattn_cuda, then its device and grid checks."""
+    _check_cuda(op, q)
+    for t in (grad_out, out, lse):
+        torch._check(t.device == q.device, lambda t=t: f"vlmkern.{op}: grad_out, out and lse "
+                     f"must be on q's device {q.device}, got {t.device}")
+    torch._check(grad_lse is None or grad_lse.device == q.device, lambda: f"vlmkern.{op}: "
+                 f"grad_lse must be on q's device {q.device}, got {grad_lse.device}")
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    wq, wk = b * ((sq + 63) // 64), b * ((sk + 63) // 64)
+    torch._check(wq <= 2**31 - 1 and wk <= 2**31 - 1, lambda: f"vlmkern.{op}: B * ceil(Sq / "
+                 f"64) = {wq} query windows or B * ceil(Sk / 64) = {wk} key windows exceed the "
+                 "CUDA grid (2^31 - 1)")
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -249,6 +264,8 @@ def _cross_attention_backward_fake(grad_out, q, k, v, out, lse, grad_lse=None, k
     if grad_lse is not None:
         torch._check(list(grad_lse.shape) == l_shape and grad_lse.dtype == lt,
                      lambda: f"vlmkern.{op}: grad_lse must be (B, Hq, Sq) = {l_shape} of {lt}")
+    if q.device.type == "cuda":
+        _check_cuda_backward(op, q, k, grad_out, out, lse, grad_lse)
     hk, sk = k.shape[2], k.shape[1]
     return (q.new_empty((b, sq, hq, d)), k.new_empty((b, sk, hk, d)), v.new_empty((b, sk, hk, d)))
 
