@@ -56,3 +56,23 @@ def test_wrong_result_skips_the_op_and_fails_the_run(monkeypatch, tmp_path, caps
     assert cli.main(["all", "--device", "cpu", "--quick", "--no-compile"]) == 1
     out = capsys.readouterr().out
     assert "## wrong: WRONG RESULT" in out and "## right (" in out
+
+
+def test_a_provider_that_cannot_run_is_listed_with_its_reason():
+    """A provider raising on a case (e.g. a head dim the CUDA kernel lacks) gets a "skipped"
+    record with the reason, and the table names it under the timed rows."""
+    from vlmkern.bench.harness import Case, Config, format_table, run_op
+
+    def refuses(x):
+        raise ValueError("no kernel for this shape")
+
+    case = Case("tiny", lambda: (torch.ones(64),), bytes_moved=512)
+    cfg = Config("cpu", torch.float32, quick=True, compile=False)
+    records = run_op("op", [case], {"p": lambda x: x * 2, "q": refuses}, lambda x: x * 2, cfg,
+                     baseline="p", log=lambda s: None)  # fmt: skip
+    skipped = [r for r in records if "skipped" in r]
+    assert [(r["provider"], r["skipped"]) for r in skipped] == [
+        ("q", "ValueError: no kernel for this shape")]
+    assert {r["provider"] for r in records if "skipped" not in r} >= {"p"}
+    table = format_table(records, "p")
+    assert table.splitlines()[-1] == "- q on tiny: not run (ValueError: no kernel for this shape)"

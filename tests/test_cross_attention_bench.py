@@ -15,6 +15,8 @@ bench = load("cross_attention")
 CFG = Config("cpu", torch.float32, quick=True, compile=False)
 CASES = {
     "mllama": lambda: bench._mllama_case(1, 8, 1, CFG),
+    "mllama_one_image": lambda: bench._mllama_case(1, 8, 1, CFG, images=1),  # 1601 keys
+    "mllama_unmasked": lambda: bench._mllama_case(1, 8, 1, CFG, masked=False),
     "decode": lambda: bench._mllama_decode_case(2, 1, CFG),
     "qformer": lambda: bench._qformer_case(2, CFG),
     "packed": lambda: bench._packed_case([40, 24, 64], CFG),
@@ -93,3 +95,12 @@ def test_m128_provider(monkeypatch):
         c = CASES[name]()
         with pytest.raises(ValueError, match="no 128-row CTA|fit one 64-row CTA"):
             bench.vlmkern_m128(*c.make_inputs(), **c.kwargs)
+
+
+def test_mllama_case_sizes_and_visible_work():
+    """Key lengths 1601 (one image of one tile) and 3202; the unmasked case counts every pair."""
+    one, two = bench._mllama_case(1, 8, 1, CFG, images=1), bench._mllama_case(1, 8, 1, CFG)
+    plain = bench._mllama_case(1, 8, 1, CFG, masked=False)
+    assert one.shape.endswith("L1601") and two.shape.endswith("L3202")
+    assert plain.shape.endswith("L3202 unmasked") and plain.kwargs["spec"].kind == "plain"
+    assert plain.flops == 4 * 128 * 32 * 8 * 3202 > two.flops  # 4 dead rows + half of the keys

@@ -2,7 +2,8 @@
 backend, with HF's dense Mllama mask / a prefix-LM mask / a per-segment loop for packed input),
 HF's eager attention and compiled FlexAttention with block masks (with torch.compile only), on
 Llama-3.2-11B-Vision (q 32 heads, kv 8 heads × 1601·tiles image tokens, hd 128; prefill and
-decode steps), BLIP-2 Q-Former (32 learned queries × 257 keys × many images, 12 × 64), Qwen2-VL
+decode steps; an "unmasked" prefill of the same shapes, every token seeing every key, to compare
+the masked kernel's TFLOP/s with the plain one's), BLIP-2 Q-Former (32 learned queries × 257 keys × many images, 12 × 64), Qwen2-VL
 ViT packed segments (16 × 80) and PaliGemma-3B prefix-LM (8 / 1 heads × 256).
 
 Every provider is called as ``fn(q, k, v, aux, spec=...)`` with q/k/v in HF's ``(B, H, S, D)``
@@ -35,7 +36,7 @@ EXACT = False  # fp32 accumulation vs each backend's own: tolerance gate
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str  # "mllama", "qformer", "packed", "prefix_lm"
+    kind: str  # "mllama", "plain" (Mllama's shapes, no mask), "qformer", "packed", "prefix_lm"
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -45,30 +46,33 @@ def _randn(shape, cfg: Config) -> torch.Tensor:
     return torch.randn(shape, device=cfg.device).to(cfg.dtype)
 
 
-def _mllama_case(B: int, S: int, tiles: int, cfg: Config) -> Case:
-    """Two images of `tiles` tiles each (keys 2·tiles·1601): the first 4 tokens see nothing (HF:
-    uniform over all keys), tokens [4, S/2) see image 1, the rest image 2 only."""
+def _mllama_case(B: int, S: int, tiles: int, cfg: Config, images: int = 2,
+                 masked: bool = True) -> Case:  # fmt: skip
+    """`images` images of `tiles` tiles each (keys images·tiles·1601): the first 4 tokens see
+    nothing (HF: uniform over all keys), tokens [4, S/2) see image 1, the rest the last image
+    only. masked=False: the same shapes with every token seeing every key (no ranges, no mask),
+    the plain attention the masked case's TFLOP/s is compared with."""
     from vlmkern.ops import mllama_kv_ranges
     from vlmkern.reference.cross_attention import mllama_dense_mask
 
-    hq, hk, d, nvt, M = 32, 8, 128, 1601, 2
+    hq, hk, d, nvt, M = 32, 8, 128, 1601, images
     L = M * tiles * nvt
     mask = torch.zeros(B, S, M, tiles, dtype=torch.int64)
     mask[:, 4 : S // 2, 0] = 1
-    mask[:, S // 2 :, 1] = 1
+    mask[:, S // 2 :, M - 1] = 1
     aux = {"ranges": mllama_kv_ranges(mask, nvt).to(cfg.device),
-           "dense": mllama_dense_mask(mask, nvt, cfg.dtype)[0].to(cfg.device)}
+           "dense": mllama_dense_mask(mask, nvt, cfg.dtype)[0].to(cfg.device)} if masked else {}
 
     def make() -> tuple:
         q = _randn((B, S, hq, d), cfg).transpose(1, 2)
         kv = _randn((B, L, 2, hk, d), cfg)  # fused kv projection
         return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), aux
 
-    pairs = B * (4 * L + (S - 4) * L // M)
+    pairs = B * (4 * L + (S - 4) * L // M) if masked else B * S * L
     elt = torch.empty((), dtype=cfg.dtype).element_size()
     nbytes = elt * (2 * B * S * hq * d + 2 * B * L * hk * d)
-    return Case(f"mllama-11b B{B} S{S} L{L}", make, nbytes, {"spec": Spec("mllama")},
-                flops=4 * d * hq * pairs)
+    return Case(f"mllama-11b B{B} S{S} L{L}" + ("" if masked else " unmasked"), make, nbytes,
+                {"spec": Spec("mllama" if masked else "plain")}, flops=4 * d * hq * pairs)
 
 
 def _mllama_decode_case(B: int, tiles: int, cfg: Config) -> Case:
@@ -146,20 +150,24 @@ def _prefix_case(B: int, S: int, prefix: int, cfg: Config) -> Case:
 
 
 def cases(cfg: Config) -> list[Case]:
-    """GPU: Mllama S 256–4096 × 1601–6404 keys and decode steps (B 1–32 × 6404 keys), Q-Former
+    """GPU: Mllama S 256–4096 × 1601–6404 keys (masked; S 1024 × 6404 also unmasked) and decode
+    steps (B 1–32 × 6404 keys), Q-Former
     1–256 images, Qwen2-VL ViT 8×1024, PaliGemma S 1024. CPU: small versions that run in a few
     minutes."""
     if cfg.device == "cuda":
         if cfg.quick:
             return [_mllama_case(1, 1024, 2, cfg), _qformer_case(64, cfg),
                     _packed_case([1024] * 8, cfg), _prefix_case(1, 1024, 288, cfg)]
-        return ([_mllama_case(1, s, t, cfg) for s, t in ((256, 1), (1024, 2), (4096, 2))]
+        return ([_mllama_case(1, 256, 1, cfg, images=1)]
+                + [_mllama_case(1, s, t, cfg) for s, t in ((256, 1), (1024, 2), (4096, 2))]
+                + [_mllama_case(1, 1024, 2, cfg, masked=False)]
                 + [_mllama_decode_case(b, 4, cfg) for b in (1, 8, 32)]
                 + [_qformer_case(b, cfg) for b in (1, 16, 256)]
                 + [_packed_case([1024] * 8, cfg), _prefix_case(4, 1024, 288, cfg)])
     if cfg.quick:
         return [_mllama_case(1, 128, 1, cfg), _qformer_case(16, cfg)]
     return [_mllama_case(1, 256, 1, cfg), _mllama_case(1, 64, 2, cfg),
+            _mllama_case(1, 64, 2, cfg, masked=False),
             _mllama_decode_case(2, 4, cfg), _qformer_case(16, cfg),
             _qformer_case(64, cfg), _packed_case([256] * 4, cfg), _prefix_case(1, 512, 288, cfg)]
 

@@ -382,11 +382,16 @@ def run_op(
         n_sets = num_sets(case.bytes_moved, cfg.device)
         sets = [probe] + [case.make_inputs() for _ in range(n_sets - 1)]
         jobs: dict[str, Job] = {}
+        skipped = []
         for name, fn in providers.items():
             try:
                 out = fn(*probe, **case.kwargs)
             except Exception as e:  # noqa: BLE001 - a provider that cannot run is reported
-                log(f"  [skip] {name} on {case.shape}: {type(e).__name__}: {e}".splitlines()[0])
+                why = f"{type(e).__name__}: {e}".splitlines()[0]
+                log(f"  [skip] {name} on {case.shape}: {why}")
+                skipped.append({"op": op_name, "shape": case.shape, "provider": name,
+                                "dtype": str(cfg.dtype).replace("torch.", ""),
+                                "skipped": why})  # fmt: skip
                 continue
             if name not in rooflines:
                 check_equal(name, case, out, ref, exact)
@@ -430,6 +435,7 @@ def run_op(
             }
             records.append(rec)
             log(f"  {case.shape:<34} {name:<14} {med:10.1f} us")
+        records += skipped  # no timings: the table lists them under its rows, with the reason
     return records
 
 
@@ -438,7 +444,11 @@ def run_op(
 
 
 def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
-    """Plain aligned text table of the records of one op."""
+    """Plain aligned text table of the records of one op; providers that could not run a case
+    (records with a "skipped" reason) are listed after it."""
+    skips = [f"- {r['provider']} on {r['shape']}: not run ({r['skipped']})"
+             for r in records if "skipped" in r]
+    records = [r for r in records if "skipped" not in r]
     key = f"speedup_vs_{baseline}"
     head = ["shape", "provider", "median us", "p20", "p80", "GB/s", "% of copy",
             f"x vs {baseline}"]
@@ -479,5 +489,5 @@ def format_table(records: Sequence[dict[str, Any]], baseline: str) -> str:
             lines.append("")
         prev = r["shape"]
         lines.append(fmt(row))
-    lines += notes
+    lines += notes + skips
     return "\n".join(lines)
