@@ -1,6 +1,9 @@
 """Patch-embedding bench: vlmkern vs the HF module (Conv2d / Conv3d, TF32 off), the peers'
 unfold + F.linear + add recipe, and torch.mm on the pre-unfolded matrix (the GEMM roofline), on
-CLIP-L/14-336, SigLIP-so400m/14-384, InternViT-448, Qwen2-VL and Qwen3-VL shapes.
+CLIP-L/14-336, SigLIP-so400m/14-384, InternViT-448, Qwen2-VL and Qwen3-VL shapes. The "uint8"
+cases feed raw decoded pixels with CLIP's mean / std / 1/255: vlmkern folds them into its GEMM,
+HF conv and unfold + linear normalize first (so there they are the issue's "unfold + linear + add
++ normalize" recipe).
 ``vlmkern.implicit`` (CUDA, image mode) is the implicit-GEMM kernel, for the A/B against the
 default patchify + cuBLASLt path."""
 
@@ -35,13 +38,7 @@ def _image_case(label: str, batch: int, size: int, patch: int, dim: int, bias: b
         b = torch.randn(dim, device=dev, dtype=dt) if bias else None
         pos = torch.randn(tokens + int(cls), dim, device=dev, dtype=dt)
         c = torch.randn(dim, device=dev, dtype=dt) if cls else None
-        x = pixels[..., : grid * patch, : grid * patch].unfold(2, patch, patch)
-        xpre = x.unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(-1, k)
-        kp = -(-k // 8) * 8  # zero-padded to 16-byte rows, as vlmkern's GEMM runs (588 -> 592)
-        wpre = F.pad(weight.reshape(dim, k), (0, kp - k)).t().contiguous()
-        wk = weight.reshape(dim, k).t().contiguous()
-        return (pixels, weight, b, pos, c,
-                (F.pad(xpre, (0, kp - k)).contiguous(), wpre, xpre.contiguous(), wk))
+        return pixels, weight, b, pos, c, _unfolded(pixels, weight)
 
     elt = torch.empty((), dtype=dt).element_size()
     nbytes = (batch * 3 * size * size + dim * k + batch * (tokens + int(cls)) * dim) * elt
@@ -49,22 +46,67 @@ def _image_case(label: str, batch: int, size: int, patch: int, dim: int, bias: b
     return Case(f"{label} B{batch} {size}px P{patch} D{dim}", make, nbytes, flops=flops)
 
 
+# CLIP's image-processor normalization (OpenAI mean / std, 1/255 rescale) for the uint8 cases.
+CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), 1 / 255)
+
+
+def _uint8_case(label: str, batch: int, size: int, patch: int, dim: int, bias: bool, cls: bool,
+                cfg: Config) -> Case:
+    """Raw uint8 pixels as decoded (B, 3, H, W) with CLIP's normalization: vlmkern folds mean / std
+    / rescale into its GEMM; the other providers normalize first (in fp32, then cast, as a GPU
+    preprocessing step would) and then run their recipe."""
+    base = _image_case(label, batch, size, patch, dim, bias, cls, cfg)
+
+    def make() -> tuple:
+        pixels = torch.randint(0, 256, (batch, 3, size, size), device=cfg.device,
+                               dtype=torch.uint8)  # fmt: skip
+        _, weight, b, pos, c, _ = base.make_inputs()
+        return (pixels, weight, b, pos, c,
+                _unfolded(_normalize(pixels, CLIP_NORM, cfg.dtype), weight))  # fmt: skip
+
+    elt = torch.empty((), dtype=cfg.dtype).element_size()
+    nbytes = base.bytes_moved - batch * 3 * size * size * (elt - 1)  # 1-byte pixels
+    return Case(f"{label} uint8 B{batch} {size}px P{patch} D{dim}", make, nbytes,
+                kwargs={"norm": CLIP_NORM}, flops=base.flops)
+
+
+def _normalize(pixels: torch.Tensor, norm, dtype: torch.dtype) -> torch.Tensor:
+    """(pixels · rescale - mean) / std per channel in fp32, cast to the model's dtype."""
+    mean, std = (torch.tensor(v, device=pixels.device)[:, None, None] for v in norm[:2])
+    return ((pixels.float() * norm[2] - mean) / std).to(dtype)
+
+
+def _unfolded(pixels: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """The rooflines' operands: the patch matrix (M, K) and Wᵀ (K, D), K zero-padded to 16-byte
+    rows as vlmkern's GEMM runs them (P = 14: 588 -> 592), then both unpadded."""
+    dim, patch = weight.shape[0], weight.shape[-1]
+    k = weight[0].numel()
+    kp = -(-k // 8) * 8
+    x = _crop(pixels, patch).unfold(2, patch, patch).unfold(3, patch, patch)
+    xpre = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, k)
+    wpre = F.pad(weight.reshape(dim, k), (0, kp - k)).t().contiguous()
+    wk = weight.reshape(dim, k).t().contiguous()
+    return F.pad(xpre, (0, kp - k)).contiguous(), wpre, xpre.contiguous(), wk
+
+
 def _crop(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     h, w = pixels.shape[-2:]
     return pixels[..., : h // patch * patch, : w // patch * patch]
 
 
-def vlmkern_image(pixels, weight, bias, pos, cls, pre):
+def vlmkern_image(pixels, weight, bias, pos, cls, pre, norm=None):
     import vlmkern.ops
 
-    return vlmkern.ops.patch_embed(pixels, weight, bias, pos_embed=pos, cls_token=cls, crop=True)
+    mean, std, rescale = norm if norm is not None else (None, None, 1.0)
+    return vlmkern.ops.patch_embed(pixels, weight, bias, pos_embed=pos, cls_token=cls, crop=True,
+                                   mean=mean, std=std, rescale=rescale)  # fmt: skip
 
 
-def vlmkern_implicit_image(pixels, weight, bias, pos, cls, pre):
+def vlmkern_implicit_image(pixels, weight, bias, pos, cls, pre, norm=None):
     """vlmkern with ``VLMKERN_PATCH_EMBED_GEMM=implicit``: one wgmma kernel gathers the patch rows
     from the pixels itself (sm_90a; elsewhere the op falls back to the default path)."""
     with env_var("VLMKERN_PATCH_EMBED_GEMM", "implicit"):
-        return vlmkern_image(pixels, weight, bias, pos, cls, pre)
+        return vlmkern_image(pixels, weight, bias, pos, cls, pre, norm)
 
 
 def has_sm90_kernels() -> bool:
@@ -79,8 +121,11 @@ def _image_only(*args, **kwargs):
     raise ValueError("image mode only (packed rows are already the GEMM's A operand)")
 
 
-def unfold_linear_image(pixels, weight, bias, pos, cls, pre):
-    """The peers' recipe: unfold to the patch matrix, F.linear, cat CLS, add positions."""
+def unfold_linear_image(pixels, weight, bias, pos, cls, pre, norm=None):
+    """The peers' recipe: (normalize,) unfold to the patch matrix, F.linear, cat CLS, add
+    positions."""
+    if norm is not None:
+        pixels = _normalize(pixels, norm, weight.dtype)
     d, p = weight.shape[0], weight.shape[-1]
     b = pixels.shape[0]
     x = _crop(pixels, p).unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5)
@@ -90,8 +135,11 @@ def unfold_linear_image(pixels, weight, bias, pos, cls, pre):
     return y + pos
 
 
-def hf_image(pixels, weight, bias, pos, cls, pre):
-    """HF's CLIP / SigLIP / InternViT embeddings: Conv2d, flatten, cat CLS, add positions."""
+def hf_image(pixels, weight, bias, pos, cls, pre, norm=None):
+    """HF's CLIP / SigLIP / InternViT embeddings: (normalize,) Conv2d, flatten, cat CLS, add
+    positions."""
+    if norm is not None:
+        pixels = _normalize(pixels, norm, weight.dtype)
     y = F.conv2d(pixels, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
     if cls is not None:
         y = torch.cat([cls.expand(y.shape[0], 1, -1), y], dim=1)
@@ -179,6 +227,7 @@ def cases(cfg: Config) -> list[Case]:
         out = [_image_case(*c[:1], b, *c[1:], cfg) for c in clip for b in (1, 8, 32, 64)]
         out += [_image_case(siglip[0], b, *siglip[1:], cfg) for b in (1, 16)]
         out += [_image_case(intern[0], b, *intern[1:], cfg) for b in (1, 12)]
+        out += [_uint8_case(*c[:1], b, *c[1:], cfg) for c in clip for b in (1, 32)]
         out += [_packed_case("qwen2-vl 1344px", [(1, 96, 96)], 14, 1280, False, cfg),
                 _packed_case("qwen2-vl mixed", mixed, 14, 1280, False, cfg),
                 _packed_case("qwen3-vl mixed", mixed, 16, 1152, True, cfg)]
@@ -186,7 +235,8 @@ def cases(cfg: Config) -> list[Case]:
     out = [_image_case(clip[0][0], b, *clip[0][1:], cfg) for b in (1, 4)]
     if cfg.quick:
         return out[:1] + [_packed_case("qwen2-vl 448x644", [(1, 32, 46)], 14, 1280, False, cfg)]
-    return out + [_image_case(siglip[0], 1, *siglip[1:], cfg),
+    return out + [_uint8_case(clip[0][0], 1, *clip[0][1:], cfg),
+                  _image_case(siglip[0], 1, *siglip[1:], cfg),
                   _image_case(intern[0], 1, *intern[1:], cfg),
                   _packed_case("qwen2-vl 448x644", [(1, 32, 46)], 14, 1280, False, cfg),
                   _packed_case("qwen3-vl 512x768", [(1, 32, 48)], 16, 1152, True, cfg)]
@@ -201,7 +251,7 @@ class _Dispatch:
     def __call__(self, *args, **kwargs):
         if "merge" in kwargs:
             return self.packed(*args, **kwargs)
-        return self.image(*args)
+        return self.image(*args, **kwargs)  # norm= on the uint8 cases
 
 
 def providers(cfg: Config) -> dict[str, Callable]:
@@ -223,11 +273,13 @@ def providers(cfg: Config) -> dict[str, Callable]:
 def reference() -> Callable:
     import vlmkern.reference
 
-    def ref(pixels, weight, bias, pos, cls_or_grid, pre, merge=None):
+    def ref(pixels, weight, bias, pos, cls_or_grid, pre, merge=None, norm=None):
         if merge is not None:
             return vlmkern.reference.patch_embed(pixels, weight, bias, pos_embed=pos,
                                                  grid_thw=cls_or_grid, spatial_merge_size=merge)[0]
+        mean, std, rescale = norm if norm is not None else (None, None, 1.0)
         return vlmkern.reference.patch_embed(_crop(pixels, weight.shape[-1]), weight, bias,
-                                             pos_embed=pos, cls_token=cls_or_grid)
+                                             pos_embed=pos, cls_token=cls_or_grid, mean=mean,
+                                             std=std, rescale=rescale)  # fmt: skip
 
     return ref
