@@ -384,3 +384,30 @@ def test_cuda_fused_shuffle_layer_norm(c, dtype, layout, monkeypatch):
     torch.testing.assert_close(fused[0].float(), unfused[0].float(), rtol=2e-2, atol=2e-2)
     for name, g in grads_of(OURS, x, weights, opts)[1].items():
         torch.testing.assert_close(grads[name].float(), g.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_kernel", ["fused", "aten"])
+def test_cuda_past_int32_indexing(norm_kernel, monkeypatch):
+    """G9: InternVL's shuffle + LayerNorm + MLP on x with 2**31 + 2**21 bf16 elements (the
+    shuffled rows (M, K) too), so token offsets and the fused kernel's row offsets pass 2**31.
+    Checked against float64 on the first and the last 64 output rows (the connector is
+    row-wise: a row depends on its own 2 x 2 block only)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs >= 40 GB of GPU memory")
+    monkeypatch.setenv("VLMKERN_PROJECTOR_SHUFFLE_NORM", norm_kernel)
+    mode, c, h = MODES["internvl"], 256, 2
+    w = (2**31 + 2**21) // (h * c)  # x (1, 2, W, 256): one row of 2 x 2 blocks
+    weights = {n: None if t is None else t.to(device="cuda", dtype=torch.bfloat16)
+               for n, t in make_weights(mode, c, 16, 8).items()}  # fmt: skip
+    x = torch.randn(1, h, w, c, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    out = run(OURS, x, weights, options(mode))  # (1, 1, W/2, 8)
+    assert out.shape == (1, 1, w // 2, 8) and not out.isnan().any()
+    for cols in (slice(0, 128), slice(w - 128, w)):  # 64 blocks at each end
+        part = x[:, :, cols].contiguous()
+        ref64 = _ref64(part, weights, options(mode))
+        assert_nontrivial(ref64)
+        blocks = slice(cols.start // 2, cols.stop // 2)
+        assert_lowprec_tier(out[:, :, blocks], run(REF, part, weights, options(mode)), ref64)
