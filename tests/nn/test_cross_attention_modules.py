@@ -211,6 +211,32 @@ def test_blip2_qformer(hf_blip2, cls, dtype):
     assert (got.double() - expected.double()).abs().max() <= TOL[dtype] * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls", ["Blip2QFormerMultiHeadAttention", "Blip2QFormerAttention"])
+def test_blip2_qformer_low_precision(hf_blip2, cls, dtype):
+    """G3(b): error vs HF's module in float64 within 2x that of HF's own module run in `dtype`
+    (the same weights and inputs, rounded to `dtype` first)."""
+    cfg, mod = hf_blip2
+    hf = _randomize(getattr(mod, cls)(cfg, is_cross_attention=True)).to(dtype).double().eval()
+    ours = getattr(vlmkern.nn, cls)(cfg, is_cross_attention=True)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ours = ours.to(dtype)
+    queries = torch.randn(1, 32, 64).to(dtype).double()
+    images = torch.randn(6, 257, 48).to(dtype).double()
+
+    def run_hf(module, dt):
+        out = module(queries.expand(6, -1, -1).to(dt), encoder_hidden_states=images.to(dt))
+        return out[0] if isinstance(out, tuple) else out
+
+    ref = run_hf(hf, torch.float64)
+    pt = run_hf(copy.deepcopy(hf).to(dtype), dtype)
+    got = ours(queries.to(dtype), images.to(dtype))
+    e_ours = (got.double() - ref).abs().max().item()
+    e_pt = (pt.double() - ref).abs().max().item()
+    assert e_pt > 0
+    assert e_ours <= 2 * e_pt + 1e-6 * ref.abs().max().item()
+
+
 def test_blip2_self_attention(hf_blip2):
     cfg, mod = hf_blip2
     hf = _randomize(mod.Blip2QFormerMultiHeadAttention(cfg)).eval()
