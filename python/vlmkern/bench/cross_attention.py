@@ -3,8 +3,9 @@ backend, with HF's dense Mllama mask / a prefix-LM mask / a per-segment loop for
 HF's eager attention and compiled FlexAttention with block masks (with torch.compile only), on
 Llama-3.2-11B-Vision (q 32 heads, kv 8 heads × 1601·tiles image tokens, hd 128; prefill and
 decode steps; an "unmasked" prefill of the same shapes, every token seeing every key, to compare
-the masked kernel's TFLOP/s with the plain one's), BLIP-2 Q-Former (32 learned queries × 257 keys × many images, 12 × 64), Qwen2-VL
-ViT packed segments (16 × 80) and PaliGemma-3B prefix-LM (8 / 1 heads × 256).
+the masked kernel's TFLOP/s with the plain one's), BLIP-2 Q-Former (32 learned queries × 257
+keys × many images, 12 × 64), Qwen2-VL ViT packed segments (16 × 80) and PaliGemma-3B prefix-LM
+(8 / 1 heads × 256).
 
 Every provider is called as ``fn(q, k, v, aux, spec=...)`` with q/k/v in HF's ``(B, H, S, D)``
 (packed: ``(total, H, D)``) and returns the attention output in q's layout. TFLOP/s count only
