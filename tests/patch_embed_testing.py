@@ -5,7 +5,8 @@ import torch
 from vlmkern import reference
 
 # (B, C, H, W, P, D): size-0 and size-1 dims, odd and non-square grids, C != 3, D off tile edges,
-# and the real CLIP-L/14-336, SigLIP-so400m/14-384 (cropped to 378) and InternViT-448 shapes.
+# and the real CLIP-L/14-336, SigLIP-so400m/14-384 (cropped to 378), InternViT-448 and Mllama-560
+# (one tile) shapes.
 IMAGE_SHAPES = {
     "clip-tiny": (2, 3, 28, 28, 7, 32),
     "one-patch": (1, 3, 14, 14, 14, 16),
@@ -20,6 +21,7 @@ IMAGE_SHAPES = {
     "clip-l14-336": (1, 3, 336, 336, 14, 1024),
     "siglip-so400m": (1, 3, 378, 378, 14, 1152),
     "internvit-448": (1, 3, 448, 448, 14, 1024),
+    "mllama-560": (1, 3, 560, 560, 14, 1280),
 }
 # model flavour: (bias, cls, positions)
 FLAVOURS = {

@@ -57,6 +57,10 @@ void check_norm(const char* op, const PixelNorm& norm, int64_t channels) {
   if (norm.mean) {
     VLMKERN_CHECK(static_cast<int64_t>(norm.mean->size()) == channels, op, "mean has ",
                   norm.mean->size(), " values but there are C=", channels, " channels");
+    for (size_t c = 0; c < norm.mean->size(); ++c) {
+      VLMKERN_CHECK(std::isfinite((*norm.mean)[c]), op, "mean must be finite, got ",
+                    (*norm.mean)[c], " at channel ", c);
+    }
   }
   if (norm.std) {
     VLMKERN_CHECK(static_cast<int64_t>(norm.std->size()) == channels, op, "std has ",
@@ -156,10 +160,13 @@ ImageGeom check_image(const at::Tensor& pixels, const at::Tensor& weight,
                     g.gh, ", ", g.gw, ") grid needs ", g.l, plus, " (pos_interp='none')");
       g.s = 0;
     } else {
+      // Checked before the square root: with a CLS token, 0 rows leave rows = -1 (sqrt = NaN).
+      VLMKERN_CHECK(rows >= 1, kOp, "pos_embed has ", pos_embed->size(0),
+                    " rows: it needs at least 1 patch position", plus);
       int64_t s = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(rows))));
       while (s * s > rows) --s;
       while ((s + 1) * (s + 1) <= rows) ++s;
-      VLMKERN_CHECK(rows >= 1 && s * s == rows, kOp, "pos_embed has ", pos_embed->size(0),
+      VLMKERN_CHECK(s * s == rows, kOp, "pos_embed has ", pos_embed->size(0),
                     " rows: not a square S*S table", plus);
       g.s = s;
       g.resize = s != g.gh || s != g.gw;

@@ -1,11 +1,14 @@
 """patch_embed forward numerics (G3/G4/G12): image mode on every shape x dtype x layout x model
 flavour against the float64 reference, resized positions, uint8 + folded normalization, packed
-Qwen2-VL / Qwen3-VL rows, packed batches vs per-image calls, fuzz. Autograd, opcheck, compile and
-bad inputs: test_patch_embed_checks.py; HF modules: tests/nn/test_patch_embed_modules.py."""
+Qwen2-VL / Qwen3-VL rows, packed batches vs per-image calls, fuzz of both modes. Autograd,
+opcheck, compile: test_patch_embed_checks.py; bad inputs: test_patch_embed_errors.py; variable-size
+image lists: test_patch_embed_varlen.py; HF modules: tests/nn/test_patch_embed_modules.py."""
+
+import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from patch_embed_testing import (
     FLAVOURS,
@@ -20,8 +23,22 @@ from testing_utils import FLOATS
 import vlmkern
 from vlmkern import reference
 
-REAL = {"clip-l14-336", "siglip-so400m", "internvit-448"}
-FLAVOUR_OF = dict(zip(IMAGE_SHAPES, [*FLAVOURS] * 3, strict=False))
+# Each real shape runs as its own model: CLIP (CLS + positions, no bias), SigLIP (bias +
+# positions), InternViT (bias + CLS + positions), Mllama (a bias-free conv; its CLS and tile
+# positions are added after the op). The synthetic shapes cycle through every flavour.
+REAL_FLAVOUR = {"clip-l14-336": "clip", "siglip-so400m": "siglip", "internvit-448": "internvit",
+                "mllama-560": "mllama"}
+REAL = set(REAL_FLAVOUR)
+SYNTHETIC = [name for name in IMAGE_SHAPES if name not in REAL]
+FLAVOUR_OF = {**dict(zip(SYNTHETIC, itertools.cycle(FLAVOURS))), **REAL_FLAVOUR}
+
+
+def test_shape_flavours():
+    """Every flavour runs on some synthetic shape; the real shapes have their model's flavour."""
+    assert {FLAVOUR_OF[name] for name in SYNTHETIC} == set(FLAVOURS)
+    assert {name: FLAVOURS[FLAVOUR_OF[name]] for name in REAL} == {  # (bias, cls, positions)
+        "clip-l14-336": (False, True, True), "siglip-so400m": (True, False, True),
+        "internvit-448": (True, True, True), "mllama-560": (False, False, False)}
 
 
 def _image_case(name, dtype, layout, resize=False, uint8=False):
@@ -231,3 +248,42 @@ def test_fuzz_image_mode(batch, channels, patch, gh, gw, dim, flavour, resize, l
     out = vlmkern.ops.patch_embed(pixels, weight, bias, **kwargs)
     assert_close_two_tier(out, (pixels, weight, bias), kwargs, "fuzz")
     assert reference.patch_embed(pixels, weight, bias, **kwargs).shape == out.shape
+
+
+@settings(derandomize=True, max_examples=60, deadline=None, database=None)
+@given(
+    entries=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3)),
+                     min_size=1, max_size=3),
+    empty=st.integers(0, 19), merge=st.integers(1, 2), channels=st.integers(1, 3),
+    temporal=st.integers(1, 2), patch=st.integers(1, 4), dim=st.integers(1, 33),
+    bias=st.booleans(), side=st.sampled_from([None, 1, 2, 3, 5]),
+    layout=st.sampled_from(PACKED_LAYOUTS), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    grid_dtype=st.sampled_from([torch.int32, torch.int64]), uint8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(entries=[(1, 1, 1)], empty=5, merge=2, channels=3, temporal=2, patch=2, dim=8, bias=True,
+         side=3, layout="row_strided", dtype=torch.bfloat16, grid_dtype=torch.int32, uint8=True,
+         seed=0)  # always one N = 0 call
+def test_fuzz_packed_mode(entries, empty, merge, channels, temporal, patch, dim, bias, side,
+                          layout, dtype, grid_dtype, uint8, seed):
+    """Packed (Qwen) rows: 1-3 grid_thw entries, or none (N = 0) when `empty` == 5 (mid-range:
+    hypothesis favours a range's ends) and in the explicit example; h and w in merge blocks when
+    the (S*S, D) table is resampled, any h and w otherwise."""
+    torch.manual_seed(seed)
+    unit = merge if side else 1
+    grid = [[t, h * unit, w * unit] for t, h, w in entries] if empty != 5 else []
+    grid_thw = torch.tensor(grid, dtype=grid_dtype).reshape(-1, 3)
+    n, k = int(grid_thw.prod(1).sum()), channels * temporal * patch * patch
+    rows = {"contiguous": (n, k), "row_strided": (2 * n, k), "col_strided": (n, 2 * k)}[layout]
+    base = torch.randint(0, 256, rows, dtype=torch.uint8) if uint8 else torch.randn(rows).to(dtype)
+    patches = {"contiguous": base, "row_strided": base[::2], "col_strided": base[:, ::2]}[layout]
+    weight = (torch.randn(dim, channels, temporal, patch, patch) * 0.3).to(dtype)
+    b = torch.randn(dim).to(dtype) if bias else None
+    kwargs = {"grid_thw": grid_thw, "spatial_merge_size": merge,
+              "pos_embed": torch.randn(side * side, dim).to(dtype) if side else None}
+    if uint8:
+        kwargs.update(mean=[0.5] * channels, std=[0.25] * channels, rescale=1 / 255)
+    tokens, cu = vlmkern.ops.patch_embed(patches, weight, b, **kwargs)
+    assert tokens.shape == (n, dim) and tokens.dtype == dtype
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, *grid_thw.prod(1).cumsum(0).tolist()]
+    assert_close_two_tier(tokens, (patches, weight, b), kwargs, "packed fuzz")

@@ -42,6 +42,8 @@ IMAGE_ERRORS = {
     "pos-not-square": ({"pos_embed": (15, 4)}, r"pos_embed has 15 rows: not a square S\*S"),
     "pos-not-square-cls": ({"pos_embed": (16, 4), "cls_token": (4,)},
                            r"pos_embed has 16 rows: not a square S\*S table \+ 1 \(CLS\)"),
+    "pos-empty-cls": ({"pos_embed": (0, 4), "cls_token": (4,)},
+                      r"pos_embed has 0 rows: it needs at least 1 patch position \+ 1 \(CLS\)"),
     "pos-none-rows": ({"pos_embed": (9, 4), "pos_interp": "none"},
                       r"pos_embed has 9 rows but the \(4, 4\) grid needs 16"),
     "pos-interp": ({"pos_interp": "bilinear"}, r"pos_interp must be 'bicubic' or 'none'"),
@@ -49,6 +51,8 @@ IMAGE_ERRORS = {
     "cls-width": ({"cls_token": (3,)}, r"cls_token has width 3 but weight has D=4"),
     "cls-dtype": ({"cls_token": ((4,), BF16)}, r"cls_token dtype torch.bfloat16 does not match"),
     "mean-len": ({"mean": [0.5, 0.5]}, r"mean has 2 values but there are C=3 channels"),
+    "mean-nan": ({"mean": [0.5, float("nan"), 0.5]},
+                 r"mean must be finite, got nan at channel 1"),
     "std-len": ({"std": [0.5] * 4}, r"std has 4 values but there are C=3 channels"),
     "std-zero": ({"std": [0.5, 0.0, 0.5]}, r"std must be finite and nonzero"),
     "rescale-zero": ({"rescale": 0.0}, r"rescale must be finite and nonzero"),
@@ -100,6 +104,7 @@ PACKED_ERRORS = {
     "pos-not-square": ({"pos_embed": (8, 4)}, r"pos_embed has 8 rows: not a square S\*S"),
     "pos-dtype": ({"pos_embed": ((9, 4), BF16)}, r"pos_embed dtype torch.bfloat16 does not"),
     "mean-len": ({"mean": [0.5]}, r"mean has 1 values but there are C=3 channels"),
+    "mean-inf": ({"mean": [0.5, 0.5, float("inf")]}, r"mean must be finite, got inf at channel 2"),
 }
 PACKED_ARGS = ["patches", "weight", "bias", "grid_thw", "pos_embed", "spatial_merge_size",
                "mean", "std", "rescale"]

@@ -1,14 +1,17 @@
 """patch_embed on a list of images of different sizes (packed tokens + cu_seqlens): equal to the
 per-image calls, gradients equal to the summed per-image gradients, gradcheck, opcheck, compile,
-bad inputs on real / meta / fake tensors."""
+hypothesis fuzz against the float64 reference (G12), bad inputs on real / meta / fake tensors."""
 
 import pytest
 import torch
-from patch_embed_testing import assert_close_two_tier
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from patch_embed_testing import FLAVOURS, assert_close_two_tier, make_params, make_pixels
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vlmkern
+from vlmkern import reference
 
 varlen_op = torch.ops.vlmkern.patch_embed_varlen
 SIZES = [(14, 21), (7, 7), (28, 14), (21, 21)]  # P = 7: grids 2x3, 1x1, 4x2, 3x3
@@ -125,6 +128,43 @@ def test_varlen_torch_compile():
             torch.testing.assert_close(c, e)
     assert 1 <= counter.frame_count <= 2
     torch._dynamo.reset()
+
+
+def _varlen_reference(images, weight, bias=None, **kwargs):
+    """The per-image reference calls, tokens concatenated (cu_seqlens: None)."""
+    outs = [reference.patch_embed(im[None], weight, bias, **kwargs)[0] for im in images]
+    return (torch.cat(outs) if outs else weight.new_zeros((0, weight.shape[0]))), None
+
+
+@settings(derandomize=True, max_examples=60, deadline=None, database=None)
+@given(
+    grids=st.lists(st.tuples(st.integers(0, 4), st.integers(1, 4)), min_size=1, max_size=3),
+    empty=st.integers(0, 19), channels=st.integers(1, 4), patch=st.integers(1, 5),
+    dim=st.integers(1, 33), flavour=st.sampled_from(list(FLAVOURS)), side=st.integers(1, 4),
+    layout=st.sampled_from(["contiguous", "sliced", "channels_last", "nchw_strided_cl"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), uint8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_varlen(grids, empty, channels, patch, dim, flavour, side, layout, dtype, uint8,
+                     seed):
+    """1-3 images with (gh, gw) grids, gh = 0 included, or an empty list when `empty` == 5
+    (mid-range: hypothesis favours a range's ends); each image's positions bicubic-resized from
+    one S*S table; against the per-image float64 references."""
+    torch.manual_seed(seed)
+    grids = grids if empty != 5 else []
+    images, cl = [], False
+    for gh, gw in grids:
+        im, cl = make_pixels((1, channels, gh * patch, gw * patch), dtype, layout, uint8)
+        images.append(im[0])
+    weight, bias, pos, cls = make_params(channels, patch, dim, flavour, dtype, (side, side), side)
+    kwargs = {"pos_embed": pos, "cls_token": cls, "channels_last": cl}
+    if uint8:
+        kwargs.update(mean=[0.5] * channels, std=[0.25] * channels, rescale=1 / 255)
+    tokens, cu = vlmkern.ops.patch_embed(images, weight, bias, **kwargs)
+    lengths = [(cls is not None) + gh * gw for gh, gw in grids]
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert tokens.shape == (sum(lengths), dim) and tokens.dtype == dtype
+    assert_close_two_tier(tokens, (images, weight, bias), kwargs, "varlen fuzz", _varlen_reference)
 
 
 ERRORS = {  # id: (images (shape, dtype), message)

@@ -44,6 +44,8 @@ def check_norm(mean: Sequence[float] | None, std: Sequence[float] | None, rescal
     if mean is not None:
         _fail(len(mean) == channels,
               f"mean has {len(mean)} values but there are C={channels} channels")
+        for c, v in enumerate(mean):
+            _fail(math.isfinite(v), f"mean must be finite, got {v} at channel {c}")
     if std is not None:
         _fail(len(std) == channels,
               f"std has {len(std)} values but there are C={channels} channels")
@@ -92,6 +94,8 @@ def check_image(pixels, weight, bias, pos_embed, has_cls, mean, std, rescale, ch
             _fail(rows == gh * gw, f"pos_embed has {pos_embed.shape[0]} rows but the ({gh}, {gw})"
                   f" grid needs {gh * gw}{plus} (pos_interp='none')")
         else:
+            _fail(rows >= 1, f"pos_embed has {pos_embed.shape[0]} rows: it needs at least 1 "
+                  f"patch position{plus}")
             square_side(rows, f"pos_embed has {pos_embed.shape[0]} rows: not a square S*S "
                         f"table{plus}")
     return gh, gw
