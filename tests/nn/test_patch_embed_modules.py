@@ -90,6 +90,27 @@ def test_image_module_matches_hf(name, resize):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_image_module_low_precision_2x_rule(name, dtype):
+    """G3(b): in bf16 / fp16, the error against HF's module run in float64 (the same weights and
+    pixels, rounded to `dtype` first) is within 2x that of HF's own module run in `dtype`."""
+    import copy
+
+    hf_cls, ours_cls, cfg_cls, kwargs = IMAGE_MODELS[name]
+    cfg, hf, ours = _pair(hf_cls, ours_cls, cfg_cls, kwargs)
+    hf_low, ours = hf.to(dtype), ours.to(dtype)
+    hf64 = copy.deepcopy(hf_low).double()
+    x = torch.randn(2, 3, *_pair_size(cfg.image_size)).to(dtype)
+    with torch.no_grad():
+        ref, pt = _call(hf64, x.double(), False), _call(hf_low, x, False)
+        got = _call(ours, x, False)
+    assert got.dtype == dtype and got.shape == ref.shape
+    e_ours, e_pt = (got.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
+    assert e_pt > 0
+    assert e_ours <= 2 * e_pt + 1e-6 * ref.abs().max().item()
+
+
 def _pair_size(v):
     return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
