@@ -202,3 +202,33 @@ def test_cuda_packed_positions_kernel(dtype, bias):
                 assert not names & {"aten::addmm", "aten::add_", "aten::baddbmm"}
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     torch.testing.assert_close(outs["cuda"].cpu().float(), outs["cpu"].float(), **tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_past_int32_indexing(channels_last):
+    """G9: a 26880² uint8 image (2.17e9 pixels) whose patch matrix at P = 14 has 3.7e6 rows x 592
+    (2.18e9 elements): pixel offsets and patch-matrix offsets pass 2**31. The first and the last
+    64 tokens are checked against the float64 reference run on just their strips of pixels
+    (no positions, so a strip's tokens are the full image's)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs >= 40 GB of GPU memory")
+    side, p, d = 26880, 14, 32
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    shape = (1, side, side, 3) if channels_last else (1, 3, side, side)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")
+    assert pixels.numel() > 2**31
+    w = (torch.randn(d, 3, p, p, device="cuda") * 0.05).to(torch.bfloat16)
+    b = torch.randn(d, device="cuda").to(torch.bfloat16)
+    kw = {"mean": mean, "std": std, "rescale": 1 / 255, "channels_last": channels_last}
+    tokens = vlmkern.ops.patch_embed(pixels, w, b, **kw)  # (1, 1920², 32)
+    n = (side // p) ** 2
+    assert tokens.shape == (1, n, d) and not tokens.isnan().any()
+    for rows, cols, sl in ((slice(0, p), slice(0, 64 * p), slice(0, 64)),
+                           (slice(side - p, side), slice(side - 64 * p, side), slice(n - 64, n))):
+        strip = pixels[:, rows, cols] if channels_last else pixels[:, :, rows, cols]
+        ref = vlmkern.reference.patch_embed(strip.cpu(), w.double().cpu(), b.double().cpu(),
+                                            **kw)  # fmt: skip
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(tokens[:, sl].double().cpu(), ref, rtol=2e-2,
+                                   atol=2e-2 * ref.abs().max().item())  # fmt: skip
