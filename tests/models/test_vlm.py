@@ -241,16 +241,27 @@ def test_llava_several_feature_layers(layers, strategy):
 
 
 def test_generate_stops_at_eos():
-    _, vk, inputs = _build("llava")
+    hf, vk, inputs = _build("llava")
     ids, s = inputs["input_ids"], inputs["input_ids"].shape[1]
     free = vk.generate(ids, 4, **_vk_inputs(inputs))[:, s:]
-    eos = int(free[0, 1])  # row 0's second new token
+    # a token of row 0 (not its first) that row 1 has not produced by then: row 0 stops first
+    stops = [j for j in range(1, 4) if int(free[0, j]) not in free[1, : j + 1].tolist()]
+    assert stops, free
+    eos = int(free[0, stops[0]])
     got = vk.generate(ids, 4, eos_token_id=eos, **_vk_inputs(inputs))[:, s:]
     first = [int((row == eos).nonzero()[0]) if (row == eos).any() else len(row) for row in free]
     assert got.shape[1] == min(4, max(first) + 1)  # stops once every row has produced it
     for row, stop in enumerate(first):  # the same tokens up to eos, then eos only
         assert torch.equal(got[row, : stop + 1], free[row, : stop + 1])
         assert (got[row, stop:] == eos).all()
+    padded = vk.generate(ids, 4, eos_token_id=eos, pad_token_id=7, **_vk_inputs(inputs))[:, s:]
+    assert any(padded.shape[1] > stop + 1 for stop in first)  # some row pads
+    for row, stop in enumerate(first):  # HF's rule: eos once, then the pad token
+        assert torch.equal(padded[row, : stop + 1], free[row, : stop + 1])
+        assert (padded[row, stop + 1 :] == 7).all()
+    expected = hf.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=eos,
+                           pad_token_id=7)  # fmt: skip
+    assert torch.equal(torch.cat([ids, padded], 1), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

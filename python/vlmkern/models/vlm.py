@@ -136,13 +136,15 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
                  attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, output_logits: bool = False,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, output_logits: bool = False,
                  **vision_inputs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding over the LLM's KV cache (transformers' ``DynamicCache``): returns
         (B, S + new) int64, prompt first, and with ``output_logits`` also each step's logits
         (B, new, vocab). Batches are left-padded (``attention_mask``). A row that produced one
-        of ``eos_token_id`` continues with the first of them; the loop reads the tokens on the
-        host only to stop once every row has finished."""
+        of ``eos_token_id`` continues with ``pad_token_id``, or without one with the first eos
+        id (HF's generate does the same, with a warning); the loop reads the tokens on the host
+        only to stop once every row has finished."""
         from transformers import DynamicCache
 
         if max_new_tokens < 1:
@@ -151,6 +153,7 @@ class VisionLanguageModel(nn.Module):
         eos_ids = ([] if eos_token_id is None else
                    [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
+        fill = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else None)
         # with the LLM's config, as HF's generate: sliding-window layers keep their window only
         cache = DynamicCache(config=getattr(self.language_model, "config", None))
         deltas, mask, step = None, attention_mask, input_ids
@@ -164,7 +167,7 @@ class VisionLanguageModel(nn.Module):
             logits.append(out.logits[:, -1])
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             if eos is not None:
-                nxt = nxt.masked_fill(done, eos_ids[0])
+                nxt = nxt.masked_fill(done, fill)
                 done = done | torch.isin(nxt, eos)
             tokens.append(nxt)
             step = nxt[:, None]
