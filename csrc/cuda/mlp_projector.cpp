@@ -48,6 +48,13 @@ ProjectorGemm projector_gemm() {
   return v == "cutlass_pingpong" ? ProjectorGemm::kCutlassPingpong : ProjectorGemm::kAten;
 }
 
+// A CUTLASS kernel's workspace of `bytes` on `like`'s device from the caching allocator, or an
+// undefined tensor for none.
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  if (bytes == 0) return {};
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
 // The FusedDenseFn of the CUDA composite: a (M, K) row-major with any row stride, w (N, K) and b
 // contiguous, bf16 / fp16, on a compute-capability-9.0 device, sizes and pointers TMA-aligned.
 // GELU gets the fused epilogue (writing `pre` as its aux output when asked); the other
@@ -84,13 +91,9 @@ DenseAct cutlass_dense_with(GemmSchedule sched, const at::Tensor& a, const at::T
   auto pre = gelu ? at::empty({p.m, p.n}, a.options()) : out;
   p.out = out.mutable_data_ptr();
   p.aux = gelu ? pre.mutable_data_ptr() : nullptr;
-  const size_t ws_bytes = gemm_bias_act_workspace_size(p);
-  at::Tensor ws;
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
-  }
-  const auto stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
-  C10_CUDA_CHECK(gemm_bias_act(p, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr, stream));
+  const at::Tensor ws = workspace(gemm_bias_act_workspace_size(p), a);
+  C10_CUDA_CHECK(gemm_bias_act(p, ws.defined() ? ws.mutable_data_ptr() : nullptr,
+                               c10::cuda::getCurrentCUDAStream(p.device).stream()));
   if (gelu) return {out, pre};
   return {act == ProjectorActivation::kNone ? out : at::Tensor(), out};
 }
@@ -154,13 +157,9 @@ at::Tensor cutlass_dgelu(const at::Tensor& g, const at::Tensor& w2, const at::Te
   if (gemm_dgelu_unsupported(p) != nullptr) return {};
   auto dh = at::empty({p.m, p.n}, pre.options());
   p.out = dh.mutable_data_ptr();
-  const size_t ws_bytes = gemm_dgelu_workspace_size(p);
-  at::Tensor ws;
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)}, g.options().dtype(at::kByte));
-  }
-  const auto stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
-  C10_CUDA_CHECK(gemm_dgelu(p, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr, stream));
+  const at::Tensor ws = workspace(gemm_dgelu_workspace_size(p), g);
+  C10_CUDA_CHECK(gemm_dgelu(p, ws.defined() ? ws.mutable_data_ptr() : nullptr,
+                            c10::cuda::getCurrentCUDAStream(p.device).stream()));
   return dh;
 }
 

@@ -177,36 +177,52 @@ struct GemmOf {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
+// The arguments every variant shares: problem (M, N, K, L = 1; the launcher checked each
+// < 2^31), A (M, K) row-major with row stride lda, B as given (its stride chosen by the caller's
+// layout), no C, D (M, N) contiguous, on `device`'s SMs. The fusion's own arguments are the
+// caller's.
+template <class Gemm, class T>
+typename Gemm::Arguments gemm_arguments(int64_t m, int64_t n, int64_t k, const void* a,
+                                        int64_t lda, const void* b,
+                                        typename Gemm::GemmKernel::StrideB db, void* out,
+                                        int device) {
+  using Kernel = typename Gemm::GemmKernel;
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = cute::make_shape(static_cast<int>(m), static_cast<int>(n),
+                                        static_cast<int>(k), 1);
+  args.mainloop.ptr_A = static_cast<const T*>(a);
+  args.mainloop.dA = typename Kernel::StrideA{lda, cute::Int<1>{}, lda * m};
+  args.mainloop.ptr_B = static_cast<const T*>(b);
+  args.mainloop.dB = db;
+  const typename Kernel::StrideD d_stride{n, cute::Int<1>{}, n * m};
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = d_stride;
+  args.epilogue.ptr_D = static_cast<T*>(out);
+  args.epilogue.dD = d_stride;
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return args;
+}
+
 template <GemmDtype kDtype, GemmActivation kAct, bool kAux, GemmSchedule kSched>
 typename GemmOf<kDtype, kAct, kAux, kSched>::Gemm::Arguments make_arguments(
     const GemmBiasActParams& p) {
   using G = GemmOf<kDtype, kAct, kAux, kSched>;
   using T = typename G::T;
   using Kernel = typename G::Kernel;
-  typename G::Gemm::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  // (M, N, K, L = 1); the launcher checked each < 2^31.
-  args.problem_shape = cute::make_shape(static_cast<int>(p.m), static_cast<int>(p.n),
-                                        static_cast<int>(p.k), 1);
-  args.mainloop.ptr_A = static_cast<const T*>(p.a);
-  args.mainloop.dA = typename Kernel::StrideA{p.lda, cute::Int<1>{}, p.lda * p.m};
-  args.mainloop.ptr_B = static_cast<const T*>(p.w);
-  args.mainloop.dB = typename Kernel::StrideB{p.k, cute::Int<1>{}, p.k * p.n};
-  const typename Kernel::StrideD d_stride{p.n, cute::Int<1>{}, p.n * p.m};
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = d_stride;
-  args.epilogue.ptr_D = static_cast<T*>(p.out);
-  args.epilogue.dD = d_stride;
+  // W (N, K) contiguous: B (N, K) K-major.
+  auto args = gemm_arguments<typename G::Gemm, T>(
+      p.m, p.n, p.k, p.a, p.lda, p.w, typename Kernel::StrideB{p.k, cute::Int<1>{}, p.k * p.n},
+      p.out, p.device);
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.0f;
   fusion.beta = 0.0f;
   fusion.bias_ptr = static_cast<const T*>(p.bias);  // nullptr: the broadcast reads zeros
   if constexpr (kAux) {
     fusion.aux_ptr = static_cast<T*>(p.aux);
-    fusion.dAux = d_stride;
+    fusion.dAux = args.epilogue.dD;  // (M, N) contiguous, as D
   }
-  args.hw_info.device_id = p.device;
-  args.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(p.device);
   return args;
 }
 

@@ -78,28 +78,15 @@ typename GemmOf<kDtype>::Gemm::Arguments make_arguments(const GemmDGeluParams& p
   using G = GemmOf<kDtype>;
   using T = typename G::T;
   using Kernel = typename G::Kernel;
-  typename G::Gemm::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  // (M, N, K, L = 1); the launcher checked each < 2^31.
-  args.problem_shape = cute::make_shape(static_cast<int>(p.m), static_cast<int>(p.n),
-                                        static_cast<int>(p.k), 1);
-  args.mainloop.ptr_A = static_cast<const T*>(p.g);
-  args.mainloop.dA = typename Kernel::StrideA{p.ldg, cute::Int<1>{}, p.ldg * p.m};
   // B as CUTLASS sees it is (N, K): w (K, N) row-major has unit stride along N, N along K.
-  args.mainloop.ptr_B = static_cast<const T*>(p.w);
-  args.mainloop.dB = typename Kernel::StrideB{cute::Int<1>{}, p.n, p.n * p.k};
-  const typename Kernel::StrideD d_stride{p.n, cute::Int<1>{}, p.n * p.m};
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = d_stride;
-  args.epilogue.ptr_D = static_cast<T*>(p.out);
-  args.epilogue.dD = d_stride;
+  auto args = gemm_bias_act_detail::gemm_arguments<typename G::Gemm, T>(
+      p.m, p.n, p.k, p.g, p.ldg, p.w, typename Kernel::StrideB{cute::Int<1>{}, p.n, p.n * p.k},
+      p.out, p.device);
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.0f;
   fusion.beta = 0.0f;
   fusion.aux_ptr = static_cast<const T*>(p.pre);
-  fusion.dAux = d_stride;
-  args.hw_info.device_id = p.device;
-  args.hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(p.device);
+  fusion.dAux = args.epilogue.dD;  // (M, N) contiguous, as dh
   return args;
 }
 
