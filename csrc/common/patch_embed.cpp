@@ -91,7 +91,9 @@ std::pair<at::Tensor, at::Tensor> fold_weight(const at::Tensor& weight,
   // tensor of scales ~2 ms (mixed-dtype copies).
   const at::Tensor w = weight.reshape({d, c, k / c});
   const auto st = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor folded = at::empty_like(w);
+  // Contiguous whatever the weight's strides (a channels_last Conv weight included), so the
+  // (D, K) view below is the (C, kh, kw) order of a row.
+  at::Tensor folded = at::empty_like(w, at::MemoryFormat::Contiguous);
   for (int64_t ch = 0; ch < c; ++ch) {
     at::Tensor slice = folded.select(1, ch);
     at::mul_out(slice, w.select(1, ch), norm.scale(ch));

@@ -170,6 +170,31 @@ def _packed_case(name, dtype, layout="contiguous", uint8=False):
                                      "spatial_merge_size": merge}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_weight_with_normalization(dtype):
+    """A Conv weight in channels_last memory (model.to(memory_format=torch.channels_last)) folds
+    the normalization like a contiguous one, in image and packed mode (up to the summation order
+    of the bias correction)."""
+    g = torch.Generator().manual_seed(3)
+    norm = {"mean": [0.48, 0.45, 0.40], "std": [0.26, 0.26, 0.27], "rescale": 1 / 255}
+    u8 = torch.randint(0, 256, (2, 3, 8, 12), generator=g, dtype=torch.uint8)
+    w = (torch.randn(8, 3, 4, 4, generator=g) * 0.2).to(dtype)
+    b = torch.randn(8, generator=g).to(dtype)
+    cl = w.contiguous(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    expected = vlmkern.ops.patch_embed(u8, w, b, **norm)
+    assert expected.abs().max() > 0
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0.07}
+    torch.testing.assert_close(vlmkern.ops.patch_embed(u8, cl, b, **norm), expected, **tol)
+    w3 = (torch.randn(8, 3, 2, 4, 4, generator=g) * 0.2).to(dtype)
+    rows = torch.randint(0, 256, (24, 96), generator=g, dtype=torch.uint8)
+    grid = torch.tensor([[1, 4, 6]])
+    packed = vlmkern.ops.patch_embed(rows, w3, b, grid_thw=grid, **norm)[0]
+    cl3 = w3.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(vlmkern.ops.patch_embed(rows, cl3, b, grid_thw=grid, **norm)[0],
+                               packed, **tol)  # fmt: skip
+
+
 @pytest.mark.parametrize("layout", PACKED_LAYOUTS)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("name", PACKED)

@@ -67,7 +67,8 @@ def patch_embed(
 
     **Normalization** (both modes): ``x = (p · rescale − mean[c]) / std[c]`` per channel, e.g.
     ``uint8`` pixels with ``rescale=1/255`` and the processor's mean/std, is folded into the
-    GEMM weights (computed in float64): ``W' = W·rescale/std``, ``b' = b − Σ W·mean/std``.
+    GEMM weights: ``W' = W·rescale/std`` (in the weight dtype's opmath, fp32 for fp16 / bf16),
+    ``b' = b − Σ W·mean/std`` (the sum accumulated in fp32, the correction in float64).
 
     Differentiable in ``weight``, ``bias``, ``pos_embed`` (through the resize), ``cls_token`` and
     float ``pixels``. ``patch_size`` / ``temporal_patch_size``, when given, must match ``weight``.
