@@ -6,7 +6,7 @@ test_cross_attention_checks.py; HF module parity: tests/nn/test_cross_attention_
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from testing_utils import FLOATS
 from xattn_testing import MEMORIES, check_all, make_qkv, mllama_mask
@@ -234,3 +234,35 @@ def test_fuzz(B, Sq, Sk, Hk, G, D, dtype, layout, memory, vis, masked_rows, seed
     elif vis == "prefix_lm":
         kw.update(mode="prefix_lm", prefix_len=torch.randint(0, Sk + 2, (B,)))
     check_all(q, k, v, grad=B * Sq * Sk < 6000, **kw)
+
+
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(
+    lens=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=4),
+    Hk=st.integers(1, 2), G=st.sampled_from([1, 2, 4]),
+    D=st.sampled_from([8, 64, 72, 80, 96, 128, 256]), dtype=st.sampled_from(FLOATS),
+    strided=st.booleans(), vis=st.sampled_from(["full", "ranges", "prefix_lm"]),
+    masked_rows=st.sampled_from(["zero", "uniform"]), seed=st.integers(0, 2**16),
+)
+def test_fuzz_packed(lens, Hk, G, D, dtype, strided, vis, masked_rows, seed):
+    """Packed segments (cu_seqlens, B = 1) with empty q or k segments, GQA, every CUDA head dim
+    and 256, q as a view of a fused qkv row, each visibility: vs float64 (G12)."""
+    assume(any(a and b for a, b in lens))  # some row sees keys: the reference is not all zero
+    torch.manual_seed(seed)
+    lq, lk = torch.tensor([a for a, _ in lens]), torch.tensor([b for _, b in lens])
+    cq = torch.cat([torch.zeros(1), lq.cumsum(0)]).int()
+    ck = torch.cat([torch.zeros(1), lk.cumsum(0)]).int()
+    tq, tk, hq = int(lq.sum()), int(lk.sum()), G * Hk
+    q = (torch.randn(tq, 3 * hq * D)[:, : hq * D] if strided else torch.randn(tq, hq * D))
+    q = q.to(dtype).unflatten(-1, (hq, D))
+    k, v = (torch.randn(tk, Hk, D).to(dtype) for _ in range(2))
+    kw = {"cu_seqlens_q": cq, "cu_seqlens_k": ck, "masked_rows": masked_rows}
+    if vis == "ranges":  # (total_q, 2, 2) within each row's own segment of keys
+        row_k = lk.repeat_interleave(lq)
+        a, b = ((torch.rand(tq, 2) * (row_k[:, None] + 1)).floor().long() for _ in range(2))
+        kw["kv_ranges"] = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], -1).int()
+    elif vis == "prefix_lm":
+        kw.update(mode="prefix_lm", prefix_len=torch.randint(0, 45, (len(lens),)))
+    out, _ = check_all(q, k, v, grad=tq * tk * hq < 20000, **kw)
+    assert out.shape == q.shape
+
