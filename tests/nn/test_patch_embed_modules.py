@@ -174,6 +174,32 @@ def test_qwen3_patch_embed_and_positions_match_hf(cfg_kwargs, grid):
     assert cu.dtype == torch.int32 and cu.tolist() == [0, *counts.cumsum(0).tolist()]
 
 
+def test_qwen3_patch_embed_loads_the_vision_models_own_keys():
+    """The `patch_embed.*` and `pos_embed.*` entries of a whole Qwen3VLVisionModel's state dict
+    load strictly, and the module then equals the model's own patch embedding + positions."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    cfg = Qwen3VLVisionConfig(hidden_size=32, num_heads=4, patch_size=4, depth=1,
+                              num_position_embeddings=36, intermediate_size=64)
+    model = Qwen3VLVisionModel(cfg).eval()
+    with torch.no_grad():
+        model.pos_embed.weight.normal_()
+    state = {k: v for k, v in model.state_dict().items()
+             if k.startswith(("patch_embed.", "pos_embed."))}  # fmt: skip
+    assert {k.split(".")[0] for k in state} == {"patch_embed", "pos_embed"}
+    ours = vnn.Qwen3VLPatchEmbed(cfg)
+    ours.load_state_dict(state, strict=True)
+    grid = torch.tensor([[1, 4, 6], [2, 2, 4]])
+    x = torch.randn(int(grid.prod(1).sum()), model.patch_embed.proj.weight[0].numel())
+    idx, w = get_vision_interpolation_indices_and_weights(
+        grid, 6, mode="bilinear", align_corners=True, spatial_merge_size=cfg.spatial_merge_size)
+    with torch.no_grad():
+        ref = model.patch_embed(x) + (model.pos_embed(idx) * w[:, :, None]).sum(1)
+        out, _ = ours(x, grid)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny", "internvit-tiny", "qwen2", "qwen3"])
 def test_wrapped_or_hooked_patch_conv_is_refused(name):
     """The fused op reads the patch conv's weights directly: a hook (or a PEFT wrapper) on it would
