@@ -1,6 +1,7 @@
 """mlp_projector forward: the two numeric tiers (fp32 vs fp64 ≤ 1e-5; bf16/fp16 ≤ 2× PyTorch's own
 error) on every connector mode × M = 0, 1, 113, 577 × layouts, the erf-vs-tanh GELU trap, output
-shapes, the grid path, fuzzing, and the CUDA-only checks (auto-skipped without a GPU). Autograd,
+shapes, the grid path, fuzzing, and the CUDA-only checks (auto-skipped without a GPU): graphs,
+streams and repeats of the fused shuffle kernels (G8, G11), unwritten outputs (G7). Autograd,
 opcheck, compile and bad inputs: test_mlp_projector_checks.py; HF modules: tests/nn."""
 
 import pytest
@@ -22,8 +23,10 @@ from projector_testing import (
     options,
     run,
 )
-from testing_utils import assert_nontrivial, profiled_names
+from testing_utils import assert_nontrivial, deterministic_mode, graph_replay, profiled_names
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import vlmkern
 
 LAYOUTS = ["contiguous", "cls", "strided", "transposed"]
 C, N1, D = 37, 93, 45  # odd sizes, off every tile edge
@@ -411,3 +414,76 @@ def test_cuda_past_int32_indexing(norm_kernel, monkeypatch):
         assert_nontrivial(ref64)
         blocks = slice(cols.start // 2, cols.stop // 2)
         assert_lowprec_tier(out[:, :, blocks], run(REF, part, weights, options(mode)), ref64)
+
+
+def _assert_repeats_stream_graph(x, weights, opts, kernel):
+    """G8 + G11 on the path that launches `kernel` (the profiler shows it): 20 repeats give the
+    first call's bits; so does a call on a side stream queued behind a sleep and x's rewrite
+    there (work on another stream would read zeros); a CUDA graph captured from the call and
+    replayed after x changes in place gives the bits of an eager call on the new x."""
+
+    def call():
+        return run(OURS, x, weights, opts)
+
+    assert any(kernel in n for n in profiled_names(call)), f"{kernel} did not run"
+    first = call()
+    assert_nontrivial(first)
+    for _ in range(20):
+        assert torch.equal(call(), first)
+    fresh = x.clone()
+    x.zero_()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(fresh)
+        out = call()
+    side.synchronize()
+    assert torch.equal(out, first)
+    new = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x)
+    static = graph_replay(call, before_replay=lambda: x.copy_(new))
+    eager = call()
+    assert not torch.equal(eager, first)  # the replay had new data to read
+    assert torch.equal(static, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "cls"])
+def test_cuda_fused_shuffle_layer_norm_graph_stream_repeats(layout):
+    """InternVL's one-kernel pixel shuffle + LayerNorm (the CUDA default for bf16, C % 8 == 0)
+    then cuBLAS: bit-identical repeats, the current stream, CUDA-graph replay (G8, G11)."""
+    _, x, weights, opts = _inputs("internvl", 256, layout, torch.bfloat16, device="cuda",
+                                  c=64, n1=96, d=48)
+    _assert_repeats_stream_graph(x, weights, opts, "shuffle_layer_norm_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "cls"])
+def test_cuda_shuffle_gemm_graph_stream_repeats(layout, monkeypatch):
+    """Idefics3's r = 3 shuffle read by the sm_90a GEMM (VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused,
+    C % 8 == 0, 113 rows: a partial M tile): repeats, stream and graph replay as above."""
+    if torch.cuda.get_device_capability() != (9, 0) or not vlmkern.info()["cutlass_gemm"]:
+        pytest.skip("the pixel-shuffle GEMM is sm_90a code in a build with the CuTe kernels")
+    monkeypatch.setenv("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "fused")
+    _, x, weights, opts = _inputs("idefics3", 113, layout, torch.bfloat16, device="cuda",
+                                  c=64, n1=96, d=96)
+    _assert_repeats_stream_graph(x, weights, opts, "shuffle_gemm_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [C, 64])  # odd C: the ATen shuffle; C % 8 == 0: the fused kernels
+@pytest.mark.parametrize("name", MODES)
+def test_cuda_every_output_element_is_written(name, c):
+    """G7 on CUDA: deterministic mode NaN-fills fresh buffers; the output (bf16, 577 rows) and
+    every gradient hold no NaN, and the float64 reference none either."""
+    _, x, weights, opts = _inputs(name, 577, "cls", torch.bfloat16, device="cuda", c=c)
+    with deterministic_mode():
+        assert torch.empty(4, device="cuda").isnan().all()  # fresh buffers are poisoned
+        out, grads = grads_of(OURS, x, weights, opts)
+    ref64 = _ref64(x, weights, opts)
+    assert_nontrivial(ref64)
+    assert out.shape == ref64.shape and not ref64.isnan().any()
+    assert not out.isnan().any()
+    assert set(grads) == {"x"} | {n for n, t in weights.items() if t is not None}
+    for n, g in grads.items():
+        assert not g.isnan().any(), n

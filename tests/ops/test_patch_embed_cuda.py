@@ -1,12 +1,18 @@
 """patch_embed on CUDA (all `gpu`-marked, skipped without a GPU): CUDA vs CPU forward and backward
-for the image, packed and varlen ops, the packed op inside CUDA-graph capture (no host sync), a
-non-default stream, and bit-identical repeats (G8, G11)."""
+for the image, packed and varlen ops, the packed and image ops inside CUDA-graph capture (no host
+sync), a non-default stream, bit-identical repeats, torch.compile with inductor (G8, G11), and no
+unwritten output under deterministic mode (G7)."""
+
+import contextlib
+from functools import partial
 
 import pytest
 import torch
-from testing_utils import profiled_names
+from testing_utils import assert_nontrivial, deterministic_mode, graph_replay, profiled_names
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import vlmkern
+from vlmkern import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -232,3 +238,141 @@ def test_cuda_past_int32_indexing(channels_last):
         assert ref.abs().max() > 0
         torch.testing.assert_close(tokens[:, sl].double().cpu(), ref, rtol=2e-2,
                                    atol=2e-2 * ref.abs().max().item())  # fmt: skip
+
+
+# ---- CUDA graphs, torch.compile with inductor, unwritten outputs (G7, G11) ----------------------
+
+NORM = {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28], "rescale": 1 / 255}
+
+
+def _uint8_nhwc(seed=2):
+    """(3, 35, 21, 3) uint8 pixels: _image's 5x3 grid of 7x7 patches, channels last."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, 35, 21, 3), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("case", ["clip", "uint8-nhwc"])
+def test_cuda_image_graph_capture(case):
+    """G11: image mode on its default CUDA path (patchify kernel + cuBLASLt GEMM) with bias, CLS
+    and a 4x4 table bicubic-resized to the 5x3 grid; bf16 NCHW pixels (CLIP) or uint8 NHWC ones
+    normalized in the op. Captured in a CUDA graph (a host sync fails the capture), the pixels
+    rewritten in place, replayed: the bits of an eager call on the new pixels."""
+    x, w, b, pos, c = (t.detach() for t in _image("cuda", torch.bfloat16))
+    kw = {"pos_embed": pos, "cls_token": c}
+    if case == "uint8-nhwc":
+        x, kw = _uint8_nhwc().cuda(), {**kw, **NORM, "channels_last": True}
+        new = _uint8_nhwc(seed=3).cuda()
+    else:
+        new = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x)
+
+    def step():
+        return vlmkern.ops.patch_embed(x, w, b, **kw)
+
+    assert any("patchify_kernel" in n for n in profiled_names(step)), "kernel did not run"
+    before = step()
+    static = graph_replay(step, before_replay=lambda: x.copy_(new))
+    eager = step()
+    assert eager.shape == (3, 16, 24) and not torch.equal(eager, before)  # new pixels count
+    assert torch.equal(static, eager)
+
+
+def _stem(pixels, w, b, pos, cls, patches, w3, b3, pos3, grid):
+    """Image mode (CLS, bias, resized positions) and packed mode (Qwen3-VL's bilinear table,
+    merge 2) in one compiled region, with ATen ops around them for inductor to fuse."""
+    a = vlmkern.ops.patch_embed(pixels, w, b, pos_embed=pos, cls_token=cls)
+    t, cu = vlmkern.ops.patch_embed(patches, w3, b3, pos_embed=pos3, grid_thw=grid,
+                                    spatial_merge_size=2)
+    return a * 2, t, cu
+
+
+def test_cuda_torch_compile_inductor():
+    """G11: torch.compile(fullgraph=True, backend="inductor") of image + packed mode on CUDA:
+    no graph break, forward and backward equal eager's within fp32 tolerances, at most 2
+    compilations over 4 batch sizes (B = 1 specializes, B = 2 turns dynamic)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(_stem, backend=counter, fullgraph=True)
+    _, w, b, pos, c = _image("cuda", torch.float32)
+    (_, w3, b3, pos3), _ = _packed("cuda", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    try:
+        for batch in (1, 2, 3, 4):
+            pixels = torch.randn(batch, 3, 35, 21, generator=g).cuda().requires_grad_()
+            patches = torch.randn(16 * batch, 96, generator=g).cuda().requires_grad_()
+            grid = torch.tensor([[1, 4, 4]] * batch, device="cuda")
+            args = (pixels, w, b, pos, c, patches, w3, b3, pos3, grid)
+            eager, comp = _stem(*args), compiled(*args)
+            assert eager[0].shape == (batch, 16, 24) and eager[1].shape == (16 * batch, 32)
+            for e, o in zip(eager, comp, strict=True):
+                torch.testing.assert_close(o, e)
+            leaves = [pixels, w, b, pos, c, patches, w3, b3, pos3]
+            ge = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(), leaves)
+            gc = torch.autograd.grad(comp[0].sum() + comp[1].square().sum(), leaves)
+            for e, o in zip(ge, gc, strict=True):
+                assert e.abs().max() > 0
+                torch.testing.assert_close(o, e)
+        assert 1 <= counter.frame_count <= 2
+        targets = {str(n.target) for gm in counter.graphs for n in gm.graph.nodes}
+        assert {"vlmkern.patch_embed", "vlmkern.patch_embed_packed"} <= targets
+    finally:
+        torch._dynamo.reset()
+
+
+def _image_call(pe, x, w, b, pos, c, **kw):
+    return pe(x, w, b, pos_embed=pos, cls_token=c, **kw)
+
+
+def _packed_call(pe, x, w, b, pos, grid):
+    return pe(x, w, b, pos_embed=pos, grid_thw=grid, spatial_merge_size=2)[0]
+
+
+def _varlen_call(pe, x0, x1, w, b, c, *pos):
+    """The varlen op's tokens; the reference has no list form: its per-image tokens, packed."""
+    p = pos[0] if pos else None
+    if pe is vlmkern.ops.patch_embed:
+        return pe([x0, x1], w, b, pos_embed=p, cls_token=c)[0]
+    return torch.cat([pe(x[None], w, b, pos_embed=p, cls_token=c)[0] for x in (x0, x1)])
+
+
+def _assert_all_written(call, leaves, backward, what):
+    """G7: call(patch_embed, *leaves) on CUDA under deterministic mode (fresh buffers NaN-filled)
+    and, with `backward`, the gradients of its float leaves; the same in float64 on the CPU with
+    the reference. No output or gradient element is NaN where the reference's is not."""
+    results = {}
+    for dev, pe in (("cuda", vlmkern.ops.patch_embed), ("cpu", reference.patch_embed)):
+        args = [t.detach().to(dev) for t in leaves]
+        if dev == "cpu":
+            args = [t.double() if t.is_floating_point() else t for t in args]
+        diff = [t.requires_grad_() for t in args if t.is_floating_point()] if backward else []
+        with deterministic_mode() if dev == "cuda" else contextlib.nullcontext():
+            if dev == "cuda":
+                assert torch.empty(4, device=dev).isnan().all(), "buffers are not NaN-filled"
+            out = call(pe, *args)
+            cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
+            results[dev] = (out, *(torch.autograd.grad(out, diff, cot) if diff else ()))
+    for i, (got, want) in enumerate(zip(results["cuda"], results["cpu"], strict=True)):
+        assert got.shape == want.shape, (what, i)
+        assert_nontrivial(want)
+        assert not (got.cpu().isnan() & ~want.isnan()).any(), f"{what}: NaN in result {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_every_output_element_is_written(dtype):
+    """G7 for image (float NCHW and uint8 NHWC), packed and varlen mode, forward and backward.
+    Resized positions run forward only: CUDA's bicubic backward uses atomics and raises under
+    deterministic mode (allowed by G8); the backward cases take tables at the grid's size."""
+    x, w, b, pos, c = (t.detach() for t in _image("cpu", dtype))
+    (px, pw, pb, ppos), grid = _packed("cpu", dtype)
+    native = pos[:16]  # CLS + 5x3 rows: no resize
+    x1 = x[1, :, :28, :14]  # a 4x2 grid, strided
+    cases = {  # id: (call, leaves, backward)
+        "image-resized": (_image_call, [x, w, b, pos, c], False),
+        "image": (partial(_image_call, pos_interp="none"), [x, w, b, native, c], True),
+        "uint8-nhwc": (partial(_image_call, pos_interp="none", channels_last=True, **NORM),
+                       [_uint8_nhwc(), w, b, native, c], True),
+        "packed": (_packed_call, [px, pw, pb, ppos, grid], True),
+        "varlen-resized": (_varlen_call, [x[0], x1, w, b, c, pos], False),
+        "varlen": (_varlen_call, [x[0], x1, w, b, c], True),
+    }
+    for what, (call, leaves, backward) in cases.items():
+        _assert_all_written(call, leaves, backward, what)
