@@ -98,3 +98,18 @@ def assert_close_two_tier(out, args, kwargs, what="", ref_fn=None):
     err_pt = (low_t.double() - ref_t).abs().max().item()
     floor = 2 * torch.finfo(out_t.dtype).eps * scale
     assert err <= 2 * err_pt + floor, f"{what}: {out_t.dtype} error {err:.3g}, torch {err_pt:.3g}"
+
+
+def assert_compiled_matches_eager(fn, compiled, args, leaves):
+    """compiled(*args) equals fn(*args) (torch.testing's defaults for the dtype), and so do the
+    gradients of `leaves` under a loss that weights fn's first two outputs differently."""
+    eager, comp = fn(*args), compiled(*args)
+    for e, o in zip(eager, comp, strict=True):
+        torch.testing.assert_close(o, e)
+    ge = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(), leaves)
+    gc = torch.autograd.grad(comp[0].sum() + comp[1].square().sum(), leaves)
+    for e, o in zip(ge, gc, strict=True):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(o, e)
+    return eager
+

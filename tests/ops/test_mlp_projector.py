@@ -303,10 +303,9 @@ def test_cuda_tiers(name, dtype, layout):
         assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
 
 
-@pytest.mark.gpu
-def test_cuda_runs_on_the_current_stream():
-    _, x, weights, opts = _inputs("internvl", 256, "cls", torch.bfloat16, device="cuda")
-    expected = run(OURS, x, weights, opts)
+def _on_a_side_stream(x, call):
+    """call() on a side stream behind a long sleep and x's rewrite there (x zeroed before): work
+    launched on another stream than the current one would read the zeros."""
     fresh = x.clone()
     x.zero_()
     torch.cuda.synchronize()
@@ -314,9 +313,16 @@ def test_cuda_runs_on_the_current_stream():
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)
         x.copy_(fresh)
-        out = run(OURS, x, weights, opts)
+        out = call()
     side.synchronize()
-    assert torch.equal(out, expected)
+    return out
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_current_stream():
+    _, x, weights, opts = _inputs("internvl", 256, "cls", torch.bfloat16, device="cuda")
+    expected = run(OURS, x, weights, opts)
+    assert torch.equal(_on_a_side_stream(x, lambda: run(OURS, x, weights, opts)), expected)
 
 
 @pytest.mark.gpu
@@ -430,16 +436,7 @@ def _assert_repeats_stream_graph(x, weights, opts, kernel):
     assert_nontrivial(first)
     for _ in range(20):
         assert torch.equal(call(), first)
-    fresh = x.clone()
-    x.zero_()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(100_000_000)
-        x.copy_(fresh)
-        out = call()
-    side.synchronize()
-    assert torch.equal(out, first)
+    assert torch.equal(_on_a_side_stream(x, call), first)
     new = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x)
     static = graph_replay(call, before_replay=lambda: x.copy_(new))
     eager = call()

@@ -4,7 +4,7 @@
 
 import pytest
 import torch
-from patch_embed_testing import make_params, make_pixels
+from patch_embed_testing import assert_compiled_matches_eager, make_params, make_pixels
 from testing_utils import deterministic_mode
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -210,15 +210,8 @@ def test_torch_compile(fresh_dynamo):
         grid = torch.tensor([[1, 2, 2]] * B)
         patches = torch.randn(4 * B, w3[0].numel(), requires_grad=True)
         args = (pixels, w, b, p, c, patches, w3, grid)
-        eager, comp = _vision_stem(*args), compiled(*args)
-        for e, o in zip(eager, comp, strict=True):
-            torch.testing.assert_close(o, e)
-        leaves = [pixels, w, b, p, c, patches, w3]
-        ge = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(), leaves)
-        gc = torch.autograd.grad(comp[0].sum() + comp[1].square().sum(), leaves)
-        for e, o in zip(ge, gc, strict=True):
-            assert e.abs().max() > 0
-            torch.testing.assert_close(o, e)
+        assert_compiled_matches_eager(_vision_stem, compiled, args,
+                                      [pixels, w, b, p, c, patches, w3])  # fmt: skip
     assert 1 <= counter.frame_count <= 2
     targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
     assert {"vlmkern.patch_embed", "vlmkern.patch_embed_packed"} <= targets
