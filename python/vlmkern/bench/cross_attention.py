@@ -202,18 +202,12 @@ def vlmkern_m128(q, k, v, aux, spec: Spec) -> torch.Tensor:
         return vlmkern_xattn(q, k, v, aux, spec)
 
 
-def _sdpa_segment(a, b, c) -> torch.Tensor:
-    """SDPA on one packed segment (n, H, D) as HF's Qwen2-VL calls it: 4-D (1, H, n, D) (CUDA's
-    flash, mem-efficient and cuDNN backends take 4-D only; 3-D falls to the math backend)."""
-    a, b, c = (t.transpose(0, 1).unsqueeze(0) for t in (a, b, c))
-    return F.scaled_dot_product_attention(a, b, c)[0].transpose(0, 1)
-
-
 def _sdpa(q, k, v, aux, spec: Spec) -> torch.Tensor:
     gqa = q.shape[-3] != k.shape[-3]
-    if spec.kind == "packed":  # HF's Qwen2-VL SDPA path: one call per image
-        splits = [torch.split(t, aux["lens"], 0) for t in (q, k, v)]
-        return torch.cat([_sdpa_segment(*s) for s in zip(*splits, strict=True)], 0)
+    if spec.kind == "packed":  # HF's Qwen2-VL SDPA path: one 4-D call per image, after a sync
+        from vlmkern.nn.vision_attention import _sdpa_segments
+
+        return _sdpa_segments(q, k, v, aux["cu"], q.shape[-1] ** -0.5)
     mask = aux.get("dense")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

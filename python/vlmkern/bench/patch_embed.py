@@ -27,23 +27,33 @@ ROOFLINES = (MM, MM_UNPADDED)
 # ---- image mode: inputs (pixels (B, 3, H, W), weight, bias, pos (L, D), cls, Xpre, Wt) --------
 
 def _image_case(label: str, batch: int, size: int, patch: int, dim: int, bias: bool, cls: bool,
-                cfg: Config) -> Case:
+                cfg: Config, norm=None) -> Case:
+    """Float pixels (B, 3, H, W) in the model's dtype, or with `norm` = (mean, std, rescale) raw
+    uint8 ones as decoded (the providers get norm=: vlmkern folds it into its GEMM, the others
+    normalize first)."""
     dev, dt = cfg.device, cfg.dtype
     grid = size // patch
     k, tokens = 3 * patch * patch, grid * grid
 
     def make() -> tuple:
-        pixels = torch.randn(batch, 3, size, size, device=dev, dtype=dt)
+        if norm is None:
+            pixels = torch.randn(batch, 3, size, size, device=dev, dtype=dt)
+        else:
+            pixels = torch.randint(0, 256, (batch, 3, size, size), device=dev, dtype=torch.uint8)
         weight = torch.randn(dim, 3, patch, patch, device=dev, dtype=dt) * k**-0.5
         b = torch.randn(dim, device=dev, dtype=dt) if bias else None
         pos = torch.randn(tokens + int(cls), dim, device=dev, dtype=dt)
         c = torch.randn(dim, device=dev, dtype=dt) if cls else None
-        return pixels, weight, b, pos, c, _unfolded(pixels, weight)
+        floats = pixels if norm is None else _normalize(pixels, norm, dt)
+        return pixels, weight, b, pos, c, _unfolded(floats, weight)
 
     elt = torch.empty((), dtype=dt).element_size()
-    nbytes = (batch * 3 * size * size + dim * k + batch * (tokens + int(cls)) * dim) * elt
+    pixel_bytes = batch * 3 * size * size * (elt if norm is None else 1)
+    nbytes = pixel_bytes + (dim * k + batch * (tokens + int(cls)) * dim) * elt
     flops = 2 * batch * tokens * k * dim
-    return Case(f"{label} B{batch} {size}px P{patch} D{dim}", make, nbytes, flops=flops)
+    kind = "" if norm is None else " uint8"
+    return Case(f"{label}{kind} B{batch} {size}px P{patch} D{dim}", make, nbytes,
+                kwargs={} if norm is None else {"norm": norm}, flops=flops)
 
 
 # CLIP's image-processor normalization (OpenAI mean / std, 1/255 rescale) for the uint8 cases.
@@ -52,22 +62,15 @@ CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.275
 
 def _uint8_case(label: str, batch: int, size: int, patch: int, dim: int, bias: bool, cls: bool,
                 cfg: Config) -> Case:
-    """Raw uint8 pixels as decoded (B, 3, H, W) with CLIP's normalization: vlmkern folds mean / std
-    / rescale into its GEMM; the other providers normalize first (in fp32, then cast, as a GPU
-    preprocessing step would) and then run their recipe."""
-    base = _image_case(label, batch, size, patch, dim, bias, cls, cfg)
+    """Raw uint8 pixels with CLIP's normalization: vlmkern folds mean / std / rescale into its
+    GEMM; the other providers normalize first (in fp32, then cast, as a GPU preprocessing step
+    would) and then run their recipe."""
+    return _image_case(label, batch, size, patch, dim, bias, cls, cfg, norm=CLIP_NORM)
 
-    def make() -> tuple:
-        pixels = torch.randint(0, 256, (batch, 3, size, size), device=cfg.device,
-                               dtype=torch.uint8)  # fmt: skip
-        _, weight, b, pos, c, _ = base.make_inputs()
-        return (pixels, weight, b, pos, c,
-                _unfolded(_normalize(pixels, CLIP_NORM, cfg.dtype), weight))  # fmt: skip
 
-    elt = torch.empty((), dtype=cfg.dtype).element_size()
-    nbytes = base.bytes_moved - batch * 3 * size * size * (elt - 1)  # 1-byte pixels
-    return Case(f"{label} uint8 B{batch} {size}px P{patch} D{dim}", make, nbytes,
-                kwargs={"norm": CLIP_NORM}, flops=base.flops)
+def _norm_kwargs(norm) -> dict:
+    """patch_embed's mean / std / rescale keywords for a (mean, std, rescale) or None."""
+    return {} if norm is None else dict(zip(("mean", "std", "rescale"), norm, strict=True))
 
 
 def _normalize(pixels: torch.Tensor, norm, dtype: torch.dtype) -> torch.Tensor:
@@ -97,9 +100,8 @@ def _crop(pixels: torch.Tensor, patch: int) -> torch.Tensor:
 def vlmkern_image(pixels, weight, bias, pos, cls, pre, norm=None):
     import vlmkern.ops
 
-    mean, std, rescale = norm if norm is not None else (None, None, 1.0)
     return vlmkern.ops.patch_embed(pixels, weight, bias, pos_embed=pos, cls_token=cls, crop=True,
-                                   mean=mean, std=std, rescale=rescale)  # fmt: skip
+                                   **_norm_kwargs(norm))  # fmt: skip
 
 
 def vlmkern_implicit_image(pixels, weight, bias, pos, cls, pre, norm=None):
@@ -277,9 +279,8 @@ def reference() -> Callable:
         if merge is not None:
             return vlmkern.reference.patch_embed(pixels, weight, bias, pos_embed=pos,
                                                  grid_thw=cls_or_grid, spatial_merge_size=merge)[0]
-        mean, std, rescale = norm if norm is not None else (None, None, 1.0)
         return vlmkern.reference.patch_embed(_crop(pixels, weight.shape[-1]), weight, bias,
-                                             pos_embed=pos, cls_token=cls_or_grid, mean=mean,
-                                             std=std, rescale=rescale)  # fmt: skip
+                                             pos_embed=pos, cls_token=cls_or_grid,
+                                             **_norm_kwargs(norm))  # fmt: skip
 
     return ref
