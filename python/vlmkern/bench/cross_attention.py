@@ -204,10 +204,11 @@ def vlmkern_m128(q, k, v, aux, spec: Spec) -> torch.Tensor:
 
 def _sdpa(q, k, v, aux, spec: Spec) -> torch.Tensor:
     gqa = q.shape[-3] != k.shape[-3]
-    if spec.kind == "packed":  # HF's Qwen2-VL SDPA path: one 4-D call per image, after a sync
-        from vlmkern.nn.vision_attention import _sdpa_segments
+    if spec.kind == "packed":  # HF's Qwen2-VL SDPA path: one 4-D call per image
+        from vlmkern.nn.vision_attention import _sdpa_segment
 
-        return _sdpa_segments(q, k, v, aux["cu"], q.shape[-1] ** -0.5)
+        splits = [torch.split(t, aux["lens"], 0) for t in (q, k, v)]
+        return torch.cat([_sdpa_segment(*s) for s in zip(*splits, strict=True)], 0)
     mask = aux.get("dense")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

@@ -13,22 +13,25 @@ from ..ops.cross_attention import CUDA_DTYPES, CUDA_HEAD_DIMS, cross_attention
 from ..ops.rope import apply_rotary_pos_emb_vision
 
 
+def _sdpa_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float | None = None) -> torch.Tensor:
+    """One segment's attention by torch SDPA as HF's Qwen2-VL calls it: q, k, v (n, H, D) ->
+    (n, H, D) through one 4-D (1, H, n, D) call (CUDA's fused SDPA backends refuse 3-D inputs and
+    leave them to the math backend)."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)[0].transpose(0, 1)
+
+
 def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """Packed attention within segments by torch SDPA, one call per segment as HF's SDPA path
-    (whose host sync for the lengths it shares). q, k, v (N, H, D) -> (N, H, D). Each call is
-    4-D (1, H, n, D), as HF's: CUDA's fused SDPA backends refuse 3-D inputs."""
-    def attend(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        a, b, c = (t.transpose(0, 1).unsqueeze(0) for t in (a, b, c))  # (1, H, n, D)
-        out = nn.functional.scaled_dot_product_attention(a, b, c, scale=scale)
-        return out[0].transpose(0, 1)
-
+    """Packed attention within segments by torch SDPA, one _sdpa_segment call per segment as HF's
+    SDPA path (whose host sync for the lengths it shares). q, k, v (N, H, D) -> (N, H, D)."""
     if cu_seqlens.numel() <= 2:
-        return attend(q, k, v)
+        return _sdpa_segment(q, k, v, scale)
     # empty segments (vision_grid's fixed-length boundaries end in them) hold no rows
     lengths = [n for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if n]
     parts = zip(*(torch.split(t, lengths, 0) for t in (q, k, v)), strict=True)
-    return torch.cat([attend(*p) for p in parts], 0)
+    return torch.cat([_sdpa_segment(*p, scale) for p in parts], 0)
 
 
 class QwenVisionAttention(nn.Module):
