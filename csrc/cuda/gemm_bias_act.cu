@@ -8,8 +8,6 @@
 namespace vlmkern {
 namespace {
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // The entry points of one compiled variant.
 struct VariantOps {
   bool (*can_implement)(const GemmBiasActParams&);
@@ -85,14 +83,7 @@ const char* gemm_bias_act_unsupported(const GemmBiasActParams& p) {
   if (!gemm_bias_act_compiled()) return "built without the CUTLASS sm_90a path";
   const VariantOps* ops = find_variant(p.dtype, p.act, p.aux != nullptr, p.schedule);
   if (ops == nullptr) return "no kernel compiled for this dtype / activation / aux";
-  constexpr int64_t kMaxInt = INT32_MAX;  // CUTLASS's problem shape is int
-  if (p.m < 1 || p.n < 1 || p.k < 1 || p.m > kMaxInt || p.n > kMaxInt || p.k > kMaxInt) {
-    return "M, N, K must be in [1, 2^31)";
-  }
-  // TMA: 16-byte aligned base addresses and row strides (8 bf16 / fp16 elements).
-  if (p.k % 8 != 0 || p.n % 8 != 0 || p.lda % 8 != 0 || p.lda < p.k) {
-    return "K, N and lda must be multiples of 8 (and lda >= K)";
-  }
+  if (const char* why = tma_gemm_shape_unsupported(p.m, p.n, p.k, p.lda)) return why;
   // (The bias is read element by element by the epilogue's row broadcast: any alignment.)
   if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) ||
       (p.aux != nullptr && !aligned16(p.aux))) {

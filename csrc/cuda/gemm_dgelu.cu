@@ -8,8 +8,6 @@
 namespace vlmkern {
 namespace {
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 struct VariantOps {
   bool (*can_implement)(const GemmDGeluParams&);
   size_t (*workspace_size)(const GemmDGeluParams&);
@@ -36,14 +34,7 @@ const VariantOps* find_variant(GemmDtype dtype) {
 const char* gemm_dgelu_unsupported(const GemmDGeluParams& p) {
   const VariantOps* ops = find_variant(p.dtype);
   if (ops == nullptr) return "built without the CUTLASS sm_90a path";
-  constexpr int64_t kMaxInt = INT32_MAX;  // CUTLASS's problem shape is int
-  if (p.m < 1 || p.n < 1 || p.k < 1 || p.m > kMaxInt || p.n > kMaxInt || p.k > kMaxInt) {
-    return "M, N, K must be in [1, 2^31)";
-  }
-  // TMA: 16-byte aligned base addresses and row strides (8 bf16 / fp16 elements).
-  if (p.k % 8 != 0 || p.n % 8 != 0 || p.ldg % 8 != 0 || p.ldg < p.k) {
-    return "K, N and ldg must be multiples of 8 (and ldg >= K)";
-  }
+  if (const char* why = tma_gemm_shape_unsupported(p.m, p.n, p.k, p.ldg)) return why;
   if (!aligned16(p.g) || !aligned16(p.w) || !aligned16(p.pre) || !aligned16(p.out)) {
     return "a pointer is not 16-byte aligned";
   }

@@ -48,6 +48,16 @@ ProjectorGemm projector_gemm() {
   return v == "cutlass_pingpong" ? ProjectorGemm::kCutlassPingpong : ProjectorGemm::kAten;
 }
 
+// A "fused" / "aten" switch read from the environment on every call (a getenv): true for
+// "fused", false for "aten", `unset_fused` when unset; any other value raises, naming `op`.
+bool fused_switch(const char* var, const char* op, bool unset_fused) {
+  const char* env = std::getenv(var);
+  const std::string_view v = env ? env : "";
+  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", op, var, " must be 'fused' or 'aten', "
+                "got '", std::string(v), "'");
+  return v.empty() ? unset_fused : v == "fused";
+}
+
 // A CUTLASS kernel's workspace of `bytes` on `like`'s device from the caching allocator, or an
 // undefined tensor for none.
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
@@ -123,11 +133,7 @@ DenseAct cutlass_pingpong_dense(const at::Tensor& a, const at::Tensor& w,
 // epilogue (cuda/gemm_dgelu.h). Off by default until a GPU run shows it beats cuBLAS + the
 // elementwise pass (the forward's CUTLASS GEMM did not on the first H100 run).
 bool dgelu_fused() {
-  const char* env = std::getenv("VLMKERN_PROJECTOR_DGELU");
-  const std::string_view v = env ? env : "";
-  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", "mlp_projector_backward",
-                "VLMKERN_PROJECTOR_DGELU must be 'fused' or 'aten', got '", std::string(v), "'");
-  return v == "fused";
+  return fused_switch("VLMKERN_PROJECTOR_DGELU", "mlp_projector_backward", false);
 }
 
 // The DenseActBackwardFn of the CUDA composite: exact GELU; g (M, D) with unit column stride,
@@ -166,12 +172,7 @@ at::Tensor cutlass_dgelu(const at::Tensor& g, const at::Tensor& w2, const at::Te
 // VLMKERN_PROJECTOR_SHUFFLE_NORM, read per call: "fused" (or unset) runs InternVL's pixel shuffle
 // + LayerNorm as one kernel; "aten" keeps the shuffle copy and ATen's LayerNorm (to compare).
 bool shuffle_norm_fused() {
-  const char* env = std::getenv("VLMKERN_PROJECTOR_SHUFFLE_NORM");
-  const std::string_view v = env ? env : "";
-  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", "mlp_projector",
-                "VLMKERN_PROJECTOR_SHUFFLE_NORM must be 'fused' or 'aten', got '", std::string(v),
-                "'");
-  return v != "aten";
+  return fused_switch("VLMKERN_PROJECTOR_SHUFFLE_NORM", "mlp_projector", true);
 }
 
 // The ShuffleNormFn of the CUDA composite: fp16 / bf16 x (B, H, W, C) with unit channel stride,
@@ -213,12 +214,7 @@ bool cuda_shuffle_norm(const at::Tensor& x, int64_t r, const std::optional<at::T
 // SmolVLM) as one sm_90a GEMM reading its rows through the shuffle's index map
 // (cuda/shuffle_gemm.h). Off by default until a GPU run shows it beats copy + cuBLAS.
 bool shuffle_gemm_fused() {
-  const char* env = std::getenv("VLMKERN_PROJECTOR_SHUFFLE_GEMM");
-  const std::string_view v = env ? env : "";
-  VLMKERN_CHECK(v.empty() || v == "fused" || v == "aten", "mlp_projector",
-                "VLMKERN_PROJECTOR_SHUFFLE_GEMM must be 'fused' or 'aten', got '", std::string(v),
-                "'");
-  return v == "fused";
+  return fused_switch("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "mlp_projector", false);
 }
 
 // The ShuffleGemmFn of the CUDA composite: fp16 / bf16 x (B, H, W, C) with unit channel stride,

@@ -36,7 +36,7 @@ const char* patch_gemm_unsupported(const PatchGemmParams& p) {
   if (p.d < 1 || p.d > INT32_MAX) return "D must be in [1, 2^31)";
   const int64_t m_tiles = (p.batch * p.gh * p.gw + 127) / 128, n_tiles = (p.d + 127) / 128;
   if (m_tiles * n_tiles > INT32_MAX) return "more than 2^31 - 1 output tiles";
-  if (reinterpret_cast<uintptr_t>(p.w) % 16 != 0) return "w is not 16-byte aligned";
+  if (!aligned16(p.w)) return "w is not 16-byte aligned";
   if (!is_sm90(p.device)) return "the device is not compute capability 9.0 (sm_90a)";
   return nullptr;
 }

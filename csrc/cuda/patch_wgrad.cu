@@ -33,7 +33,7 @@ const char* patch_wgrad_unsupported(const PatchWgradParams& p) {
   if (p.normalize && p.channels > kPatchWgradMaxChannels) return "normalization over > 4 channels";
   if (p.d < 8 || p.d % 8 != 0 || p.d > INT32_MAX / 2) return "D must be a multiple of 8";
   if (p.g_batch_stride % 8 != 0 || p.g_row_stride % 8 != 0 || p.g_batch_stride < 0 ||
-      reinterpret_cast<uintptr_t>(p.grad) % 16 != 0) {
+      !aligned16(p.grad)) {
     return "grad rows must be 16-byte aligned";
   }
   if (!is_sm90(p.device)) return "the device is not compute capability 9.0 (sm_90a)";
