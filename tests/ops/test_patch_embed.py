@@ -157,8 +157,13 @@ PACKED_LAYOUTS = ["contiguous", "row_strided", "col_strided"]
 
 
 def _packed_case(name, dtype, layout="contiguous", uint8=False):
-    grid, C, T, P, D, has_bias, side, merge = PACKED[name]
+    grid, *sizes = PACKED[name]
     grid = torch.tensor(grid, dtype=torch.int64).reshape(-1, 3)
+    return _packed_inputs(grid, *sizes, dtype, layout, uint8)
+
+
+def _packed_inputs(grid, C, T, P, D, has_bias, side, merge, dtype, layout, uint8):
+    """((patches (N, C·T·P·P) in `layout`, weight, bias), op keywords) for grid_thw `grid`."""
     n, k = int(grid.prod(1).sum()), C * T * P * P
     rows = {"contiguous": (n, k), "row_strided": (2 * n, k), "col_strided": (n, 2 * k)}[layout]
     base = torch.randint(0, 256, rows, dtype=torch.uint8) if uint8 else torch.randn(rows).to(dtype)
@@ -298,14 +303,9 @@ def test_fuzz_packed_mode(entries, empty, merge, channels, temporal, patch, dim,
     unit = merge if side else 1
     grid = [[t, h * unit, w * unit] for t, h, w in entries] if empty != 5 else []
     grid_thw = torch.tensor(grid, dtype=grid_dtype).reshape(-1, 3)
-    n, k = int(grid_thw.prod(1).sum()), channels * temporal * patch * patch
-    rows = {"contiguous": (n, k), "row_strided": (2 * n, k), "col_strided": (n, 2 * k)}[layout]
-    base = torch.randint(0, 256, rows, dtype=torch.uint8) if uint8 else torch.randn(rows).to(dtype)
-    patches = {"contiguous": base, "row_strided": base[::2], "col_strided": base[:, ::2]}[layout]
-    weight = (torch.randn(dim, channels, temporal, patch, patch) * 0.3).to(dtype)
-    b = torch.randn(dim).to(dtype) if bias else None
-    kwargs = {"grid_thw": grid_thw, "spatial_merge_size": merge,
-              "pos_embed": torch.randn(side * side, dim).to(dtype) if side else None}
+    n = int(grid_thw.prod(1).sum())
+    (patches, weight, b), kwargs = _packed_inputs(grid_thw, channels, temporal, patch, dim, bias,
+                                                  side, merge, dtype, layout, uint8)
     if uint8:
         kwargs.update(mean=[0.5] * channels, std=[0.25] * channels, rescale=1 / 255)
     tokens, cu = vlmkern.ops.patch_embed(patches, weight, b, **kwargs)
