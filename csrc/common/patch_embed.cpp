@@ -205,6 +205,7 @@ int64_t gemm_width(const at::Tensor& like, int64_t k) {
 PatchMatrixFn cuda_patch_matrix = nullptr;  // set by the CUDA build (set_cuda_patch_matrix)
 AddendGemmFn cuda_addend_gemm = nullptr;    // set by the CUDA build (set_cuda_addend_gemm)
 PositionRowsFn cuda_position_rows = nullptr;  // set by the CUDA build (set_cuda_position_rows)
+PositionGemmFn cuda_position_gemm = nullptr;  // set by the CUDA build (set_cuda_position_gemm)
 ImplicitPatchGemmFn cuda_implicit_gemm = nullptr;  // set_cuda_implicit_patch_gemm
 ImplicitPatchWgradFn cuda_implicit_wgrad = nullptr;  // set_cuda_implicit_patch_wgrad
 
@@ -266,6 +267,8 @@ void set_cuda_addend_gemm(AddendGemmFn fn) { cuda_addend_gemm = fn; }
 
 void set_cuda_position_rows(PositionRowsFn fn) { cuda_position_rows = fn; }
 
+void set_cuda_position_gemm(PositionGemmFn fn) { cuda_position_gemm = fn; }
+
 void set_cuda_implicit_patch_gemm(ImplicitPatchGemmFn fn) { cuda_implicit_gemm = fn; }
 
 void set_cuda_implicit_patch_wgrad(ImplicitPatchWgradFn fn) { cuda_implicit_wgrad = fn; }
@@ -273,6 +276,8 @@ void set_cuda_implicit_patch_wgrad(ImplicitPatchWgradFn fn) { cuda_implicit_wgra
 namespace patch_embed_detail {
 
 PositionRowsFn cuda_position_rows_hook() { return cuda_position_rows; }
+
+PositionGemmFn cuda_position_gemm_hook() { return cuda_position_gemm; }
 
 void addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at::Tensor& w,
                  const at::Tensor& addend) {

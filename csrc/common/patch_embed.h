@@ -86,6 +86,15 @@ using PositionRowsFn = bool (*)(const at::Tensor& table, const at::Tensor& index
                                 const at::Tensor& out);
 void set_cuda_position_rows(PositionRowsFn fn);
 
+// The CUDA build's position GEMM (cuda/patch_embed.cpp, VLMKERN_PATCH_EMBED_GEMM=implicit): tokens
+// (N, D) = x (N, K) @ w (D, K)^T + the PositionRowsFn's addend, that addend computed in the GEMM's
+// epilogue from the taps (never written as an (N, D) tensor). Same arguments and dtypes as the
+// PositionRowsFn. false: not handled (not selected, or the kernel does not take the inputs).
+using PositionGemmFn = bool (*)(const at::Tensor& tokens, const at::Tensor& x, const at::Tensor& w,
+                                const at::Tensor& table, const at::Tensor& index,
+                                const at::Tensor& weight, const at::Tensor& bias);
+void set_cuda_position_gemm(PositionGemmFn fn);
+
 // Packed mode (Qwen2-VL / 2.5-VL / 3-VL). patches (N, C*T*P*P) rows in (C, T, ph, pw) order,
 // weight (D, C, T, P, P), bias (D,), grid_thw (n, 3) int, pos_embed (S*S, D) resampled bilinearly
 // (align_corners=True) to each image's (h, w) grid in spatial-merge-block order (Qwen3-VL).

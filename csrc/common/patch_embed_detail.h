@@ -62,6 +62,9 @@ void addend_gemm(const at::Tensor& blocks, const at::Tensor& rows, const at::Ten
 // The CUDA build's position-rows hook (set_cuda_position_rows), nullptr without one.
 PositionRowsFn cuda_position_rows_hook();
 
+// The CUDA build's position-GEMM hook (set_cuda_position_gemm), nullptr without one.
+PositionGemmFn cuda_position_gemm_hook();
+
 // Empty (0,) placeholder for an unrequested gradient.
 at::Tensor no_grad_output(const at::Tensor& like);
 

@@ -204,12 +204,18 @@ std::tuple<at::Tensor, at::Tensor> patch_embed_packed_forward(
       positions ? bilinear_taps(grid_thw, g.n, g.s, spatial_merge_size) : Taps{};
   const PositionRowsFn position_rows = cuda_position_rows_hook();
   if (positions && x.is_cuda() && position_rows != nullptr && x.scalar_type() != at::kDouble) {
-    // CUDA: the (N, D) position + bias addend in one kernel, then the GEMM with it as C.
     const at::Tensor index = at::stack(taps.index);                  // (4, N) int64
     const at::Tensor tap_w = at::stack(taps.weight).to(at::kFloat);  // (4, N) fp32
-    at::Tensor addend = at::empty({g.n, g.d}, x.options());         // (N, D)
-    if (position_rows(pos_embed->contiguous(), index, tap_w, b2, addend)) {
-      at::Tensor tokens = at::empty({g.n, g.d}, x.options());
+    const at::Tensor table = pos_embed->contiguous();                // (S*S, D)
+    // CUDA, VLMKERN_PATCH_EMBED_GEMM=implicit: one GEMM, the positions + bias in its epilogue.
+    const PositionGemmFn position_gemm = cuda_position_gemm_hook();
+    at::Tensor tokens = at::empty({g.n, g.d}, x.options());  // (N, D)
+    if (position_gemm != nullptr && position_gemm(tokens, x, w2, table, index, tap_w, b2)) {
+      return {tokens, cu_seqlens};
+    }
+    // CUDA: the (N, D) position + bias addend in one kernel, then the GEMM with it as C.
+    at::Tensor addend = at::empty({g.n, g.d}, x.options());  // (N, D)
+    if (position_rows(table, index, tap_w, b2, addend)) {
       addend_gemm(tokens.unsqueeze(0), x.unsqueeze(0), w2, addend);
       return {tokens, cu_seqlens};
     }

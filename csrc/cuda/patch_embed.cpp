@@ -5,7 +5,8 @@
 // mode's bilinear positions + bias written by one kernel (cuda/position_rows.h) as that addend;
 // or, with VLMKERN_PATCH_EMBED_GEMM=implicit, image mode as one implicit-GEMM kernel that reads
 // the pixels itself (cuda/patch_gemm.h, sm_90a), and its weight gradient likewise
-// (cuda/patch_wgrad.h). No host syncs: grid_thw is never read back (its
+// (cuda/patch_wgrad.h), and packed Qwen3-VL as one GEMM computing the positions in its epilogue
+// (cuda/shuffle_gemm.h). No host syncs: grid_thw is never read back (its
 // values are validated on the CPU path only).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <string_view>
@@ -24,6 +26,7 @@
 #include "cuda/patch_wgrad.h"
 #include "cuda/patchify.h"
 #include "cuda/position_rows.h"
+#include "cuda/shuffle_gemm.h"
 #include "ops.h"
 
 namespace vlmkern {
@@ -209,6 +212,55 @@ bool cuda_position_rows_fn(const at::Tensor& table, const at::Tensor& index,
 
 [[maybe_unused]] const bool kPositionRowsInstalled =
     (set_cuda_position_rows(&cuda_position_rows_fn), true);
+
+// The PositionGemmFn (VLMKERN_PATCH_EMBED_GEMM=implicit): packed Qwen3-VL tokens (N, D) = x (N, K)
+// @ w (D, K)^T as one wgmma GEMM (cuda/shuffle_gemm.h at r = 1: x's rows are its A rows) whose
+// epilogue computes the bilinear positions + bias from the (4, N) taps; false (the position-rows
+// kernel + cuBLASLt) unless the kernel takes the inputs: fp16 / bf16 throughout, K a multiple of
+// 8, 16-byte aligned rows, an sm_90a device.
+bool cuda_position_gemm_fn(const at::Tensor& tokens, const at::Tensor& x, const at::Tensor& w,
+                           const at::Tensor& table, const at::Tensor& index,
+                           const at::Tensor& weight, const at::Tensor& bias) {
+  if (!implicit_selected()) return false;
+  ShuffleGemmParams p;
+  switch (x.scalar_type()) {
+    case at::kHalf: p.dtype = GemmDtype::kFloat16; break;
+    case at::kBFloat16: p.dtype = GemmDtype::kBFloat16; break;
+    default: return false;
+  }
+  const auto dtype = x.scalar_type();
+  if (w.scalar_type() != dtype || table.scalar_type() != dtype ||
+      (bias.defined() && bias.scalar_type() != dtype) || x.size(1) > INT32_MAX / 2 ||
+      tokens.stride(1) != 1 || tokens.stride(0) != tokens.size(1)) {
+    return false;
+  }
+  const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();  // (N, K), unit column stride
+  const at::Tensor wc = w.contiguous();                            // (D, K)
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;  // (D,) or undefined
+  p.x = rows.const_data_ptr();
+  p.batch = 1;
+  p.h = rows.size(0);
+  p.w = 1;
+  p.c = static_cast<int>(rows.size(1));
+  p.r = 1;
+  p.stride_b = 0;
+  p.stride_h = rows.stride(0);
+  p.stride_w = 0;
+  p.weight = wc.const_data_ptr();
+  p.n = wc.size(0);
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  p.out = tokens.mutable_data_ptr();
+  p.table = table.const_data_ptr();
+  p.tap_index = index.const_data_ptr<int64_t>();
+  p.tap_weight = weight.const_data_ptr<float>();
+  p.device = x.device().index();
+  if (shuffle_gemm_unsupported(p) != nullptr) return false;
+  C10_CUDA_CHECK(cuda_shuffle_gemm(p, c10::cuda::getCurrentCUDAStream(p.device).stream()));
+  return true;
+}
+
+[[maybe_unused]] const bool kPositionGemmInstalled =
+    (set_cuda_position_gemm(&cuda_position_gemm_fn), true);
 
 }  // namespace
 

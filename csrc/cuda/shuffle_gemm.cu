@@ -43,6 +43,9 @@ const char* shuffle_gemm_unsupported(const ShuffleGemmParams& p) {
   if (!aligned(p.weight, 16) || !aligned(p.out, 4) || (p.bias != nullptr && !aligned(p.bias, 2))) {
     return "weight must be 16-byte aligned, out 4-byte aligned";
   }
+  if (p.table != nullptr && (p.tap_index == nullptr || p.tap_weight == nullptr)) {
+    return "a position table needs its tap rows and weights";
+  }
   const int64_t m = p.batch * (p.h / p.r) * (p.w / p.r);
   if ((m + 127) / 128 * ((p.n + 127) / 128) > INT32_MAX) return "more than 2^31 - 1 tiles";
   if (!is_sm90(p.device)) return "the device is not compute capability 9.0 (sm_90a)";
@@ -70,6 +73,9 @@ cudaError_t cuda_shuffle_gemm(const ShuffleGemmParams& p, cudaStream_t stream) {
   a.k_tiles = (a.k + 63) / 64;
   a.n_tiles = (a.n + 127) / 128;
   a.pair_stores = p.n % 2 == 0;  // out is (M, N) contiguous and 4-byte aligned (checked)
+  a.table = p.table;
+  a.tap_index = p.tap_index;
+  a.tap_weight = p.tap_weight;
   if (a.m == 0) return cudaSuccess;
   return run(a, stream);
 }

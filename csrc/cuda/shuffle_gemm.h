@@ -27,6 +27,13 @@ struct ShuffleGemmParams {
   const void* bias = nullptr;              // (N,) contiguous, or nullptr
   void* out = nullptr;                     // (M, N) contiguous, M = B * (H/r) * (W/r)
   int device = 0;                          // CUDA device of every pointer (and of the stream)
+  // Packed Qwen3-VL's bilinear positions in the epilogue (table != nullptr; r = 1 and x the
+  // (M, K) patch rows as a (1, M, 1, K) grid): row m adds T(T(sum_k table[tap_index[k*M + m]] *
+  // tap_weight[k*M + m]) + bias) instead of the bias alone, the taps summed in fp32 in the order
+  // k = 0..3: cuda/position_rows.h's addend, never written to global memory.
+  const void* table = nullptr;             // (S*S, N) contiguous, the GEMM dtype
+  const int64_t* tap_index = nullptr;      // (4, M) table rows
+  const float* tap_weight = nullptr;       // (4, M)
 };
 
 // True when this build has the kernel (CuTe headers found, sm_90a targeted).
@@ -34,7 +41,8 @@ bool shuffle_gemm_compiled();
 
 // nullptr when `p` can run on the kernel, else why not: not compiled, a device that is not
 // compute capability 9.0, C not a multiple of 8 or x / strides not 16-byte aligned (16-byte
-// cp.async chunks), weight / bias / out misaligned, sizes past the kernel's int ranges.
+// cp.async chunks), weight / bias / out misaligned, sizes past the kernel's int ranges, a table
+// without its taps.
 const char* shuffle_gemm_unsupported(const ShuffleGemmParams& p);
 
 // Enqueues the kernel on `stream` (no host synchronization; CUDA-graph capturable). `p` must have
@@ -54,6 +62,9 @@ struct ShuffleGemmArgs {
   int n;                              // N output features
   int k_tiles, n_tiles;               // ceil(K / 64), ceil(N / 128)
   int pair_stores;                    // N even and out 4-byte aligned: two-element stores
+  const void* table;                  // positions in the epilogue (ShuffleGemmParams), or nullptr
+  const int64_t* tap_index;
+  const float* tap_weight;
 };
 
 // One compiled kernel (kernels/shuffle_gemm.cuh), instantiated per GEMM dtype by one file under

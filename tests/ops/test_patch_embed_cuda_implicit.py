@@ -5,7 +5,9 @@ forward, patch_wgrad_kernel for dW, no patchify_kernel: no patch matrix), its to
 reference, for every pixel layout / dtype (uint8 with the normalization, whose dW needs the
 normalized rows), tails in M, D and K, odd D (no paired stores; dW falls back), CLS rows,
 bias-only and no-addend calls; CUDA-graph capture and bit-identical repeats (G8, G11); a bad
-VLMKERN_PATCH_EMBED_GEMM value raises."""
+VLMKERN_PATCH_EMBED_GEMM value raises. Packed Qwen3-VL rows: one GEMM (shuffle_gemm_kernel at
+r = 1) whose epilogue computes the bilinear positions + bias, against float64 and the default
+position-rows + cuBLASLt path, its fallbacks, graphs and repeats."""
 
 import pytest
 import torch
@@ -200,3 +202,84 @@ def test_bad_env_value(monkeypatch):
     w = torch.randn(8, 3, 14, 14, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="VLMKERN_PATCH_EMBED_GEMM must be 'lt' or 'implicit'"):
         vlmkern.ops.patch_embed(x, w)
+
+
+# ---- packed Qwen3-VL: one GEMM with the bilinear positions + bias in its epilogue -------------
+
+def _qwen3(grid, c, t, p, d, dtype, side=6, seed=3):
+    """Packed Qwen3-VL-style inputs on the CPU: the rows of every image of grid (t, h, w), weight
+    (D, C, T, P, P), bias, a (side², D) position table."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(a * b * e for a, b, e in grid)
+    x = torch.randn(n, c * t * p * p, generator=g).to(dtype)
+    w = (torch.randn(d, c, t, p, p, generator=g) * (c * t * p * p) ** -0.5).to(dtype)
+    b, pos = torch.randn(d, generator=g).to(dtype), torch.randn(side * side, d, generator=g)
+    return x, w, b, pos.to(dtype), torch.tensor(grid)
+
+
+def _packed_tokens(mode, monkeypatch, x, w, b, pos, grid):
+    monkeypatch.setenv("VLMKERN_PATCH_EMBED_GEMM", mode)
+    return vlmkern.ops.patch_embed(x, w, b, pos_embed=pos, grid_thw=grid, spatial_merge_size=2)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", [
+    # Qwen3-VL's real patch (K = 1536 = 24 k tiles) and width, 2020 rows: a partial row tile
+    ((3, 2, 16), 1152, 48, [[1, 32, 32], [2, 18, 26], [1, 6, 10]]),
+    ((3, 2, 4), 200, 6, [[1, 4, 6], [2, 8, 4], [1, 2, 2]]),   # K = 96: a half k tile; D tail
+    ((3, 2, 4), 33, 6, [[1, 4, 6], [1, 2, 2]]),                # odd D: single-element stores
+], ids=["qwen3vl", "tails", "odd_d"])
+def test_implicit_packed_positions(case, bias, dtype, monkeypatch):
+    """VLMKERN_PATCH_EMBED_GEMM=implicit on packed Qwen3-VL rows: the positions + bias are
+    computed in shuffle_gemm_kernel's epilogue (no position_rows_kernel, no (N, D) addend, no
+    cuBLAS), within 2x the default path's error against float64 and within a rounding of it."""
+    (c, t, p), d, side, grid = case
+    x, w, b, pos, grid = _qwen3(grid, c, t, p, d, dtype, side)
+    b = b if bias else None
+    dev = [v.cuda() if v is not None else None for v in (x, w, b, pos, grid)]
+    ours = _packed_tokens("implicit", monkeypatch, *dev)
+    names = profiled_names(lambda: _packed_tokens("implicit", monkeypatch, *dev))
+    assert any("shuffle_gemm_kernel" in n for n in names), "the position GEMM did not run"
+    assert not any("position_rows_kernel" in n for n in names), "an (N, D) addend was written"
+    base = _packed_tokens("lt", monkeypatch, *dev)
+    ref = _packed_tokens("lt", monkeypatch, x.double(), w.double(),
+                         None if b is None else b.double(), pos.double(), grid)
+    assert ours.shape == ref.shape and ours.dtype == dtype
+    err = (ours.cpu().double() - ref).abs().max().item()
+    base_err = (base.cpu().double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= 2 * base_err + 1e-3 * scale, (err, base_err, scale)
+    # same function as the position-rows addend + cuBLASLt: they differ only in the GEMM's order
+    torch.testing.assert_close(ours.float(), base.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("why, dtype, shape", [
+    ("fp32 (no fp32 variant)", torch.float32, (3, 2, 4)),
+    ("K = 27, not a multiple of 8", torch.bfloat16, (3, 1, 3)),
+])
+def test_implicit_packed_positions_fallback(why, dtype, shape, monkeypatch):
+    """Inputs the position GEMM does not take run the position-rows kernel + GEMM instead,
+    giving exactly the default path's tokens."""
+    x, w, b, pos, grid = _qwen3([[1, 4, 6], [1, 2, 2]], *shape, 32, dtype)
+    dev = [v.cuda() for v in (x, w, b, pos, grid)]
+    names = profiled_names(lambda: _packed_tokens("implicit", monkeypatch, *dev))
+    assert not any("shuffle_gemm_kernel" in n for n in names), why
+    assert any("position_rows_kernel" in n for n in names), why
+    assert torch.equal(_packed_tokens("implicit", monkeypatch, *dev),
+                       _packed_tokens("lt", monkeypatch, *dev))
+
+
+def test_implicit_packed_positions_graph_and_repeats(monkeypatch):
+    """G8 / G11: the position GEMM is bit-identical over 20 calls and inside a CUDA graph (the
+    taps come from grid_thw on the device: no host read)."""
+    x, w, b, pos, grid = _qwen3([[1, 16, 20], [2, 6, 8]], 3, 2, 16, 384, torch.bfloat16, 48)
+    dev = [v.cuda() for v in (x, w, b, pos, grid)]
+
+    def step():
+        return _packed_tokens("implicit", monkeypatch, *dev)
+
+    first = step()
+    for _ in range(20):
+        assert torch.equal(step(), first)
+    assert torch.equal(graph_replay(step), first)

@@ -3,7 +3,8 @@
 // per token (r*i + dy, r*j + dx) of x: every 16-byte chunk of a 64-wide k tile is one cp.async
 // from its token (C a multiple of 8), so A and w both stream by cp.async, three tiles deep, into
 // 128-byte swizzled K-major shared tiles that two warpgroups of wgmma consume (wgmma_gemm.cuh).
-// The epilogue adds the bias in fp32 and rounds once.
+// The epilogue adds the bias in fp32 and rounds once, or (packed Qwen3-VL at r = 1) the bilinear
+// positions + bias computed from four table rows per token.
 // Include only from cuda/instantiations/shuffle_gemm_*.cu (CuTe headers, sm_90a only).
 #pragma once
 
@@ -109,7 +110,8 @@ __global__ void __launch_bounds__(kThreads, 2) shuffle_gemm_kernel(ShuffleGemmAr
   }
 
   store_tile<T>(acc, thr, m0, n0,
-                TileOut{a.bias, 0, a.out, 0, a.n, a.m, a.m, a.n, a.pair_stores});
+                TileOut{a.bias, 0, a.out, 0, a.n, a.m, a.m, a.n, a.pair_stores, a.table,
+                        a.tap_index, a.tap_weight});
 }
 
 }  // namespace shuffle_gemm_detail

@@ -112,7 +112,9 @@ __device__ __forceinline__ void mma_tile(Mma& mma, const FragA& a, const FragB& 
 
 // Where the epilogue writes: row m = b * l + r of the M rows goes to out + b * out_batch_stride +
 // r * out_row_stride (unit column stride), plus addend[r * addend_row_stride + n] (row stride 0:
-// a (D,) bias; nullptr: none).
+// a (D,) bias; nullptr: none). With a table, row m instead adds
+// T(T(sum_k table[tap_index[k*M + m]][n] * tap_weight[k*M + m]) + addend[n]) (Qwen3-VL's
+// bilinear positions + bias, cuda/kernels/position_rows.cuh's function; addend optional).
 struct TileOut {
   const void* addend;
   int64_t addend_row_stride;
@@ -121,7 +123,30 @@ struct TileOut {
   int64_t m, l;
   int d;
   int pair_stores;  // every row start 4-byte aligned: two-element stores
+  const void* table = nullptr;         // (S*S, d) contiguous, or nullptr
+  const int64_t* tap_index = nullptr;  // (4, M)
+  const float* tap_weight = nullptr;   // (4, M)
 };
+
+// One row's four bilinear taps: table rows and fp32 weights.
+template <class T>
+struct Taps {
+  const T* row[4];
+  float w[4];
+};
+
+// The position + bias addend of column n for one row's taps: the taps summed in fp32 in tap
+// order, rounded to T, plus the bias in fp32, rounded to T (the (N, D) addend's rounding).
+template <class T>
+__device__ __forceinline__ float tap_addend(const Taps<T>& t, const T* bias, int n) {
+  float p = static_cast<float>(t.row[0][n]) * t.w[0];
+  p += static_cast<float>(t.row[1][n]) * t.w[1];
+  p += static_cast<float>(t.row[2][n]) * t.w[2];
+  p += static_cast<float>(t.row[3][n]) * t.w[3];
+  float v = static_cast<float>(T(p));
+  if (bias != nullptr) v = static_cast<float>(T(v + static_cast<float>(bias[n])));
+  return v;
+}
 
 // Adds the addend in fp32 to the tile's accumulators, rounds once to T and stores. A thread's
 // accumulators cover two tile rows, r0 and r0 + 8 (GMMA's C layout), and (i, i + 1) are columns
@@ -132,8 +157,10 @@ __device__ __forceinline__ void store_tile(const Acc& acc, const Thr& thr, int64
   using namespace cute;
   Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   const int r0 = get<0>(coord(0));
+  const T* __restrict__ table = static_cast<const T*>(e.table);
   int64_t out_row[2], add_row[2];
   bool live[2];
+  Taps<T> taps[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t m = m0 + r0 + 8 * h;
@@ -141,6 +168,13 @@ __device__ __forceinline__ void store_tile(const Acc& acc, const Thr& thr, int64
     live[h] = m < e.m;
     out_row[h] = b * e.out_batch_stride + r * e.out_row_stride;
     add_row[h] = r * e.addend_row_stride;
+    if (table != nullptr) {  // (4, M) taps of row m; past M the first table row, weight 0
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        taps[h].row[k] = table + (live[h] ? e.tap_index[k * e.m + m] : 0) * e.d;
+        taps[h].w[k] = live[h] ? e.tap_weight[k * e.m + m] : 0.0f;
+      }
+    }
   }
   const T* __restrict__ addend = static_cast<const T*>(e.addend);
   T* __restrict__ out = static_cast<T*>(e.out);
@@ -151,7 +185,10 @@ __device__ __forceinline__ void store_tile(const Acc& acc, const Thr& thr, int64
     if (!live[h] || n >= e.d) continue;
     const bool both = n + 1 < e.d;
     float v0 = acc(i), v1 = acc(i + 1);
-    if (addend != nullptr) {
+    if (table != nullptr) {
+      v0 += tap_addend(taps[h], addend, n);
+      if (both) v1 += tap_addend(taps[h], addend, n + 1);
+    } else if (addend != nullptr) {
       const T* add = addend + add_row[h] + n;
       v0 += static_cast<float>(add[0]);
       if (both) v1 += static_cast<float>(add[1]);

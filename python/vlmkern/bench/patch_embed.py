@@ -4,8 +4,9 @@ CLIP-L/14-336, SigLIP-so400m/14-384, InternViT-448, Qwen2-VL and Qwen3-VL shapes
 cases feed raw decoded pixels with CLIP's mean / std / 1/255: vlmkern folds them into its GEMM,
 HF conv and unfold + linear normalize first (so there they are the issue's "unfold + linear + add
 + normalize" recipe).
-``vlmkern.implicit`` (CUDA, image mode) is the implicit-GEMM kernel, for the A/B against the
-default patchify + cuBLASLt path."""
+``vlmkern.implicit`` (CUDA, sm_90a) is the implicit-GEMM kernel in image mode and, on Qwen3-VL's
+packed rows, one GEMM computing the bilinear positions in its epilogue, for the A/B against the
+default paths (patchify + cuBLASLt; the position-rows kernel + cuBLASLt)."""
 
 from __future__ import annotations
 
@@ -119,8 +120,14 @@ def has_sm90_kernels() -> bool:
     return bool(getattr(_C, "cutlass_gemm", 0)) and torch.cuda.get_device_capability() == (9, 0)
 
 
-def _image_only(*args, **kwargs):
-    raise ValueError("image mode only (packed rows are already the GEMM's A operand)")
+def vlmkern_implicit_packed(patches, weight, bias, pos, grid, pre, merge):
+    """``VLMKERN_PATCH_EMBED_GEMM=implicit`` on packed rows: with Qwen3-VL's table, one wgmma GEMM
+    whose epilogue computes the positions + bias. Raises ValueError (the harness skips the
+    provider) without a table (Qwen2-VL: the op runs the default GEMM)."""
+    if pos is None:
+        raise ValueError("no position table: the default path runs")
+    with env_var("VLMKERN_PATCH_EMBED_GEMM", "implicit"):
+        return vlmkern_packed(patches, weight, bias, pos, grid, pre, merge)
 
 
 def unfold_linear_image(pixels, weight, bias, pos, cls, pre, norm=None):
@@ -268,7 +275,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
         MM_UNPADDED: mm_unpadded,
     }
     if cfg.device == "cuda" and has_sm90_kernels():
-        out["vlmkern.implicit"] = _Dispatch(vlmkern_implicit_image, _image_only)
+        out["vlmkern.implicit"] = _Dispatch(vlmkern_implicit_image, vlmkern_implicit_packed)
     return out
 
 

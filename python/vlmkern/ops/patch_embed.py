@@ -76,7 +76,10 @@ def patch_embed(
     CUDA: image mode (also each image of a list) builds the patch matrix with one kernel and
     runs one cuBLASLt GEMM with bias + positions in its epilogue; with
     ``VLMKERN_PATCH_EMBED_GEMM=implicit`` (off by default, not yet run on a GPU) an sm_90a
-    implicit-GEMM kernel reads the pixels itself (no patch matrix), and dW likewise.
+    implicit-GEMM kernel reads the pixels itself (no patch matrix), and dW likewise. Packed
+    Qwen3-VL rows: the position-rows kernel writes the bilinear positions + bias read by one
+    cuBLASLt GEMM's epilogue; with ``VLMKERN_PATCH_EMBED_GEMM=implicit`` one sm_90a GEMM computes
+    them in its epilogue from each token's four taps (same function, nothing else written).
     """
     if isinstance(pixels, (list, tuple)):
         return _varlen(list(pixels), weight, bias, patch_size, pos_embed, cls_token, mean, std,
