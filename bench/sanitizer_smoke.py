@@ -348,6 +348,14 @@ def smoke_cross_attention(device: str) -> int:
                     out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
                     _close(out, ref, f"cross_attention {var}={rows} {sorted(kw)}")
                     n += 1
+        with env_var("VLMKERN_XATTN_IMAGES_PER_CTA", "2"):  # 3 images: a short last CTA
+            for q, k, v, kw in (cases[0], cases[2]):  # per-image queries; broadcast queries
+                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+                ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
+                kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+                out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
+                _close(out, ref, f"cross_attention 2 images per CTA {sorted(kw)}")
+                n += 1
     return n
 
 
@@ -426,6 +434,19 @@ def smoke_patch_embed(device: str) -> int:
                 _close(out.detach(), ref.detach(), f"patch_embed implicit {px.dtype}")
                 _close(wd.grad, w_ref.grad, f"patch_embed implicit dW {px.dtype}")
                 n += 1
+            # packed Qwen3-VL rows: one GEMM, the positions + bias in its epilogue (92 rows,
+            # D = 136: partial tiles; K = 96: half a k tile)
+            grid = torch.tensor([[1, 4, 6], [2, 8, 4], [1, 2, 2]])
+            rows = torch.randn(92, 3 * 2 * 4 * 4).to(torch.bfloat16)
+            w3 = (torch.randn(136, 3, 2, 4, 4) * 0.1).to(torch.bfloat16)
+            table = torch.randn(36, 136).to(torch.bfloat16)
+            ref, _ = vlmkern.reference.patch_embed(rows, w3, b, pos_embed=table, grid_thw=grid,
+                                                   spatial_merge_size=2)
+            out, _ = vlmkern.ops.patch_embed(rows.to(device), w3.to(device), b.to(device),
+                                             pos_embed=table.to(device),
+                                             grid_thw=grid.to(device), spatial_merge_size=2)
+            _close(out, ref, "patch_embed implicit packed positions")
+            n += 1
     return n
 
 

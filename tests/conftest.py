@@ -25,6 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # one cannot change which kernel a test exercises; tests that want one set it with monkeypatch.
 RUNTIME_SWITCHES = (
     "VLMKERN_XATTN_BLOCK_M", "VLMKERN_XATTN_WARP_ROWS", "VLMKERN_XATTN_SPLITS",
+    "VLMKERN_XATTN_IMAGES_PER_CTA",
     "VLMKERN_PROJECTOR_GEMM", "VLMKERN_PROJECTOR_SHUFFLE_NORM", "VLMKERN_PROJECTOR_SHUFFLE_GEMM",
     "VLMKERN_GATED_LINEAR", "VLMKERN_PATCH_EMBED_GEMM",
 )

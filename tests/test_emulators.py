@@ -24,7 +24,7 @@ def _run(script: str, *args: str, env: dict | None = None) -> str:
 
 
 @pytest.mark.parametrize("case", ["2 warps decode GQA rows ranges zero splits=2",
-                                  "8 warps D=64 splits=3"])
+                                  "8 warps D=64 splits=3", "2 warps ranges zero images=3"])
 def test_forward_emulator(case):
     out = _run("xattn_emulate.py", case)
     assert out.count("ok ") >= 1 and "FAIL" not in out

@@ -144,13 +144,15 @@ def tile_bits(P, v, j0, lk):
 
 
 def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=None,
-            uniform=False, splits=1, warps=4, mtiles=1):
+            uniform=False, splits=1, warps=4, mtiles=1, images=1):
     """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D) float tensors (values already in dt). splits > 1
     (not packed): split-KV, each run's partials (fp32) merged as cross_attention_combine_kernel
     does. warps: the kernel's kWarps (32 * warps threads); mtiles: its kMT (m16 tiles per warp:
     CTAs of 16 * mtiles * warps rows). Warp w's tile mt behaves as a 16-row warp w * mtiles + mt
     (its rows, Q fragments, state); with mtiles > 1 each row's tile bits come from the thread
-    that owns the row (s_bits), as the kernel does."""
+    that owns the row (s_bits), as the kernel does. images: images_per_cta (dense, one window
+    per image, no splits): a CTA runs that many batch rows as passes, reloading its Q tile for a
+    later image only when q's batch stride is not 0."""
     BM, threads = 16 * warps * mtiles, 32 * warps
     vwarps = warps * mtiles  # 16-row (warp, m16 tile) units
     B, Sq, Hq, D = q.shape
@@ -158,6 +160,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
     DP = (D + 15) // 16 * 16
     scale = D ** -0.5 if scale is None else scale
     sl2 = np.float32(scale * 1.4426950408889634)
+    q_bcast = q.stride(0) == 0
     qn, kn, vn = (t.float().numpy() for t in (q, k, v))
     P = dict(ranges=None if ranges is None else ranges.long().numpy(), uniform=uniform,
              prefix=None if prefix is None else prefix.long().numpy())
@@ -168,7 +171,8 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
     o_part = np.full((splits, B, Sq, Hq, D), np.nan, np.float32)
     lse_part = np.full((splits, B, Hq, Sq), np.nan, np.float32)
     mt = (Sq + BM - 1) // BM
-    windows = mt if packed else B * mt
+    assert images == 1 or (not packed and mt == 1 and splits == 1)
+    windows = mt if packed else (B + images - 1) // images * mt
     N = len(cu_q) - 1 if packed else B
     for bx in range(windows):
         for h in range(Hq):
@@ -176,11 +180,14 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
             if packed:
                 b, w0 = 0, bx * BM
             else:
-                b, w0 = bx // mt, (bx % mt) * BM
+                b, w0 = bx // mt * images, (bx % mt) * BM
             wr = min(Sq - w0, BM)
             sq_ = load_tile(qn[b, w0:w0 + wr, h], D, DP, BM, threads)
-            seg, seg_end = (find_segment(cu_q, N, w0), N) if packed else (b, b + 1)
+            seg, seg_end = (find_segment(cu_q, N, w0), N) if packed else (b, min(b + images, B))
             while seg < seg_end:
+                bi = b if packed else seg  # the pass's batch row
+                if bi != b and not q_bcast:  # a later image's own queries
+                    sq_ = load_tile(qn[bi, w0:w0 + wr, h], D, DP, BM, threads)
                 qb, qe, kb_, ke = seg_bounds(packed, cu_q, cu_k, seg, Sq, Sk)
                 if packed:
                     if qb >= w0 + BM or qb >= Sq:
@@ -203,7 +210,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                             row = w0 + w * 16 + g + 8 * r
                             val = qb <= row < qe
                             st["row"][L, r], st["valid"][L, r] = row, val
-                            vv = row_vis(P, val, b, row, row - qb, lq, lk, seg)
+                            vv = row_vis(P, val, bi, row, row - qb, lq, lk, seg)
                             st["vis"][L][r] = vv
                             if mtiles == 1 and vv["lo"] < vv["hi"]:
                                 span_lo, span_hi = min(span_lo, vv["lo"]), max(span_hi, vv["hi"])
@@ -211,7 +218,7 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                 if mtiles > 1:
                     for tid in range(threads):
                         row = w0 + tid
-                        vv = row_vis(P, qb <= row < qe, b, row, row - qb, lq, lk, seg)
+                        vv = row_vis(P, qb <= row < qe, bi, row, row - qb, lq, lk, seg)
                         own_vis.append(vv)
                         if vv["lo"] < vv["hi"]:
                             span_lo, span_hi = min(span_lo, vv["lo"]), max(span_hi, vv["hi"])
@@ -232,8 +239,8 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                     for kb in range(kbb, kbe):
                         j0 = kb * BN
                         n = min(lk - j0, BN)
-                        sk = load_tile(kn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
-                        sv = load_tile(vn[b, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
+                        sk = load_tile(kn[bi, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
+                        sv = load_tile(vn[bi, kb_ + j0:kb_ + j0 + n, hk], D, DP, BN, threads)
                         s_bits = [tile_bits(P, vv, j0, lk) for vv in own_vis]
                         for w in range(vwarps):
                             st = W[w]
@@ -301,14 +308,14 @@ def emulate(q, k, v, dt, ranges=None, cu_q=None, cu_k=None, prefix=None, scale=N
                                         c0 = nb * 8 + 2 * t
                                         val_ = st["o"][L, nb, 2 * r:2 * r + 2] * inv
                                         if splits > 1:
-                                            o_part[z, b, row, h, c0:c0 + 2] = val_
+                                            o_part[z, bi, row, h, c0:c0 + 2] = val_
                                         else:
-                                            out[b, row, h, c0:c0 + 2] = rnd(val_, dt)
+                                            out[bi, row, h, c0:c0 + 2] = rnd(val_, dt)
                                 if t == 0:
                                     if splits > 1:
-                                        lse_part[z, b, h, row] = row_lse
+                                        lse_part[z, bi, h, row] = row_lse
                                     else:
-                                        lse[b, h, row] = row_lse
+                                        lse[bi, h, row] = row_lse
                 seg += 1
     if splits > 1:  # cross_attention_combine_kernel, per (b, row, head), rows < Sq only
         mx = lse_part.max(0)  # (B, Hq, Sq)
@@ -419,6 +426,21 @@ def _main() -> None:
         q, k, v = r(2, sq, 1, 64), r(2, 130, 1, 64), r(2, 130, 1, 64)
         run(f"2 warps prefix-LM Sq={sq}", q, k, v, {"mode": "prefix_lm", "prefix_len": pl},
             {"prefix": pl, "warps": 2})
+    # Several images per CTA (VLMKERN_XATTN_IMAGES_PER_CTA): B = 5 in CTAs of 2 and 3 images (a
+    # short last CTA), broadcast Q-Former queries (Q tile loaded once) and per-image queries
+    # (reloaded per pass); Mllama ranges in both masked-row modes (dead rows per image).
+    for n in (2, 3):
+        qs = r(1, 32, 2, 64).expand(5, 32, 2, 64)
+        run(f"2 warps Q-Former images={n}", qs, r(5, 257, 2, 64), r(5, 257, 2, 64), {},
+            {"warps": 2, "images": n})
+    rg5 = vlmkern.ops.mllama_kv_ranges(mllama_mask(5, 20, 2, 2, seed=6), 20)
+    q, k, v = r(5, 20, 4, 80), r(5, 80, 2, 80), r(5, 80, 2, 80)
+    for mr in ("zero", "uniform"):
+        run(f"2 warps ranges {mr} images=3", q, k, v, {"kv_ranges": rg5, "masked_rows": mr},
+            {"ranges": rg5, "uniform": mr == "uniform", "warps": 2, "images": 3})
+    run("4 warps Sq=50 images=4", r(5, 50, 2, 128), r(5, 70, 1, 128), r(5, 70, 1, 128), {},
+        {"images": 4})
+
     # Decode GQA as rows: 8 q / 2 kv heads -> 4 rows; sequence 1 sees nothing.
     dr = torch.tensor([[[[10, 40], [150, 190]]], [[[0, 0], [0, 0]]], [[[5, 200], [0, 0]]]],
                       dtype=torch.int32)

@@ -150,6 +150,22 @@ int xattn_num_splits(const char* op, const XattnParams& p, CtaShape cta, int dev
   return static_cast<int>((tiles + run - 1) / run);  // runs that all get tiles
 }
 
+// VLMKERN_XATTN_IMAGES_PER_CTA=n (1..64; unset: 1) runs n images of a q head per forward CTA
+// (several (image, head) pairs per CTA, for Q-Former / Perceiver batches: fewer, longer CTAs and
+// the broadcast queries' tile loaded once) where the kernel takes it: dense input whose Sq fits
+// one CTA window and no split-KV; elsewhere 1. Off by default: not yet measured on a GPU.
+int xattn_images_per_cta(const char* op, const XattnParams& p, CtaShape cta, int num_splits) {
+  const char* env = std::getenv("VLMKERN_XATTN_IMAGES_PER_CTA");
+  if (env == nullptr || *env == '\0') return 1;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  VLMKERN_CHECK(end != nullptr && *end == '\0' && n >= 1 && n <= 64, op,
+                "VLMKERN_XATTN_IMAGES_PER_CTA must be an integer in [1, 64], got '",
+                std::string(env), "'");
+  if (p.packed || p.seq_q > cta.block_m || num_splits > 1) return 1;
+  return static_cast<int>(n);
+}
+
 XattnDevIndex dev_index(const XattnIndex& ix) {
   XattnDevIndex d;
   d.data = ix.data;
@@ -235,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
                                       : " (VLMKERN_XATTN_BLOCK_M=32 or 64)");
   }
   c.num_splits = xattn_num_splits(op, p, cta, q.device().index());
+  c.images_per_cta = xattn_images_per_cta(op, p, cta, c.num_splits);
   at::Tensor o_part, lse_part;  // split-KV partials, fp32
   if (c.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);

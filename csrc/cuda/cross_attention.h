@@ -50,6 +50,11 @@ struct XattnCudaParams {
   int num_splits = 1;
   float* o_part = nullptr;    // (num_splits, B, Sq, Hq, D) fp32
   float* lse_part = nullptr;  // (num_splits, B, Hq, Sq) fp32, natural log
+  // Forward, dense input with Sq <= block_m and num_splits == 1 only: each CTA runs this many
+  // images (batch rows) of its q head one after the other, grid.x = ceil(B / images_per_cta);
+  // the Q tile is loaded once when q's batch stride is 0 (Q-Former / Perceiver queries
+  // broadcast over the images). 1: one image per CTA.
+  int images_per_cta = 1;
 };
 
 // The backward's extra tensors (csrc/cuda/kernels/cross_attention_bwd.cuh); `a` holds the

@@ -16,7 +16,10 @@
 // scale * log2(e), exp2f), masked keys -inf. Head dims not a multiple of 16 (72) are
 // zero-padded to kHeadDimPad (80) in smem only.
 //
-// Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / kRows)), or with cu_seqlens the
+// Sequences ("segments"): batch row b (grid.x = B * ceil(Sq / kRows)), or images_per_cta batch
+// rows one after the other (Sq <= kRows, grid.x = ceil(B / images_per_cta): several (image,
+// head) pairs per CTA, the Q tile loaded once for queries broadcast over the batch), or with
+// cu_seqlens the
 // packed rows of the window: grid.x = ceil(total_q / kRows) and the CTA runs one pass per
 // segment that overlaps its window (binary search on device, no host sync, no idle CTAs), each
 // pass with its own keys and writing only its own rows.
@@ -156,8 +159,9 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int d = p.head_dim;
   const int64_t h = blockIdx.y, hk = h / (p.heads_q / p.heads_k);
-  // batch, first row of the window in q's S dim, rows in it
-  const auto [b, w0, window_rows] = cta_window(p.packed, blockIdx.x, p.seq_q, kRows);
+  // (first) batch row, first row of the window in q's S dim, rows in it
+  const auto [b, w0, window_rows] =
+      cta_window(p.packed, blockIdx.x, p.seq_q, kRows, p.images_per_cta);
 
   // Q tile (kRows, kHeadDimPad) -> smem, zero-filled past the window and past D.
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + w0 * p.q_stride[1] +
@@ -172,12 +176,23 @@ __global__ void __launch_bounds__(32 * kWarps)
   const uint32_t q_frag_addr = smem_addr(s_q + (warp * kWarpRows + (lane & 15)) * kPitch +
                                          (lane >> 4) * 8);
 
-  int64_t seg = b, seg_end = b + 1;
+  // Passes: dense, batch rows b .. b + images_per_cta - 1 (one unless the glue packs images);
+  // packed, the segments from the window's first.
+  int64_t seg = b, seg_end = b + p.images_per_cta < p.batch ? b + p.images_per_cta : p.batch;
   if (p.packed) {
     seg = find_segment(p.cu_q, p.num_segments, w0);
     seg_end = p.num_segments;
   }
   for (; seg < seg_end; ++seg) {
+    const int64_t bi = p.packed ? b : seg;  // the pass's batch row
+    if (bi != b && p.q_stride[0] != 0) {  // a later image with its own queries: the previous
+      // pass's trailing barrier freed s_q; no cp.async is in flight
+      load_tile_async<T, kRows, kHeadDimPad, kCtaThreads>(s_q, q + (bi - b) * p.q_stride[0],
+                                                          p.q_stride[1], window_rows, d);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+    }
     const auto [q_begin, q_end, k_begin, k_end] = segment_span(p, seg);
     if (p.packed) {
       // past the window, or only empty segments left (fixed-length cu_seqlens end in them)
@@ -203,11 +218,11 @@ __global__ void __launch_bounds__(32 * kWarps)
     if constexpr (kMT == 1) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        vis[r] = row_visibility(p, valid[0][r], b, row[0][r], row[0][r] - q_begin, lq, lk, seg);
+        vis[r] = row_visibility(p, valid[0][r], bi, row[0][r], row[0][r] - q_begin, lq, lk, seg);
       }
     } else {
       const int64_t own = w0 + threadIdx.x;
-      vis[0] = row_visibility(p, own >= q_begin && own < q_end, b, own, own - q_begin, lq, lk,
+      vis[0] = row_visibility(p, own >= q_begin && own < q_end, bi, own, own - q_begin, lq, lk,
                               seg);
     }
     int64_t span_lo, span_hi;
@@ -233,9 +248,9 @@ __global__ void __launch_bounds__(32 * kWarps)
       l[mt][0] = l[mt][1] = 0.f;
     }
 
-    const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + k_begin * p.k_stride[1] +
+    const T* k = static_cast<const T*>(p.k) + bi * p.k_stride[0] + k_begin * p.k_stride[1] +
                  hk * p.k_stride[2];
-    const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + k_begin * p.v_stride[1] +
+    const T* v = static_cast<const T*>(p.v) + bi * p.v_stride[0] + k_begin * p.v_stride[1] +
                  hk * p.v_stride[2];
     auto load_kv = [&](int64_t kb, int stage) {  // tile kb -> stage: (kBlockN, kPitch) K and V
       const int64_t j0 = kb * kBlockN;
@@ -355,7 +370,7 @@ __global__ void __launch_bounds__(32 * kWarps)
             sum == 0.f ? -INFINITY : (m[mt][r] + log2f(sum)) * 0.69314718055994531f;
         if (gridDim.z > 1) {  // partials: o_part (splits, B, Sq, Hq, D), lse_part (splits, B,
           const int64_t z = blockIdx.z;  // Hq, Sq)
-          float* po = p.o_part + (((z * p.batch + b) * p.seq_q + rw) * p.heads_q + h) * d;
+          float* po = p.o_part + (((z * p.batch + bi) * p.seq_q + rw) * p.heads_q + h) * d;
 #pragma unroll
           for (int nb = 0; nb < kDBlocks; ++nb) {
             if (nb * 8 < d) {
@@ -363,10 +378,10 @@ __global__ void __launch_bounds__(32 * kWarps)
                   make_float2(o[mt][nb][2 * r] * inv, o[mt][nb][2 * r + 1] * inv);
             }
           }
-          if (t == 0) p.lse_part[((z * p.batch + b) * p.heads_q + h) * p.seq_q + rw] = row_lse;
+          if (t == 0) p.lse_part[((z * p.batch + bi) * p.heads_q + h) * p.seq_q + rw] = row_lse;
           continue;
         }
-        T* out = static_cast<T*>(p.out) + ((b * p.seq_q + rw) * p.heads_q + h) * d;
+        T* out = static_cast<T*>(p.out) + ((bi * p.seq_q + rw) * p.heads_q + h) * d;
 #pragma unroll
         for (int nb = 0; nb < kDBlocks; ++nb) {
           if (nb * 8 < d) {
@@ -374,7 +389,7 @@ __global__ void __launch_bounds__(32 * kWarps)
                 pack2<T>(o[mt][nb][2 * r] * inv, o[mt][nb][2 * r + 1] * inv);
           }
         }
-        if (t == 0) p.lse[(b * p.heads_q + h) * p.seq_q + rw] = row_lse;
+        if (t == 0) p.lse[(bi * p.heads_q + h) * p.seq_q + rw] = row_lse;
       }
     }
     __syncthreads();  // s_lo / s_hi are rewritten by the next pass

@@ -14,10 +14,15 @@ cudaError_t launch_xattn_fwd(const XattnCudaParams& p, cudaStream_t stream) {
   constexpr int kRows = 16 * kMT * kWarps;
   // the glue's choice is this instance
   if (p.block_m != kRows || p.warp_rows != 16 * kMT) return cudaErrorInvalidValue;
-  // grid.x: kRows-row windows (B * ceil(Sq / kRows), or ceil(total_q / kRows) packed), grid.y: q
-  // heads (<= 65535, checked by the glue), grid.z: split-KV runs.
+  // grid.x: kRows-row windows (B * ceil(Sq / kRows), ceil(B / images_per_cta) when a CTA runs
+  // several images, or ceil(total_q / kRows) packed), grid.y: q heads (<= 65535, checked by the
+  // glue), grid.z: split-KV runs.
   const int64_t m_tiles = (p.seq_q + kRows - 1) / kRows;
-  const int64_t windows = p.packed ? m_tiles : p.batch * m_tiles;
+  const int images = p.images_per_cta;
+  if (images < 1 || (images > 1 && (p.packed || m_tiles > 1 || p.num_splits > 1))) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t windows = p.packed ? m_tiles : (p.batch + images - 1) / images * m_tiles;
   if (windows == 0 || p.heads_q == 0) return cudaSuccess;
   if (windows > INT32_MAX) return cudaErrorInvalidConfiguration;
   constexpr int kSmem = smem_bytes<T, kHeadDimPad, kRows>();

@@ -174,11 +174,14 @@ struct Window {
   int count;
 };
 
-__device__ __forceinline__ Window cta_window(bool packed, int64_t cta, int64_t len, int tile) {
+// images > 1 (the forward's images_per_cta; dense input whose len fits one tile): CTA cta holds
+// batch rows images * cta onwards, b is the first.
+__device__ __forceinline__ Window cta_window(bool packed, int64_t cta, int64_t len, int tile,
+                                             int images = 1) {
   Window w{0, cta * tile, 0};
   if (!packed) {
     const int64_t tiles = (len + tile - 1) / tile;
-    w.b = cta / tiles;
+    w.b = cta / tiles * images;
     w.w0 = (cta % tiles) * tile;
   }
   w.count = static_cast<int>(len - w.w0 < tile ? len - w.w0 : tile);

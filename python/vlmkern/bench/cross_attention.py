@@ -16,7 +16,9 @@ fp16 only); ``vlmkern.m128`` (CUDA only) forces its experimental 128-row / 8-war
 dims 64 / 96 / 128 (the Mllama prefill; not Qwen2-VL's hd 80 nor PaliGemma's hd 256);
 ``vlmkern.4x32`` (CUDA only) forces 128-row CTAs of 4 warps x 32 rows
 (``VLMKERN_XATTN_WARP_ROWS=32``, flash-attention 2's long-sequence shape) on the cases with more
-than 64 query rows at every CUDA head dim.
+than 64 query rows at every CUDA head dim; ``vlmkern.img4`` (CUDA only) runs 4 images per CTA
+(``VLMKERN_XATTN_IMAGES_PER_CTA=4``) on the batched cases whose query rows fit one CTA (the
+Q-Former).
 """
 
 from __future__ import annotations
@@ -325,6 +327,16 @@ def vlmkern_4x32(q, k, v, aux, spec: Spec) -> torch.Tensor:
         return vlmkern_xattn(q, k, v, aux, spec)
 
 
+def vlmkern_img4(q, k, v, aux, spec: Spec) -> torch.Tensor:
+    """vlmkern with ``VLMKERN_XATTN_IMAGES_PER_CTA=4`` (four (image, head) pairs per forward CTA).
+    Raises ValueError (the harness skips the provider) for packed input, one image, or more than
+    64 query rows (several windows per image): the kernel would run one image per CTA."""
+    if spec.kind == "packed" or q.shape[0] == 1 or q.shape[-2] > 64:
+        raise ValueError("not a batch of images whose query rows fit one CTA")
+    with env_var("VLMKERN_XATTN_IMAGES_PER_CTA", "4"):
+        return vlmkern_xattn(q, k, v, aux, spec)
+
+
 def providers(cfg: Config) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend
 
@@ -332,6 +344,7 @@ def providers(cfg: Config) -> dict[str, Callable]:
     if cfg.device == "cuda":
         out["vlmkern.m128"] = vlmkern_m128
         out["vlmkern.4x32"] = vlmkern_4x32
+        out["vlmkern.img4"] = vlmkern_img4
     names = {"MATH": "SDPA math", "FLASH_ATTENTION": "SDPA flash", "EFFICIENT_ATTENTION":
              "SDPA mem-eff", "CUDNN_ATTENTION": "SDPA cudnn"}
     for attr, name in names.items():
