@@ -223,12 +223,14 @@ def smoke_mlp_projector(device: str) -> int:
 def _smoke_projector_shuffle_gemm(device: str) -> int:
     """The pixel-shuffle GEMM (VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused; sm_90a only): Idefics3-style
     r = 3 on a CLS-dropped grid (C = 24: K = 216, a partial k tile; N = 136: a partial n tile),
-    and r = 2 with bias, GELU and a second Linear."""
+    r = 2 with bias, GELU and a second Linear, InternVL's post-shuffle LayerNorm applied inside
+    the GEMM (statistics pass + normalized A tiles), and Qwen mergers' per-token LayerNorm /
+    RMSNorm likewise on the merged rows."""
     if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
         return 0
     n = 0
     with env_var("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "fused"):
-        for r, second in ((3, False), (2, True)):
+        for r, second, norm in ((3, False, False), (2, True, False), (2, True, True)):
             c, n1, d, side = 24, 136, 40, 6
             base = torch.randn(2, 1 + side * side, c).to(torch.bfloat16)
             k = r * r * c
@@ -237,11 +239,29 @@ def _smoke_projector_shuffle_gemm(device: str) -> int:
                           if second else (None, None, None))
             args = [t.to(torch.bfloat16) if t is not None else None for t in (w1, b1, w2, b2)]
             kw = {"activation": "gelu" if second else "none", "shuffle": r, "grid": (side, side)}
+            if norm:
+                kw.update(norm="layernorm", norm_position="post",
+                          norm_weight=(1 + 0.2 * torch.randn(k)).to(torch.bfloat16),
+                          norm_bias=(0.2 * torch.randn(k)).to(torch.bfloat16))
             ref = vlmkern.reference.mlp_projector(base[:, 1:], *args, **kw)
+            kwd = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
             out = vlmkern.ops.mlp_projector(
                 base.to(device)[:, 1:], *[t.to(device) if t is not None else None for t in args],
-                **kw)  # fmt: skip
-            _close(out, ref, f"mlp_projector shuffle GEMM r={r} second={second}")
+                **kwd)  # fmt: skip
+            _close(out, ref, f"mlp_projector shuffle GEMM r={r} second={second} norm={norm}")
+            n += 1
+        for norm in ("layernorm", "rmsnorm"):  # Qwen mergers: per-token norm, the merged rows
+            x = torch.randn(4 * 37, 24).to(torch.bfloat16)  # 37 rows of K = 96
+            w1, w2 = torch.randn(136, 96) * 96**-0.5, torch.randn(40, 136) * 136**-0.5
+            args = [t.to(torch.bfloat16) for t in (w1, torch.randn(136), w2, torch.randn(40))]
+            kw = {"activation": "gelu", "merge": 2, "norm": norm, "eps": 1e-6,
+                  "norm_weight": (1 + 0.2 * torch.randn(24)).to(torch.bfloat16),
+                  "norm_bias": (0.2 * torch.randn(24)).to(torch.bfloat16)
+                  if norm == "layernorm" else None}  # fmt: skip
+            ref = vlmkern.reference.mlp_projector(x, *args, **kw)
+            kwd = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+            out = vlmkern.ops.mlp_projector(x.to(device), *[t.to(device) for t in args], **kwd)
+            _close(out, ref, f"mlp_projector shuffle GEMM merger {norm}")
             n += 1
     return n
 

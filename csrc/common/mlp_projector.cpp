@@ -170,20 +170,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
     const ProjectorOptions& opt, FusedDenseFn fused_dense, ShuffleNormFn shuffle_norm,
     ShuffleGemmFn shuffle_gemm) {
   const auto s = check_mlp_projector(x, w1, b1, w2, b2, norm_weight, norm_bias, opt);
-  // GEMM1 + b1 read through the shuffle's index map where the device can (no norm to apply).
+  // GEMM1 + b1 reading its rows itself where the device can: through the shuffle's index map
+  // without a norm; or with the norm's statistics from a pre-pass, the norm applied inside the
+  // GEMM: InternVL (shuffle, then LayerNorm over the row) and Qwen's mergers (the merged rows as
+  // they are, r = 1: LayerNorm / RMSNorm per token before the merge, or LayerNorm after it).
   at::Tensor shuffled_pre;
-  if (shuffle_gemm != nullptr && opt.shuffle > 1 && opt.norm == ProjectorNorm::kNone && s.m > 0) {
-    shuffled_pre = shuffle_gemm(x, opt.shuffle, w1, b1);  // (M, N1) or undefined
-  }
   NormOut normed;
   bool fused_norm = false;
-  if (shuffled_pre.defined()) {  // no rows, no statistics (distinct empty outputs)
-    const auto stats = x.options().dtype(stat_type(x.scalar_type()));
+  const bool gemm_reads = shuffle_gemm != nullptr && s.m > 0;
+  const auto stats = x.options().dtype(stat_type(x.scalar_type()));
+  const bool internvl = opt.shuffle > 1 && opt.norm == ProjectorNorm::kLayerNorm &&
+                        opt.norm_post && s.groups == 1;
+  const bool merger = opt.shuffle <= 1 && opt.merge > 1 && opt.norm != ProjectorNorm::kNone;
+  if (gemm_reads && opt.shuffle > 1 && opt.norm == ProjectorNorm::kNone) {
+    shuffled_pre = shuffle_gemm(x, opt.shuffle, w1, b1, {}).pre;  // (M, N1) or undefined
+  } else if (gemm_reads && shuffle_norm != nullptr && (internvl || merger)) {
+    // (B, H, W, C) views and r of the GEMM's rows and of the statistics' rows: InternVL's grid
+    // for both; a merger's (1, M, 1, K) rows, and its (1, M * groups, 1, norm_features) tokens
+    const at::Tensor rows = internvl ? x : x.reshape({1, s.m, 1, s.k});
+    const at::Tensor stat_rows =
+        internvl ? x : rows.reshape({1, s.m * s.groups, 1, s.norm_features});
+    const int64_t r = internvl ? opt.shuffle : 1;
+    auto [pre, mean, rstd] =
+        shuffle_gemm(rows, r, w1, b1, {stat_rows, r, norm_weight, norm_bias, opt.eps, s.groups,
+                                       opt.norm == ProjectorNorm::kRmsNorm});
+    if (pre.defined()) {
+      shuffled_pre = pre;
+      normed = {at::Tensor(), mean, rstd};
+      fused_norm = true;
+    }
+  }
+  if (shuffled_pre.defined() && !fused_norm) {  // no rows, no statistics (distinct empty outputs)
     normed = {at::Tensor(), at::empty({0}, stats), at::empty({0}, stats)};
     fused_norm = true;
-  } else if (shuffle_norm != nullptr && opt.shuffle > 1 && opt.norm == ProjectorNorm::kLayerNorm &&
-      opt.norm_post && s.groups == 1 && s.m > 0) {
-    const auto stats = x.options().dtype(stat_type(x.scalar_type()));
+  } else if (!fused_norm && shuffle_norm != nullptr && opt.shuffle > 1 &&
+             opt.norm == ProjectorNorm::kLayerNorm && opt.norm_post && s.groups == 1 && s.m > 0) {
     normed = {at::empty({s.m, s.k}, x.options()), at::empty({s.m, 1}, stats),
               at::empty({s.m, 1}, stats)};
     fused_norm = shuffle_norm(x, opt.shuffle, norm_weight, norm_bias, opt.eps, normed.y,

@@ -71,18 +71,42 @@ using ShuffleNormFn = bool (*)(const at::Tensor& x, int64_t r,
                                const at::Tensor& xn, const at::Tensor& mean,
                                const at::Tensor& rstd);
 
+// A norm for the ShuffleGemmFn to apply to its A rows, over `groups` equal runs of each row's
+// features (InternVL: 1, the shuffled row; Qwen's mergers: 4, LayerNorm / RMSNorm per merged
+// token, or 1, the post-merge LayerNorm): its statistics are those of the rows of stat_rows
+// (B', H', W', C') pixel-shuffled at stat_r, M * groups of them in order; weight / bias cover one
+// group. stat_rows undefined: no norm.
+struct ShuffleGemmNorm {
+  at::Tensor stat_rows;
+  int64_t stat_r = 1;
+  std::optional<at::Tensor> weight, bias;
+  double eps = 1e-5;
+  int64_t groups = 1;
+  bool rms = false;
+};
+
+// The ShuffleGemmFn's outputs: pre (M, N), and with a norm its fp32 statistics, mean and rstd
+// (M, groups) (RMSNorm: mean (0,)); pre undefined: not handled, nothing allocated or launched.
+struct ShuffleGemmOut {
+  at::Tensor pre, mean, rstd;
+};
+
 // A device's pixel shuffle + first Linear as one GEMM whose A rows are read through the shuffle's
-// index map (no shuffled copy; Idefics3 / SmolVLM, or any shuffled projector without a norm):
-// x (B, H, W, C) -> (M, N) = shuffle(x) @ w^T + b in x's dtype. Undefined: not handled (the
-// composite shuffles, then runs the Linear); nothing is allocated then.
-using ShuffleGemmFn = at::Tensor (*)(const at::Tensor& x, int64_t r, const at::Tensor& w,
-                                     const std::optional<at::Tensor>& b);
+// index map (no shuffled copy; Idefics3 / SmolVLM, or any shuffled projector without a norm; with
+// `norm`, a statistics pass, then the rows normalized inside the GEMM, no normalized copy either:
+// InternVL, and Qwen's mergers at r = 1 on the merged rows): x (B, H, W, C) -> pre (M, N) =
+// shuffle(x) (normalized) @ w^T + b in x's dtype. Undefined pre: not handled (the composite
+// shuffles, normalizes, then runs the Linear).
+using ShuffleGemmFn = ShuffleGemmOut (*)(const at::Tensor& x, int64_t r, const at::Tensor& w,
+                                         const std::optional<at::Tensor>& b,
+                                         const ShuffleGemmNorm& norm);
 
 // Forward: (out, hidden = GEMM1 + b1 before the activation, act = GEMM2's input (or (0,)), mean,
 // rstd). See torch_bindings.cpp.
 // `fused_dense` (optional) runs both Linears where it can, `shuffle_norm` (optional) the shuffle
 // and a post-shuffle LayerNorm, `shuffle_gemm` (optional) the shuffle and GEMM1 when there is no
-// norm; the rest of the chain stays ATen's.
+// norm, or with both, the norm + GEMM1 of InternVL (after the shuffle) and of Qwen's mergers (on
+// the merged rows) as the statistics pass and one GEMM; the rest of the chain stays ATen's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_projector_forward(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,

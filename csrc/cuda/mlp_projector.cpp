@@ -1,8 +1,9 @@
 // CUDA registration of mlp_projector and its backward: the shared ATen composite (cuBLAS GEMMs,
 // ATen elementwise kernels, no host syncs) under a guard for x's device, InternVL's pixel
 // shuffle + LayerNorm as one kernel (cuda/shuffle_layer_norm.h); with
-// VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused, a norm-free shuffled projector's first Linear reads its
-// rows through the shuffle's index map (cuda/shuffle_gemm.h); with
+// VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused, a shuffled projector's first Linear reads its rows
+// through the shuffle's index map (cuda/shuffle_gemm.h), InternVL's LayerNorm applied in it from
+// a statistics pass (no normalized copy); with
 // VLMKERN_PROJECTOR_GEMM=cutlass, its two Linears run on the fused CUTLASS GEMM + bias + GELU
 // kernel (cuda/gemm_bias_act.h) where the device and the inputs allow, else on ATen as before;
 // with VLMKERN_PROJECTOR_DGELU=fused, the backward's dGELU runs in the epilogue of its g @ w2
@@ -13,7 +14,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -175,56 +178,82 @@ bool shuffle_norm_fused() {
   return fused_switch("VLMKERN_PROJECTOR_SHUFFLE_NORM", "mlp_projector", true);
 }
 
-// The ShuffleNormFn of the CUDA composite: fp16 / bf16 x (B, H, W, C) with unit channel stride,
-// LayerNorm weight / bias of x's dtype (or none), 16-byte aligned rows; else false.
-bool cuda_shuffle_norm(const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias, double eps, const at::Tensor& xn,
-                       const at::Tensor& mean, const at::Tensor& rstd) {
+// The shuffle + LayerNorm kernel's arguments for fp16 / bf16 x (B, H, W, C) with unit channel
+// stride at r, weight / bias of x's dtype, contiguous (or none); out, mean and rstd unset;
+// nullopt for inputs it does not take.
+std::optional<ShuffleLnArgs> shuffle_ln_args(const at::Tensor& x, int64_t r,
+                                             const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& bias, double eps,
+                                             bool rms) {
   const auto dt = x.scalar_type();
-  if ((dt != at::kBFloat16 && dt != at::kHalf) || x.dim() != 4 || x.stride(3) != 1) return false;
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || x.dim() != 4 || x.stride(3) != 1 ||
+      x.size(3) > INT32_MAX || r < 1 || r > INT32_MAX) {
+    return std::nullopt;
+  }
   for (const auto* p : {&weight, &bias}) {
-    if (*p && ((*p)->scalar_type() != dt || !(*p)->is_contiguous())) return false;
+    if (*p && ((*p)->scalar_type() != dt || !(*p)->is_contiguous())) return std::nullopt;
   }
   ShuffleLnArgs a;
   a.x = x.const_data_ptr();
   a.weight = weight ? weight->const_data_ptr() : nullptr;
   a.bias = bias ? bias->const_data_ptr() : nullptr;
-  a.out = xn.mutable_data_ptr();
-  a.mean = mean.mutable_data_ptr<float>();
-  a.rstd = rstd.mutable_data_ptr<float>();
-  a.rows = xn.size(0);
   a.gh = x.size(1) / r;
   a.gw = x.size(2) / r;
+  a.rows = x.size(0) * a.gh * a.gw;
   a.stride_b = x.stride(0);
   a.stride_h = x.stride(1);
   a.stride_w = x.stride(2);
   a.r = static_cast<int>(r);
   a.c = static_cast<int>(x.size(3));
-  a.k = static_cast<int>(xn.size(1));
+  a.k = static_cast<int>(r * r * x.size(3));
   a.eps = static_cast<float>(eps);
-  if (shuffle_layer_norm_unsupported(a) != nullptr) return false;
+  a.rms = rms ? 1 : 0;
+  return a;
+}
+
+ShuffleLnDtype ln_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? ShuffleLnDtype::kBFloat16 : ShuffleLnDtype::kFloat16;
+}
+
+// The ShuffleNormFn of the CUDA composite: shuffle_ln_args' inputs, 16-byte aligned rows; else
+// false.
+bool cuda_shuffle_norm(const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, double eps, const at::Tensor& xn,
+                       const at::Tensor& mean, const at::Tensor& rstd) {
+  auto a = shuffle_ln_args(x, r, weight, bias, eps, /*rms=*/false);
+  if (!a) return false;
+  a->out = xn.mutable_data_ptr();
+  a->mean = mean.mutable_data_ptr<float>();
+  a->rstd = rstd.mutable_data_ptr<float>();
+  if (shuffle_layer_norm_unsupported(*a) != nullptr) return false;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  C10_CUDA_CHECK(cuda_shuffle_layer_norm(
-      a, dt == at::kBFloat16 ? ShuffleLnDtype::kBFloat16 : ShuffleLnDtype::kFloat16, stream));
+  C10_CUDA_CHECK(cuda_shuffle_layer_norm(*a, ln_dtype(x), stream));
   return true;
 }
 
 // VLMKERN_PROJECTOR_SHUFFLE_GEMM, read per call: "aten" (or unset) shuffles into a copy and runs
-// cuBLAS; "fused" runs the first Linear of a shuffled projector without a norm (Idefics3 /
-// SmolVLM) as one sm_90a GEMM reading its rows through the shuffle's index map
-// (cuda/shuffle_gemm.h). Off by default until a GPU run shows it beats copy + cuBLAS.
+// cuBLAS; "fused" runs the first Linear of a shuffled projector (Idefics3 / SmolVLM without a
+// norm; InternVL with its LayerNorm: a statistics pass, then the GEMM normalizes its A tiles) as
+// one sm_90a GEMM reading its rows through the shuffle's index map (cuda/shuffle_gemm.h). Off by
+// default until a GPU run shows it beats copy + cuBLAS.
 bool shuffle_gemm_fused() {
   return fused_switch("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "mlp_projector", false);
 }
 
 // The ShuffleGemmFn of the CUDA composite: fp16 / bf16 x (B, H, W, C) with unit channel stride,
-// w (N, r*r*C) and b of x's dtype, contiguous; the kernel's alignment rules; else undefined.
-at::Tensor cuda_shuffle_gemm_fn(const at::Tensor& x, int64_t r, const at::Tensor& w,
-                                const std::optional<at::Tensor>& b) {
+// w (N, r*r*C), b and the norm's weight / bias of x's dtype, contiguous; the kernels' alignment
+// rules. Every check (the statistics kernel's too) comes before anything is allocated or
+// launched: a fallback costs nothing.
+ShuffleGemmOut cuda_shuffle_gemm_fn(const at::Tensor& x, int64_t r, const at::Tensor& w,
+                                    const std::optional<at::Tensor>& b,
+                                    const ShuffleGemmNorm& norm) {
   const auto dt = x.scalar_type();
+  auto same = [&](const std::optional<at::Tensor>& t) {
+    return !t || (t->scalar_type() == dt && t->is_contiguous());
+  };
   if ((dt != at::kBFloat16 && dt != at::kHalf) || x.dim() != 4 || x.stride(3) != 1 ||
       x.size(3) > INT32_MAX || r > INT32_MAX || w.scalar_type() != dt || !w.is_contiguous() ||
-      (b && (b->scalar_type() != dt || !b->is_contiguous()))) {
+      !same(b)) {
     return {};
   }
   ShuffleGemmParams p;
@@ -242,14 +271,42 @@ at::Tensor cuda_shuffle_gemm_fn(const at::Tensor& x, int64_t r, const at::Tensor
   p.n = w.size(0);
   p.bias = b ? b->const_data_ptr() : nullptr;
   p.device = x.device().index();
-  // Eligibility first, so a fallback allocates nothing: the (M, N) output comes from the caching
-  // allocator (aligned blocks), so W's address stands in for it in the check.
-  p.out = const_cast<void*>(p.weight);
+  const int64_t m = x.size(0) * (x.size(1) / r) * (x.size(2) / r);
+  // Eligibility first: the outputs come from the caching allocator (aligned blocks), so W's
+  // address stands in for them in the checks.
+  const auto stand_in = static_cast<float*>(const_cast<void*>(p.weight));
+  p.out = stand_in;
+  std::optional<ShuffleLnArgs> ln;
+  if (norm.stat_rows.defined()) {
+    ln = shuffle_ln_args(norm.stat_rows, norm.stat_r, norm.weight, norm.bias, norm.eps,
+                         norm.rms);
+    if (!ln || ln->rows != m * norm.groups || norm.groups > INT32_MAX) return {};
+    ln->mean = norm.rms ? nullptr : stand_in;
+    ln->rstd = stand_in;
+    p.norm_mean = ln->mean;
+    p.norm_rstd = stand_in;
+    p.norm_weight = ln->weight;
+    p.norm_bias = ln->bias;
+    p.norm_groups = static_cast<int>(norm.groups);
+    p.norm_rms = norm.rms ? 1 : 0;
+    if (shuffle_layer_norm_unsupported(*ln) != nullptr) return {};
+  }
   if (shuffle_gemm_unsupported(p) != nullptr) return {};
-  at::Tensor out = at::empty({x.size(0) * (x.size(1) / r) * (x.size(2) / r), w.size(0)},
-                             x.options());
-  p.out = out.mutable_data_ptr();
-  C10_CUDA_CHECK(cuda_shuffle_gemm(p, c10::cuda::getCurrentCUDAStream(p.device).stream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  ShuffleGemmOut out;
+  if (ln) {  // the statistics pass: (M, groups) fp32 (RMSNorm: rstd only, mean (0,))
+    const auto f32 = x.options().dtype(at::kFloat);
+    out.mean = norm.rms ? at::empty({0}, f32) : at::empty({m, norm.groups}, f32);
+    out.rstd = at::empty({m, norm.groups}, f32);
+    ln->mean = norm.rms ? nullptr : out.mean.mutable_data_ptr<float>();
+    ln->rstd = out.rstd.mutable_data_ptr<float>();
+    C10_CUDA_CHECK(cuda_shuffle_layer_norm(*ln, ln_dtype(x), stream));
+    p.norm_mean = ln->mean;
+    p.norm_rstd = ln->rstd;
+  }
+  out.pre = at::empty({m, w.size(0)}, x.options());
+  p.out = out.pre.mutable_data_ptr();
+  C10_CUDA_CHECK(cuda_shuffle_gemm(p, stream));
   return out;
 }
 

@@ -46,6 +46,19 @@ const char* shuffle_gemm_unsupported(const ShuffleGemmParams& p) {
   if (p.table != nullptr && (p.tap_index == nullptr || p.tap_weight == nullptr)) {
     return "a position table needs its tap rows and weights";
   }
+  if (p.norm_rstd != nullptr) {
+    const int64_t k = int64_t{p.r} * p.r * p.c;
+    if (p.table != nullptr) return "a norm and a position table";
+    if (p.norm_rms ? (p.norm_mean != nullptr || p.norm_bias != nullptr) : p.norm_mean == nullptr) {
+      return "an RMSNorm has no mean nor bias; a LayerNorm needs its mean";
+    }
+    if (p.norm_groups < 1 || k % p.norm_groups != 0 || (k / p.norm_groups) % 8 != 0) {
+      return "the norm's groups must split K into multiples of 8 features";
+    }
+    if (!aligned(p.norm_weight, 16) || !aligned(p.norm_bias, 16)) {
+      return "the norm's weight and bias must be 16-byte aligned";
+    }
+  }
   const int64_t m = p.batch * (p.h / p.r) * (p.w / p.r);
   if ((m + 127) / 128 * ((p.n + 127) / 128) > INT32_MAX) return "more than 2^31 - 1 tiles";
   if (!is_sm90(p.device)) return "the device is not compute capability 9.0 (sm_90a)";
@@ -76,6 +89,13 @@ cudaError_t cuda_shuffle_gemm(const ShuffleGemmParams& p, cudaStream_t stream) {
   a.table = p.table;
   a.tap_index = p.tap_index;
   a.tap_weight = p.tap_weight;
+  a.norm_mean = p.norm_mean;
+  a.norm_rstd = p.norm_rstd;
+  a.norm_weight = p.norm_weight;
+  a.norm_bias = p.norm_bias;
+  a.norm_groups = p.norm_groups;
+  a.norm_group_size = p.norm_groups > 0 ? a.k / p.norm_groups : a.k;
+  a.norm_rms = p.norm_rms;
   if (a.m == 0) return cudaSuccess;
   return run(a, stream);
 }

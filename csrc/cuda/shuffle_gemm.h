@@ -34,6 +34,20 @@ struct ShuffleGemmParams {
   const void* table = nullptr;             // (S*S, N) contiguous, the GEMM dtype
   const int64_t* tap_index = nullptr;      // (4, M) table rows
   const float* tap_weight = nullptr;       // (4, M)
+  // A norm applied to the A tiles in shared memory (norm_rstd != nullptr), over norm_groups
+  // groups of G = K / norm_groups features per row (InternVL: 1 group, the shuffled row; Qwen's
+  // mergers at r = 1: the 4 merged tokens, or 1 group for the post-merge norm), feature f in
+  // group g = f / G: LayerNorm A[m, f] = T(((X2[m, f] - mean[m, g]) * rstd[m, g]) * gamma[f % G]
+  // + beta[f % G]) in fp32 (gamma / beta optional; the shuffle + LayerNorm kernel's write path);
+  // RMSNorm (norm_rms) A[m, f] = T(gamma[f % G] * T(X2[m, f] * rstd[m, g])) (Qwen2RMSNorm). The
+  // statistics come from cuda/shuffle_layer_norm.h without an output; the normalized rows are
+  // never written to global memory.
+  const float* norm_mean = nullptr;        // (M, norm_groups) fp32, LayerNorm only
+  const float* norm_rstd = nullptr;        // (M, norm_groups) fp32
+  const void* norm_weight = nullptr;       // (G,) the GEMM dtype, or nullptr
+  const void* norm_bias = nullptr;         // (G,) the GEMM dtype, or nullptr (LayerNorm only)
+  int norm_groups = 1;
+  int norm_rms = 0;
 };
 
 // True when this build has the kernel (CuTe headers found, sm_90a targeted).
@@ -42,7 +56,8 @@ bool shuffle_gemm_compiled();
 // nullptr when `p` can run on the kernel, else why not: not compiled, a device that is not
 // compute capability 9.0, C not a multiple of 8 or x / strides not 16-byte aligned (16-byte
 // cp.async chunks), weight / bias / out misaligned, sizes past the kernel's int ranges, a table
-// without its taps.
+// without its taps, a norm with misaligned gamma / beta, groups not dividing K into multiples of
+// 8, a LayerNorm without its mean, an RMSNorm with a bias, a table and a norm.
 const char* shuffle_gemm_unsupported(const ShuffleGemmParams& p);
 
 // Enqueues the kernel on `stream` (no host synchronization; CUDA-graph capturable). `p` must have
@@ -65,6 +80,11 @@ struct ShuffleGemmArgs {
   const void* table;                  // positions in the epilogue (ShuffleGemmParams), or nullptr
   const int64_t* tap_index;
   const float* tap_weight;
+  const float* norm_mean;             // the A tiles' norm (ShuffleGemmParams)
+  const float* norm_rstd;             // nullptr: no norm
+  const void* norm_weight;
+  const void* norm_bias;
+  int norm_groups, norm_group_size, norm_rms;  // groups per row, G = K / groups, RMSNorm
 };
 
 // One compiled kernel (kernels/shuffle_gemm.cuh), instantiated per GEMM dtype by one file under

@@ -34,6 +34,9 @@ const char* shuffle_layer_norm_unsupported(const ShuffleLnArgs& a) {
     return "x strides must be multiples of 8 elements";
   }
   if (!aligned16(a.x) || !aligned16(a.out)) return "x and out must be 16-byte aligned";
+  if (a.rms ? a.out != nullptr : a.mean == nullptr) {
+    return "RMSNorm writes statistics only; LayerNorm needs its mean";
+  }
   return nullptr;
 }
 

@@ -4,12 +4,16 @@
 // from its token (C a multiple of 8), so A and w both stream by cp.async, three tiles deep, into
 // 128-byte swizzled K-major shared tiles that two warpgroups of wgmma consume (wgmma_gemm.cuh).
 // The epilogue adds the bias in fp32 and rounds once, or (packed Qwen3-VL at r = 1) the bilinear
-// positions + bias computed from four table rows per token.
+// positions + bias computed from four table rows per token. With a norm (InternVL's LayerNorm,
+// Qwen's merger LayerNorm / RMSNorm; statistics from a pre-pass), each thread normalizes the A
+// chunks it copied in shared memory once they land, while the previous tile's wgmma runs: the
+// normalized rows never reach global memory.
 // Include only from cuda/instantiations/shuffle_gemm_*.cu (CuTe headers, sm_90a only).
 #pragma once
 
 #include <cstdint>
 
+#include "cuda/kernels/norm_affine.cuh"
 #include "cuda/kernels/wgmma_gemm.cuh"
 #include "cuda/shuffle_gemm.h"
 
@@ -82,6 +86,51 @@ __global__ void __launch_bounds__(kThreads, 2) shuffle_gemm_kernel(ShuffleGemmAr
     cp_async_commit();
   };
 
+  // The norm prologue: this thread's own chunks of A tile kt (those issue_a copied: chunk
+  // tid % 8, features f .. f + 7 of one norm group (G a multiple of 8), of rows tid / 8 + 32 j),
+  // normalized in place once its cp.async group has landed, in fp32 as the statistics kernel's
+  // write path / Qwen2RMSNorm; zero-filled chunks (past K or M) stay zero.
+  const bool norm = a.norm_rstd != nullptr;
+  const T* __restrict__ gamma = static_cast<const T*>(a.norm_weight);
+  const T* __restrict__ beta = static_cast<const T*>(a.norm_bias);
+  auto normalize_a = [&](int kt) {
+    const int chunk = tid & 7, f = kt * kBlockK + chunk * 8;
+    if (f >= a.k) return;
+    const int grp = f / a.norm_group_size, fg = f - grp * a.norm_group_size;
+    alignas(16) T g[8], be[8];  // gamma / beta of group features fg .. fg + 7 (16 bytes)
+    using Vec = uint4;
+    if (gamma != nullptr) *reinterpret_cast<Vec*>(g) = *reinterpret_cast<const Vec*>(gamma + fg);
+    if (beta != nullptr) *reinterpret_cast<Vec*>(be) = *reinterpret_cast<const Vec*>(beta + fg);
+#pragma unroll
+    for (int j = 0; j < kBlockM / 32; ++j) {
+      const int row = (tid >> 3) + 32 * j;
+      if (s.row_base[row] < 0) continue;  // past M: zero-filled, never stored
+      const int64_t stat = (m0 + row) * a.norm_groups + grp;
+      const float mean = a.norm_rms ? 0.f : a.norm_mean[stat], rstd = a.norm_rstd[stat];
+      const uint32_t addr =
+          a_smem + (kt % kStages) * kStageBytes + sw128_offset(row, chunk * 16);
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+      T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        float y;
+        if (a.norm_rms) {  // weight * (x * rstd).to(dtype), the product rounded again
+          y = static_cast<float>(T(static_cast<float>(e[t]) * rstd));
+          if (gamma != nullptr) y *= static_cast<float>(g[t]);
+        } else {  // the shuffle + LayerNorm kernel's write path, rounding for rounding
+          y = layer_norm_value(static_cast<float>(e[t]), mean, rstd, gamma != nullptr,
+                               gamma != nullptr ? static_cast<float>(g[t]) : 1.f,
+                               beta != nullptr, beta != nullptr ? static_cast<float>(be[t]) : 0.f);
+        }
+        e[t] = T(y);
+      }
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                   ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+    }
+  };
+
   TiledMma<T> mma;
   Tensor sA = make_tensor(make_smem_ptr(s.a), SmemLayout<T, kStages>{});  // (128, 64, 3)
   Tensor sB = make_tensor(make_smem_ptr(s.b), SmemLayout<T, kStages>{});  // (128, 64, 3)
@@ -91,10 +140,13 @@ __global__ void __launch_bounds__(kThreads, 2) shuffle_gemm_kernel(ShuffleGemmAr
   Tensor acc = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // fp32 (64 / thr)
   clear(acc);
 
-  // Main loop: wgmma on tile kt while tile kt + 2 streams into the stage wgmma kt - 1 read.
+  // Main loop: wgmma on tile kt while tile kt + 2 streams into the stage wgmma kt - 1 read (and,
+  // with the norm, this thread's chunks of tile kt + 1 are normalized: a stage wgmma kt does not
+  // read). Generic-proxy writes (the normalized chunks) -> fence -> barrier -> wgmma.
   issue(0);
   issue(1);
   cp_async_wait<1>();  // group 0: tile 0
+  if (norm) normalize_a(0);
   cutlass::arch::fence_view_async_shared();
   __syncthreads();
   for (int kt = 0; kt < a.k_tiles; ++kt) {
@@ -102,9 +154,10 @@ __global__ void __launch_bounds__(kThreads, 2) shuffle_gemm_kernel(ShuffleGemmAr
     warpgroup_fence_operand(acc);
     mma_tile(mma, tCrA, tCrB, acc, stage, stage, kt, a.k);
     issue(kt + 2);  // wgmma kt - 1 completed before the barrier that ended iteration kt - 1
+    cp_async_wait<1>();  // every group but the newest: this thread's copies of tile kt + 1
+    if (norm && kt + 1 < a.k_tiles) normalize_a(kt + 1);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
-    cp_async_wait<1>();  // every group but the newest: tile kt + 1
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
   }

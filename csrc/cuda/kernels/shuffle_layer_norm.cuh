@@ -3,6 +3,9 @@
 // c]) is gathered straight from x, normalized over its K features (fp32 statistics, biased
 // variance, rsqrt(var + eps), as ATen's LayerNorm) and written once with its mean and rstd; the
 // shuffled copy that a separate shuffle and LayerNorm would write and re-read never exists.
+// Without an output (out == nullptr) only the statistics are written: the shuffle GEMM then
+// normalizes its A tiles itself (cuda/kernels/shuffle_gemm.cuh, the same arithmetic); rms: only
+// an RMSNorm's rstd = rsqrt(mean(x^2) + eps) (Qwen2.5-VL's merger, in fp32 as Qwen2RMSNorm).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda/kernels/float_cast.cuh"
+#include "cuda/kernels/norm_affine.cuh"
 #include "cuda/shuffle_layer_norm.h"
 
 namespace vlmkern {
@@ -63,7 +67,7 @@ __global__ void __launch_bounds__(kShuffleLnThreads)
         }
       }
     }
-    const float mean = sln_block_sum(sum, red) * inv_k;
+    const float mean = a.rms ? 0.f : sln_block_sum(sum, red) * inv_k;
     float sq = 0.f;
 #pragma unroll
     for (int u = 0; u < kVecs; ++u) {
@@ -77,21 +81,21 @@ __global__ void __launch_bounds__(kShuffleLnThreads)
 #pragma unroll
     for (int u = 0; u < kVecs; ++u) {
       const int kk = (u * kShuffleLnThreads + static_cast<int>(threadIdx.x)) * 8;
-      if (kk < a.k) {
+      if (out != nullptr && kk < a.k) {
         uint4 packed;
         T* o = reinterpret_cast<T*>(&packed);
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
-          float y = (v[u][t] - mean) * rstd;
-          if (gamma != nullptr) y *= static_cast<float>(gamma[kk + t]);
-          if (beta != nullptr) y += static_cast<float>(beta[kk + t]);
-          o[t] = from_float<T>(y);
+          const float g = gamma != nullptr ? static_cast<float>(gamma[kk + t]) : 1.f;
+          const float be = beta != nullptr ? static_cast<float>(beta[kk + t]) : 0.f;
+          o[t] = from_float<T>(
+              layer_norm_value(v[u][t], mean, rstd, gamma != nullptr, g, beta != nullptr, be));
         }
         *reinterpret_cast<uint4*>(out + m * a.k + kk) = packed;
       }
     }
     if (threadIdx.x == 0) {
-      a.mean[m] = mean;
+      if (a.mean != nullptr) a.mean[m] = mean;
       a.rstd[m] = rstd;
     }
   }

@@ -4,7 +4,9 @@ shuffle, Qwen's view merge, F.layer_norm / Qwen2RMSNorm, F.linear, erf GELU), to
 ``vlmkern.cutlass`` / ``vlmkern.cutlass_wide`` / ``vlmkern.cutlass_pingpong`` (the op on its
 fused CUTLASS GEMM paths: cooperative 128 x 128 / 128 x 256 tiles for both Linears, pingpong for
 GEMM1 + GELU; sm_90a builds with CUTLASS only),
-``vlmkern.shuffle_gemm`` (Idefics3: GEMM1 reading through the pixel shuffle, sm_90a)
+``vlmkern.shuffle_gemm`` (Idefics3 and InternVL: GEMM1 reading through the pixel shuffle,
+InternVL's LayerNorm applied to its A tiles from a statistics pass; Qwen's mergers: their norm
+applied the same way; sm_90a)
 and a plain ``torch.mm`` of the same GEMM shapes (the roofline row, not checked), on LLaVA-1.5,
 InternVL2.5-8B, Qwen2-VL-7B and Idefics3 shapes.
 
@@ -130,9 +132,14 @@ def vlmkern_unfused_norm(*inputs, spec: Spec):
 def vlmkern_shuffle_gemm(*inputs, spec: Spec):
     """vlmkern with ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused``: GEMM1 reads its rows through the
     pixel shuffle's index map (sm_90a; no shuffled copy), on shuffled connectors without a norm
-    (Idefics3 / SmolVLM)."""
-    if not spec.shuffle or spec.norm:
-        raise ValueError("no norm-free pixel shuffle in this connector")
+    (Idefics3 / SmolVLM) or with a post-shuffle LayerNorm (InternVL: a statistics pass, the rows
+    normalized inside the GEMM, no normalized copy); on Qwen's mergers the merged rows as they
+    are, their LayerNorm / RMSNorm applied inside the GEMM likewise."""
+    idefics3 = spec.shuffle and not spec.norm
+    internvl = spec.shuffle and spec.norm == "layernorm" and spec.norm_position == "post"
+    merger = spec.merge and spec.norm
+    if not (idefics3 or internvl or merger):
+        raise ValueError("the op would not take the fused shuffle GEMM on this connector")
     with env_var("VLMKERN_PROJECTOR_SHUFFLE_GEMM", "fused"):
         return vlmkern_projector(*inputs, spec=spec)
 
