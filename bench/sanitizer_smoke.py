@@ -272,14 +272,14 @@ def _smoke_projector_cutlass(device: str) -> int:
     from vlmkern import _C
 
     if device != "cuda" or not _C.cutlass_gemm or torch.cuda.get_device_capability() != (9, 0):
-        return 0
+        return _smoke_projector_cutlass_sm80(device)
     if os.environ.get("VLMKERN_SANITIZER_TOOL") == "initcheck":
         # initcheck does not see the kernel's TMA stores: it flags the whole output as
         # uninitialized when it is read back (the first H100 run), and its report floods the
         # stage's time. memcheck, racecheck and synccheck still run this case.
         print("sanitizer_smoke: CUTLASS case skipped under initcheck (TMA stores are not tracked)",
               file=sys.stderr)
-        return 0
+        return _smoke_projector_cutlass_sm80(device)
     n = 0
     with env_var("VLMKERN_PROJECTOR_GEMM", "cutlass"):
         k, n1, d = 136, 264, 72  # multiples of 8, off the 128 x 128 x 64 tiles
@@ -296,6 +296,29 @@ def _smoke_projector_cutlass(device: str) -> int:
                                                for t in args], activation=act)  # fmt: skip
                 _close(out, ref, f"mlp_projector cutlass {act} bias={bias} M={rows} {dtype}")
                 n += 1
+    return n + _smoke_projector_cutlass_sm80(device)
+
+
+def _smoke_projector_cutlass_sm80(device: str) -> int:
+    """The sm_80+ CUTLASS 2.x GEMM (VLMKERN_PROJECTOR_GEMM=cutlass_sm80): GELU + aux and identity
+    epilogues on CLS-dropped strided rows, M off the 128-row tiles (cp.async and plain stores:
+    initcheck sees them)."""
+    from vlmkern import _C
+
+    if device != "cuda" or not getattr(_C, "cutlass_sm80_gemm", 0):
+        return 0
+    n = 0
+    with env_var("VLMKERN_PROJECTOR_GEMM", "cutlass_sm80"):
+        k, n1, d = 136, 264, 72
+        for rows in (113, 1):
+            base = torch.randn(1 + rows, k + 8).to(torch.bfloat16)
+            w1, w2 = torch.randn(n1, k) * k**-0.5, torch.randn(d, n1) * n1**-0.5
+            args = [t.to(torch.bfloat16) for t in (w1, torch.randn(n1), w2, torch.randn(d))]
+            ref = vlmkern.reference.mlp_projector(base[1:, :k], *args, activation="gelu")
+            out = vlmkern.ops.mlp_projector(base.to(device)[1:, :k],
+                                            *[t.to(device) for t in args], activation="gelu")
+            _close(out, ref, f"mlp_projector cutlass_sm80 M={rows}")
+            n += 1
     return n
 
 

@@ -155,6 +155,9 @@ TORCH_LIBRARY(vlmkern, m) {
 #ifndef VLMKERN_WITH_CUTLASS_SM90
 #define VLMKERN_WITH_CUTLASS_SM90 0
 #endif
+#ifndef VLMKERN_WITH_CUTLASS_SM80
+#define VLMKERN_WITH_CUTLASS_SM80 0
+#endif
 #ifndef VLMKERN_WITH_CUBLASLT
 #define VLMKERN_WITH_CUBLASLT 0
 #endif
@@ -170,6 +173,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
                   PyModule_AddStringConstant(mod, "cuda_archs", VLMKERN_CUDA_ARCHS_STR) == 0 &&
                   PyModule_AddStringConstant(mod, "nvcc_version", VLMKERN_NVCC_VERSION) == 0 &&
                   PyModule_AddIntConstant(mod, "cutlass_gemm", VLMKERN_WITH_CUTLASS_SM90) == 0 &&
+                  PyModule_AddIntConstant(mod, "cutlass_sm80_gemm", VLMKERN_WITH_CUTLASS_SM80) ==
+                      0 &&
                   PyModule_AddIntConstant(mod, "cublaslt", VLMKERN_WITH_CUBLASLT) == 0;
   if (!ok) {
     Py_DECREF(mod);

@@ -154,7 +154,8 @@ REF = reference.mlp_projector
 
 
 def cutlass_kernels(fn) -> tuple[object, int]:
-    """fn()'s result and how many CUTLASS GemmUniversal kernels it launched (cuBLAS has none)."""
+    """fn()'s result and how many CUTLASS GEMM kernels it launched: 3.x GemmUniversal, or the
+    sm_80+ 2.x GemmWithFusedEpilogue (cuBLAS has none)."""
     from torch.profiler import ProfilerActivity, profile
 
     # CPU activity too: with CUDA alone Kineto has been seen to drop kernel events.
@@ -162,4 +163,6 @@ def cutlass_kernels(fn) -> tuple[object, int]:
         out = fn()
         torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
-    return out, sum(e.device_type == cuda and "GemmUniversal" in e.name for e in prof.events())
+    names = ("GemmUniversal", "GemmWithFusedEpilogue")
+    return out, sum(e.device_type == cuda and any(n in e.name for n in names)
+                    for e in prof.events())

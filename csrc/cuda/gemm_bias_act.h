@@ -1,5 +1,6 @@
-// Torch-free launcher of the fused GEMM + bias + activation (CUTLASS 3.x, Hopper sm_90a only):
-// out (M, N) = act(A (M, K) @ W (N, K)^T + bias (N)), optionally aux (M, N) = the pre-activation.
+// Torch-free launcher of the fused GEMM + bias + activation: out (M, N) = act(A (M, K) @ W (N, K)^T
+// + bias (N)), optionally aux (M, N) = the pre-activation. CUTLASS 3.x kernels for Hopper (sm_90a
+// only), and a CUTLASS 2.x kernel for every sm_80+ GPU (schedule kSm80).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,8 +22,10 @@ enum class GemmActivation { kIdentity, kGelu, kGeluTanh, kQuickGelu };
 // multicasting W: twice the reuse of each A tile, cuBLAS's usual shape for large bf16 GEMMs on
 // H100; for the GPU sweep) or kPingpong (each warpgroup owns a tile, so one's epilogue overlaps
 // the other's mainloop: meant for the heavy GELU + aux epilogue). Pingpong is compiled for
-// gelu + aux only.
-enum class GemmSchedule { kCooperative, kPingpong, kCooperativeWide };
+// gelu + aux only. kSm80: the CUTLASS 2.x multistage mma.sync kernel (128 x 128 x 32 tiles, 4
+// stages), compiled for every arch of the build: the fused path of A100-class GPUs (it runs on
+// Hopper too), {bf16, fp16} x {identity, gelu + aux}.
+enum class GemmSchedule { kCooperative, kPingpong, kCooperativeWide, kSm80 };
 
 struct GemmBiasActParams {
   GemmDtype dtype;
@@ -38,12 +41,17 @@ struct GemmBiasActParams {
   GemmSchedule schedule = GemmSchedule::kCooperative;
 };
 
-// True when this build has the CUTLASS path (nvidia-cutlass headers found, sm_90a targeted).
+// True when this build has the Hopper CUTLASS path (nvidia-cutlass headers found, sm_90a
+// targeted).
 bool gemm_bias_act_compiled();
 
+// True when this build has the sm_80+ CUTLASS path (nvidia-cutlass headers found).
+bool gemm_bias_act_sm80_compiled();
+
 // nullptr when `p` can run on the fused kernel, else why not (for logs and tests): no variant
-// compiled for (dtype, act, aux), a device that is not compute capability 9.0, sizes >= 2^31,
-// or TMA's alignment (16-byte pointers; K, N, lda multiples of 8 elements) unmet.
+// compiled for (schedule, dtype, act, aux), a device that is not compute capability 9.0 (8.0 or
+// newer for kSm80), sizes >= 2^31, or 16-byte alignment (pointers; K, N, lda multiples of 8
+// elements) unmet.
 const char* gemm_bias_act_unsupported(const GemmBiasActParams& p);
 
 // Workspace bytes `gemm_bias_act` needs for `p` (0 is common; the caller allocates it).
@@ -59,6 +67,15 @@ template <GemmDtype kDtype, GemmActivation kAct, bool kAux,
           GemmSchedule kSched = GemmSchedule::kCooperative>
 struct GemmBiasActVariant {
   static bool can_implement(const GemmBiasActParams& p);  // CUTLASS's own checks
+  static size_t workspace_size(const GemmBiasActParams& p);
+  static cudaError_t run(const GemmBiasActParams& p, void* workspace, cudaStream_t stream);
+};
+
+// One compiled sm_80+ kernel (schedule kSm80): defined in kernels/gemm_bias_act_sm80.cuh,
+// instantiated by cuda/instantiations/sm80_gemm_bias_act_*.cu.
+template <GemmDtype kDtype, GemmActivation kAct, bool kAux>
+struct GemmBiasActSm80 {
+  static bool can_implement(const GemmBiasActParams& p);
   static size_t workspace_size(const GemmBiasActParams& p);
   static cudaError_t run(const GemmBiasActParams& p, void* workspace, cudaStream_t stream);
 };

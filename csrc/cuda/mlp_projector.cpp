@@ -34,20 +34,23 @@ namespace {
 // VLMKERN_PROJECTOR_GEMM, read on every call (a getenv): "aten" (or unset) keeps cuBLAS;
 // "cutlass" takes the fused cooperative kernel for both Linears where it can, "cutlass_wide" the
 // same on 128 x 256 tiles; "cutlass_pingpong" the pingpong kernel for GEMM1 + GELU (+ aux) and
-// cuBLAS for the rest. The default stays "aten": on the first H100 run the cooperative kernel
-// was correct but 0.57-1.13x the ATen path (bench/results/2026-11-22-h100-6f8743a); pingpong and
-// wide have not run yet.
-enum class ProjectorGemm { kAten, kCutlass, kCutlassPingpong, kCutlassWide };
+// cuBLAS for the rest; "cutlass_sm80" the CUTLASS 2.x kernel for both Linears on any sm_80+ GPU.
+// The default stays "aten": on the first H100 run the cooperative kernel was correct but
+// 0.57-1.13x the ATen path (bench/results/2026-11-22-h100-6f8743a); pingpong, wide and sm80 have
+// not run yet.
+enum class ProjectorGemm { kAten, kCutlass, kCutlassPingpong, kCutlassWide, kCutlassSm80 };
 
 ProjectorGemm projector_gemm() {
   const char* env = std::getenv("VLMKERN_PROJECTOR_GEMM");
   const std::string_view v = env ? env : "";
   VLMKERN_CHECK(v.empty() || v == "aten" || v == "cutlass" || v == "cutlass_pingpong" ||
-                    v == "cutlass_wide",
+                    v == "cutlass_wide" || v == "cutlass_sm80",
                 "mlp_projector", "VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass', "
-                "'cutlass_pingpong' or 'cutlass_wide', got '", std::string(v), "'");
+                "'cutlass_pingpong', 'cutlass_wide' or 'cutlass_sm80', got '", std::string(v),
+                "'");
   if (v == "cutlass") return ProjectorGemm::kCutlass;
   if (v == "cutlass_wide") return ProjectorGemm::kCutlassWide;
+  if (v == "cutlass_sm80") return ProjectorGemm::kCutlassSm80;
   return v == "cutlass_pingpong" ? ProjectorGemm::kCutlassPingpong : ProjectorGemm::kAten;
 }
 
@@ -69,7 +72,8 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 }
 
 // The FusedDenseFn of the CUDA composite: a (M, K) row-major with any row stride, w (N, K) and b
-// contiguous, bf16 / fp16, on a compute-capability-9.0 device, sizes and pointers TMA-aligned.
+// contiguous, bf16 / fp16, on a compute-capability-9.0 device (8.0+ for kSm80), sizes and
+// pointers 16-byte aligned.
 // GELU gets the fused epilogue (writing `pre` as its aux output when asked); the other
 // activations take the identity kernel and leave the activation to the composite.
 DenseAct cutlass_dense_with(GemmSchedule sched, const at::Tensor& a, const at::Tensor& w,
@@ -120,6 +124,12 @@ DenseAct cutlass_wide_dense(const at::Tensor& a, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, ProjectorActivation act,
                             bool keep_pre) {
   return cutlass_dense_with(GemmSchedule::kCooperativeWide, a, w, b, act, keep_pre);
+}
+
+DenseAct cutlass_sm80_dense(const at::Tensor& a, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, ProjectorActivation act,
+                            bool keep_pre) {
+  return cutlass_dense_with(GemmSchedule::kSm80, a, w, b, act, keep_pre);
 }
 
 // Pingpong is compiled for GELU + aux only: anything else (GEMM2, other activations) returns
@@ -325,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
                                gemm == ProjectorGemm::kCutlass           ? &cutlass_dense
                                : gemm == ProjectorGemm::kCutlassWide     ? &cutlass_wide_dense
                                : gemm == ProjectorGemm::kCutlassPingpong ? &cutlass_pingpong_dense
+                               : gemm == ProjectorGemm::kCutlassSm80     ? &cutlass_sm80_dense
                                                                          : nullptr,
                                shuffle_norm_fused() ? &cuda_shuffle_norm : nullptr,
                                shuffle_gemm_fused() ? &cuda_shuffle_gemm_fn : nullptr);

@@ -1,6 +1,6 @@
 // Whether a CUDA device runs our sm_90a-only kernels (wgmma / TMA code: compute capability 9.0
-// exactly, H100 / H200), and the shape / alignment rules of their TMA GEMMs. Torch-free; shared
-// by the dispatchers of those kernels.
+// exactly, H100 / H200) or our sm_80+ CUTLASS kernel, and the shape / alignment rules of their
+// GEMMs. Torch-free; shared by the dispatchers of those kernels.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,16 +9,19 @@
 
 namespace vlmkern {
 
-// false also when the query fails, leaving no sticky CUDA error for a fallback path to trip on.
-inline bool is_sm90(int device) {
+// The device's compute capability as 10 * major + minor, 0 when the query fails (leaving no
+// sticky CUDA error for a fallback path to trip on).
+inline int compute_capability(int device) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return 0;
   }
-  return major == 9 && minor == 0;
+  return 10 * major + minor;
 }
+
+inline bool is_sm90(int device) { return compute_capability(device) == 90; }
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 

@@ -38,6 +38,7 @@ def info() -> dict:
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a],
         "nvcc": _C.nvcc_version or None,
         "cutlass_gemm": bool(getattr(_C, "cutlass_gemm", 0)),
+        "cutlass_sm80_gemm": bool(getattr(_C, "cutlass_sm80_gemm", 0)),
         "cublaslt": bool(getattr(_C, "cublaslt", 0)),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -58,6 +59,9 @@ def format_info(d: dict | None = None) -> str:
         + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass*, VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused, "
            "VLMKERN_PATCH_EMBED_GEMM=implicit select them)" if d["cutlass_gemm"]
            else "not compiled"),
+        "CUTLASS sm_80+ GEMM + bias + GELU: "
+        + ("compiled (VLMKERN_PROJECTOR_GEMM=cutlass_sm80 selects it)"
+           if d.get("cutlass_sm80_gemm") else "not compiled"),
         "cuBLASLt (gated_linear's fused epilogue): "
         + ("linked" if d["cublaslt"] else "not linked (ATen composite)"),
         f"GPU: {d['gpu'] or 'none visible'}",

@@ -1,7 +1,8 @@
-"""mlp_projector on the fused CUTLASS GEMM (VLMKERN_PROJECTOR_GEMM=cutlass, sm_90a): numeric tiers
-vs float64 and vs the ATen path for every activation × bias × M, fallback on unaligned inputs,
-strided A, hidden = the pre-activation, unchanged gradients, graphs and bit-identical repeats.
-GPU tests (skipped without CUDA); the switch's CPU-visible bits run everywhere."""
+"""mlp_projector on the fused CUTLASS GEMM (VLMKERN_PROJECTOR_GEMM=cutlass*, sm_90a; cutlass_sm80:
+the CUTLASS 2.x kernel of every sm_80+ GPU): numeric tiers vs float64 and vs the ATen path for
+every activation × bias × M, fallback on unaligned inputs, strided A, hidden = the
+pre-activation, unchanged gradients, graphs and bit-identical repeats. GPU tests (skipped without
+CUDA); the switch's CPU-visible bits run everywhere."""
 
 import pytest
 import torch
@@ -68,20 +69,21 @@ def _ref64(x, weights, opts):
 
 def test_build_info_reports_the_cutlass_path():
     assert isinstance(vlmkern.info()["cutlass_gemm"], bool)
+    assert isinstance(vlmkern.info()["cutlass_sm80_gemm"], bool)
     assert "VLMKERN_PROJECTOR_GEMM" in mlp_projector.__doc__  # the switch is documented
 
 
 # --- GPU -----------------------------------------------------------------------------------------
 
 
-GEMMS = ["cutlass", "cutlass_pingpong", "cutlass_wide"]
+GEMMS = ["cutlass", "cutlass_pingpong", "cutlass_wide", "cutlass_sm80"]
 
 
 def _launches(gemm: str, act: str, second: bool) -> int:
-    """CUTLASS launches of one projector call: "cutlass" / "cutlass_wide" run GEMM1 (+ bias, +
-    GELU epilogue for "gelu") and GEMM2; "cutlass_pingpong" only a GELU GEMM1, everything else on
-    cuBLAS."""
-    if gemm in ("cutlass", "cutlass_wide"):
+    """CUTLASS launches of one projector call: "cutlass" / "cutlass_wide" / "cutlass_sm80" run
+    GEMM1 (+ bias, + GELU epilogue for "gelu") and GEMM2; "cutlass_pingpong" only a GELU GEMM1,
+    everything else on cuBLAS."""
+    if gemm in ("cutlass", "cutlass_wide", "cutlass_sm80"):
         return 2 if second else 1
     return 1 if act == "gelu" else 0
 
@@ -232,7 +234,7 @@ def test_bad_switch_value_is_rejected(monkeypatch):
     monkeypatch.setenv(ENV, "cublas")
     x, weights, opts = _plain(8, "gelu", True, torch.bfloat16)
     with pytest.raises(RuntimeError, match="VLMKERN_PROJECTOR_GEMM must be 'aten', 'cutlass', "
-                       "'cutlass_pingpong' or 'cutlass_wide'"):
+                       "'cutlass_pingpong', 'cutlass_wide' or 'cutlass_sm80'"):
         run(OURS, x, weights, opts)
 
 
@@ -265,6 +267,64 @@ def test_pingpong_hidden_backward_and_graph(pingpong):
     with torch.cuda.stream(side):
         run(OURS, x, weights, opts)
     torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run(OURS, x, weights, opts)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, eager)
+
+
+# --- the sm_80+ kernel (VLMKERN_PROJECTOR_GEMM=cutlass_sm80; on H100 the tests above run it too):
+# any compute capability 8.x / 9.x GPU, its own alignment rule for the bias, backward, graphs ---
+
+
+@pytest.fixture
+def sm80(monkeypatch):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the sm_80 CUTLASS kernel needs compute capability 8.0+")
+    if not _C.cutlass_sm80_gemm:
+        pytest.skip("built without CUTLASS: pip install --no-deps nvidia-cutlass, then rebuild")
+    monkeypatch.setenv(ENV, "cutlass_sm80")
+    return monkeypatch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 113, 577])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_sm80_tiers_on_any_sm80_gpu(sm80, dtype, bias, rows):
+    x, weights, opts = _plain(rows, "gelu", bias, dtype)
+    out, launched = cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    assert launched == 2
+    ref64 = _ref64(x, weights, opts)
+    assert_lowprec_tier(out, run(REF, x, weights, opts), ref64)
+
+
+@pytest.mark.gpu
+def test_sm80_misaligned_bias_falls_back(sm80):
+    """The sm_80 epilogue reads the bias in 16-byte vectors: a bias at a 2-byte offset takes
+    cuBLAS for GEMM1 (GEMM2's bias is aligned: it still runs)."""
+    x, weights, opts = _plain(113, "gelu", True, torch.bfloat16)
+    b1 = weights["b1"]
+    weights["b1"] = torch.empty(b1.numel() + 1, dtype=b1.dtype, device="cuda")[1:].copy_(b1)
+    out, launched = cutlass_kernels(lambda: run(OURS, x, weights, opts))
+    assert launched == 1
+    assert_lowprec_tier(out, run(REF, x, weights, opts), _ref64(x, weights, opts))
+
+
+@pytest.mark.gpu
+def test_sm80_hidden_backward_and_graph(sm80):
+    x, weights, opts = _plain(577, "gelu", True, torch.bfloat16)
+    out, grads = grads_of(OURS, x, weights, opts)
+    x64, w64 = cast(x, weights, torch.float64)
+    _, grads64 = grads_of(REF, x64, w64, opts)
+    _, grads_pt = grads_of(REF, x, weights, opts)
+    for name, g in grads.items():
+        assert_lowprec_tier(g, grads_pt[name], grads64[name], 3.0, f"d{name}")
+    eager = run(OURS, x, weights, opts)
+    for _ in range(20):
+        assert torch.equal(run(OURS, x, weights, opts), eager)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = run(OURS, x, weights, opts)

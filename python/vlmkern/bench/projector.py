@@ -3,7 +3,8 @@ shuffle, Qwen's view merge, F.layer_norm / Qwen2RMSNorm, F.linear, erf GELU), to
 ``torch._addmm_activation`` (cuBLASLt bias + *tanh* GELU epilogue: a different function, GPU only),
 ``vlmkern.cutlass`` / ``vlmkern.cutlass_wide`` / ``vlmkern.cutlass_pingpong`` (the op on its
 fused CUTLASS GEMM paths: cooperative 128 x 128 / 128 x 256 tiles for both Linears, pingpong for
-GEMM1 + GELU; sm_90a builds with CUTLASS only),
+GEMM1 + GELU; sm_90a builds with CUTLASS only), ``vlmkern.cutlass_sm80`` (both Linears on the
+CUTLASS 2.x kernel of any sm_80+ GPU),
 ``vlmkern.shuffle_gemm`` (Idefics3 and InternVL: GEMM1 reading through the pixel shuffle,
 InternVL's LayerNorm applied to its A tiles from a statistics pass; Qwen's mergers: their norm
 applied the same way; sm_90a)
@@ -114,8 +115,9 @@ GEMM_ENV = "VLMKERN_PROJECTOR_GEMM"
 
 def vlmkern_cutlass(*inputs, spec: Spec, mode: str = "cutlass"):
     """vlmkern with ``VLMKERN_PROJECTOR_GEMM=cutlass`` (both Linears on the cooperative CUTLASS
-    kernel) or ``cutlass_pingpong`` (GEMM1 + bias + GELU on the pingpong kernel, the rest on
-    cuBLAS); sm_90a only: elsewhere, and on the CPU, the op falls back to its ATen path."""
+    kernel), ``cutlass_pingpong`` (GEMM1 + bias + GELU on the pingpong kernel, the rest on
+    cuBLAS) or ``cutlass_wide``, sm_90a only, or ``cutlass_sm80`` (the CUTLASS 2.x kernel, any
+    sm_80+ GPU): elsewhere, and on the CPU, the op falls back to its ATen path."""
     with env_var(GEMM_ENV, mode):
         return vlmkern_projector(*inputs, spec=spec)
 
@@ -244,6 +246,13 @@ class _Compiled:
         return self._fn(*inputs, spec=spec)
 
 
+def _has_cutlass_sm80_gemm() -> bool:
+    from vlmkern import _C
+
+    compiled = bool(getattr(_C, "cutlass_sm80_gemm", 0))
+    return compiled and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def providers(cfg: Config) -> dict[str, Callable]:
     out: dict[str, Callable] = {"vlmkern": vlmkern_projector, "torch": torch_chain}
     if cfg.compile:
@@ -253,6 +262,8 @@ def providers(cfg: Config) -> dict[str, Callable]:
             out["vlmkern.cutlass"] = vlmkern_cutlass
             out["vlmkern.cutlass_pingpong"] = partial(vlmkern_cutlass, mode="cutlass_pingpong")
             out["vlmkern.cutlass_wide"] = partial(vlmkern_cutlass, mode="cutlass_wide")
+        if _has_cutlass_sm80_gemm():
+            out["vlmkern.cutlass_sm80"] = partial(vlmkern_cutlass, mode="cutlass_sm80")
             out["vlmkern.shuffle_gemm"] = vlmkern_shuffle_gemm
         out["torch._addmm_activation"] = _only_erf_gelu_cases(addmm_activation_chain)
         out["vlmkern.unfused_norm"] = vlmkern_unfused_norm

@@ -73,26 +73,29 @@ def mlp_projector(
         shuffle; ``(T/s², D)`` for a merge of T tokens. Contiguous, x's dtype and device.
         Differentiable in x, the weights, the biases and the norm's parameters.
 
-    CUDA GEMMs: the environment variable ``VLMKERN_PROJECTOR_GEMM`` (read on every call) picks
-    them. ``"aten"`` — **the default** until a GPU session has validated the other path — runs
-    both Linears on cuBLAS (``addmm``) and the activation as an ATen kernel. ``"cutlass"`` runs
-    them on vlmkern's fused CUTLASS kernel (Hopper, compute capability 9.0; builds with the
-    ``nvidia-cutlass`` headers): GEMM1 + b1 + erf GELU in one epilogue that also writes the
-    returned pre-activation ``hidden``, GEMM2 + b2 likewise (other activations: GEMM + bias fused,
-    then ATen's activation). Inputs it cannot take fall back to the ATen path per GEMM: fp32 /
-    fp64, another GPU, K or N not a multiple of 8, rows not 16-byte aligned or a non-unit column
-    stride, non-contiguous weights. ``"cutlass_wide"`` does the same on 128 x 256 tiles,
+    CUDA GEMMs: the environment variable ``VLMKERN_PROJECTOR_GEMM`` (read on every call) picks them.
+    ``"aten"`` — **the default** until a GPU session has validated the other path — runs both
+    Linears on cuBLAS (``addmm``) and the activation as an ATen kernel. ``"cutlass"`` runs them on
+    vlmkern's fused CUTLASS kernel (Hopper, compute capability 9.0; builds with the
+    ``nvidia-cutlass`` headers): GEMM1 + b1 + erf GELU in one epilogue that also writes the returned
+    pre-activation ``hidden``, GEMM2 + b2 likewise (other activations: GEMM + bias fused, then
+    ATen's activation). Inputs it cannot take fall back to the ATen path per GEMM: fp32 / fp64,
+    another GPU, K or N not a multiple of 8, rows not 16-byte aligned or a non-unit column stride,
+    non-contiguous weights. ``"cutlass_wide"`` does the same on 128 x 256 tiles,
     ``"cutlass_pingpong"`` runs only GEMM1 + GELU on a pingpong-scheduled kernel (both unmeasured
-    candidates for a GPU sweep). The backward runs on cuBLAS and ATen's elementwise kernels,
-    except that ``VLMKERN_PROJECTOR_DGELU=fused`` (off by default, not yet run on a GPU) computes
-    the exact GELU's derivative in the epilogue of the GEMM that gives the second Linear's input
-    gradient: ``dh = gelu'(hidden) * (grad_out @ w2)`` in one sm_90a CUTLASS kernel that reads
-    ``hidden`` as an auxiliary input and ``w2`` as stored (fp16 / bf16, ``D`` and ``N1`` multiples
-    of 8; else the cuBLAS + ``gelu_backward`` path).
+    candidates for a GPU sweep); ``"cutlass_sm80"`` runs both on a CUTLASS 2.x kernel with the same
+    epilogue for any compute capability 8.0+ GPU (A100 class; not yet run on a GPU). The backward
+    runs on cuBLAS and ATen's elementwise kernels, except that ``VLMKERN_PROJECTOR_DGELU=fused``
+    (off by default, not yet run on a GPU) computes the exact GELU's derivative in the epilogue of
+    the GEMM that gives the second Linear's input gradient: ``dh = gelu'(hidden) * (grad_out @ w2)``
+    in one sm_90a CUTLASS kernel that reads ``hidden`` as an auxiliary input and ``w2`` as stored
+    (fp16 / bf16, ``D`` and ``N1`` multiples of 8; else the cuBLAS + ``gelu_backward`` path).
     ``VLMKERN_PROJECTOR_SHUFFLE_GEMM=fused`` (off by default, not yet run on a GPU) runs a
-    norm-free shuffled projector's GEMM1 (Idefics3 / SmolVLM) as one sm_90a kernel that reads its
-    rows through the shuffle's index map (no shuffled copy): fp16 / bf16, C a multiple of 8,
-    16-byte aligned token rows, else the copy + cuBLAS path; it takes GEMM1 over from
+    shuffled projector's GEMM1 (Idefics3 / SmolVLM; InternVL with its LayerNorm) as one sm_90a
+    kernel that reads its rows through the shuffle's index map (no shuffled copy), and Qwen's
+    mergers' GEMM1 on the merged rows; a norm is applied to the GEMM's A tiles in shared memory
+    from a statistics pass (no normalized copy): fp16 / bf16, C a multiple of 8, 16-byte aligned
+    token rows, else the copy + cuBLAS path; it takes GEMM1 over from
     ``VLMKERN_PROJECTOR_GEMM=cutlass*`` (the activation then runs in ATen).
     ``VLMKERN_PROJECTOR_SHUFFLE_NORM=aten`` turns InternVL's one-kernel shuffle + LayerNorm off
     (for comparison).

@@ -1,0 +1,6 @@
+// One variant of the sm_80+ fused CUTLASS GEMM, bf16: out = gelu(A W^T + bias), aux = A W^T + bias, the projector's GEMM1.
+#include "cuda/kernels/gemm_bias_act_sm80.cuh"
+
+namespace vlmkern {
+template struct GemmBiasActSm80<GemmDtype::kBFloat16, GemmActivation::kGelu, true>;
+}  // namespace vlmkern
