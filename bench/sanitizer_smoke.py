@@ -370,35 +370,27 @@ def smoke_cross_attention(device: str) -> int:
                 for name, t, r in zip("qkv", dev, ref_in, strict=True):
                     _close(t.grad, r.grad, f"cross_attention d{name} {sorted(kw)} {dtype}")
             n += 1
-    if cuda:  # split-KV runs + the combine kernel (1-2 key tiles in 3 runs: some are empty)
-        with env_var("VLMKERN_XATTN_SPLITS", "3"):
-            for q, k, v, kw in (cases[0], cases[1], cases[4]):
+    if cuda:  # forward-only runs of the CUDA kernel's switches, bf16, against the reference
+        def check_bf16(picked, what):
+            for q, k, v, kw in picked:
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
                 ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
                 kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
                 out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
-                _close(out, ref, f"cross_attention split-KV {sorted(kw)}")
-                n += 1
+                _close(out, ref, f"cross_attention {what} {sorted(kw)}")
+            return len(picked)
+
+        # split-KV runs + the combine kernel (1-2 key tiles in 3 runs: some are empty)
+        with env_var("VLMKERN_XATTN_SPLITS", "3"):
+            n += check_bf16((cases[0], cases[1], cases[4]), "split-KV")
         shapes = (("VLMKERN_XATTN_BLOCK_M", "64"), ("VLMKERN_XATTN_BLOCK_M", "128"),
                   ("VLMKERN_XATTN_WARP_ROWS", "32"))  # 4 warps x 32 rows
         for var, rows in shapes:  # forced CTA shapes (small cases default to 32 rows)
-            with env_var(var, rows):
-                for q, k, v, kw in cases[:3]:  # head dim 64: every height has an instance
-                    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-                    ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
-                    kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t
-                           for n, t in kw.items()}
-                    out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
-                    _close(out, ref, f"cross_attention {var}={rows} {sorted(kw)}")
-                    n += 1
+            with env_var(var, rows):  # head dim 64: every height has an instance
+                n += check_bf16(cases[:3], f"{var}={rows}")
         with env_var("VLMKERN_XATTN_IMAGES_PER_CTA", "2"):  # 3 images: a short last CTA
-            for q, k, v, kw in (cases[0], cases[2]):  # per-image queries; broadcast queries
-                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-                ref = vlmkern.reference.cross_attention(q, k, v, **kw).float()
-                kwd = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
-                out = vlmkern.ops.cross_attention(q.cuda(), k.cuda(), v.cuda(), **kwd)
-                _close(out, ref, f"cross_attention 2 images per CTA {sorted(kw)}")
-                n += 1
+            # per-image queries; broadcast queries
+            n += check_bf16((cases[0], cases[2]), "2 images per CTA")
     return n
 
 
