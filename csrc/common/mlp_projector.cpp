@@ -184,7 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
   const bool merger = opt.shuffle <= 1 && opt.merge > 1 && opt.norm != ProjectorNorm::kNone;
   if (gemm_reads && opt.shuffle > 1 && opt.norm == ProjectorNorm::kNone) {
     shuffled_pre = shuffle_gemm(x, opt.shuffle, w1, b1, {}).pre;  // (M, N1) or undefined
+    if (shuffled_pre.defined()) {  // no rows, no statistics (distinct empty outputs)
+      normed = {at::Tensor(), at::empty({0}, stats), at::empty({0}, stats)};
+      fused_norm = true;
+    }
   } else if (gemm_reads && shuffle_norm != nullptr && (internvl || merger)) {
+    // (shuffle_norm is only a gate here: VLMKERN_PROJECTOR_SHUFFLE_NORM=aten turns this off too)
     // (B, H, W, C) views and r of the GEMM's rows and of the statistics' rows: InternVL's grid
     // for both; a merger's (1, M, 1, K) rows, and its (1, M * groups, 1, norm_features) tokens
     const at::Tensor rows = internvl ? x : x.reshape({1, s.m, 1, s.k});
@@ -200,11 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_proje
       fused_norm = true;
     }
   }
-  if (shuffled_pre.defined() && !fused_norm) {  // no rows, no statistics (distinct empty outputs)
-    normed = {at::Tensor(), at::empty({0}, stats), at::empty({0}, stats)};
-    fused_norm = true;
-  } else if (!fused_norm && shuffle_norm != nullptr && opt.shuffle > 1 &&
-             opt.norm == ProjectorNorm::kLayerNorm && opt.norm_post && s.groups == 1 && s.m > 0) {
+  if (!fused_norm && shuffle_norm != nullptr && internvl && s.m > 0) {
     normed = {at::empty({s.m, s.k}, x.options()), at::empty({s.m, 1}, stats),
               at::empty({s.m, 1}, stats)};
     fused_norm = shuffle_norm(x, opt.shuffle, norm_weight, norm_bias, opt.eps, normed.y,

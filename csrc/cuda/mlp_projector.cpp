@@ -24,7 +24,7 @@
 #include "common/mlp_projector.h"
 #include "cuda/gemm_bias_act.h"
 #include "cuda/gemm_dgelu.h"
-#include "cuda/shuffle_gemm.h"
+#include "cuda/shuffle_gemm_aten.h"
 #include "cuda/shuffle_layer_norm.h"
 #include "ops.h"
 
@@ -257,30 +257,9 @@ bool shuffle_gemm_fused() {
 ShuffleGemmOut cuda_shuffle_gemm_fn(const at::Tensor& x, int64_t r, const at::Tensor& w,
                                     const std::optional<at::Tensor>& b,
                                     const ShuffleGemmNorm& norm) {
-  const auto dt = x.scalar_type();
-  auto same = [&](const std::optional<at::Tensor>& t) {
-    return !t || (t->scalar_type() == dt && t->is_contiguous());
-  };
-  if ((dt != at::kBFloat16 && dt != at::kHalf) || x.dim() != 4 || x.stride(3) != 1 ||
-      x.size(3) > INT32_MAX || r > INT32_MAX || w.scalar_type() != dt || !w.is_contiguous() ||
-      !same(b)) {
-    return {};
-  }
-  ShuffleGemmParams p;
-  p.dtype = dt == at::kBFloat16 ? GemmDtype::kBFloat16 : GemmDtype::kFloat16;
-  p.x = x.const_data_ptr();
-  p.batch = x.size(0);
-  p.h = x.size(1);
-  p.w = x.size(2);
-  p.c = static_cast<int>(x.size(3));
-  p.r = static_cast<int>(r);
-  p.stride_b = x.size(0) == 1 ? 0 : x.stride(0);  // a size-1 dim's stride is never used
-  p.stride_h = x.stride(1);
-  p.stride_w = x.stride(2);
-  p.weight = w.const_data_ptr();
-  p.n = w.size(0);
-  p.bias = b ? b->const_data_ptr() : nullptr;
-  p.device = x.device().index();
+  std::optional<ShuffleGemmParams> params = shuffle_gemm_params(x, r, w, b);
+  if (!params) return {};
+  ShuffleGemmParams& p = *params;
   const int64_t m = x.size(0) * (x.size(1) / r) * (x.size(2) / r);
   // Eligibility first: the outputs come from the caching allocator (aligned blocks), so W's
   // address stands in for them in the checks.

@@ -26,7 +26,7 @@
 #include "cuda/patch_wgrad.h"
 #include "cuda/patchify.h"
 #include "cuda/position_rows.h"
-#include "cuda/shuffle_gemm.h"
+#include "cuda/shuffle_gemm_aten.h"
 #include "ops.h"
 
 namespace vlmkern {
@@ -221,39 +221,24 @@ bool cuda_position_rows_fn(const at::Tensor& table, const at::Tensor& index,
 bool cuda_position_gemm_fn(const at::Tensor& tokens, const at::Tensor& x, const at::Tensor& w,
                            const at::Tensor& table, const at::Tensor& index,
                            const at::Tensor& weight, const at::Tensor& bias) {
-  if (!implicit_selected()) return false;
-  ShuffleGemmParams p;
-  switch (x.scalar_type()) {
-    case at::kHalf: p.dtype = GemmDtype::kFloat16; break;
-    case at::kBFloat16: p.dtype = GemmDtype::kBFloat16; break;
-    default: return false;
-  }
-  const auto dtype = x.scalar_type();
-  if (w.scalar_type() != dtype || table.scalar_type() != dtype ||
-      (bias.defined() && bias.scalar_type() != dtype) || x.size(1) > INT32_MAX / 2 ||
-      tokens.stride(1) != 1 || tokens.stride(0) != tokens.size(1)) {
+  if (!implicit_selected() || table.scalar_type() != x.scalar_type() || tokens.stride(1) != 1 ||
+      tokens.stride(0) != tokens.size(1)) {
     return false;
   }
+  // Alive until the launch: the parameters hold their pointers.
   const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();  // (N, K), unit column stride
   const at::Tensor wc = w.contiguous();                            // (D, K)
-  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;  // (D,) or undefined
-  p.x = rows.const_data_ptr();
-  p.batch = 1;
-  p.h = rows.size(0);
-  p.w = 1;
-  p.c = static_cast<int>(rows.size(1));
-  p.r = 1;
-  p.stride_b = 0;
-  p.stride_h = rows.stride(0);
-  p.stride_w = 0;
-  p.weight = wc.const_data_ptr();
-  p.n = wc.size(0);
-  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  const std::optional<at::Tensor> b =
+      bias.defined() ? std::optional<at::Tensor>(bias.contiguous()) : std::nullopt;  // (D,)
+  // (1, N, 1, K): the GEMM's grid at r = 1, each token row one A row
+  std::optional<ShuffleGemmParams> params =
+      shuffle_gemm_params(rows.unsqueeze(0).unsqueeze(2), 1, wc, b);
+  if (!params) return false;
+  ShuffleGemmParams& p = *params;
   p.out = tokens.mutable_data_ptr();
   p.table = table.const_data_ptr();
   p.tap_index = index.const_data_ptr<int64_t>();
   p.tap_weight = weight.const_data_ptr<float>();
-  p.device = x.device().index();
   if (shuffle_gemm_unsupported(p) != nullptr) return false;
   C10_CUDA_CHECK(cuda_shuffle_gemm(p, c10::cuda::getCurrentCUDAStream(p.device).stream()));
   return true;
